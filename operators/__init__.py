@@ -7,3 +7,8 @@ from .base import (AdjointFunction, AdjointOperator, ComposedOperator, LinearOpe
 
 __all__ = ["LinearOperator", "AdjointOperator", "ComposedOperator", "ScaledOperator",
            "SumOperator", "AdjointFunction", "check_batched"]
+
+# Image restoration (blur, inpainting, super-resolution, denoising).
+from .restoration import Denoising, GaussianBlur, Inpainting, SuperResolution  # noqa: E402
+
+__all__ += ["GaussianBlur", "Inpainting", "SuperResolution", "Denoising"]

@@ -19,7 +19,7 @@ evaluations separately.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -47,7 +47,8 @@ def time_grid(t0: float, t1: float, steps: int) -> torch.Tensor:
     return torch.linspace(float(t0), float(t1), int(steps) + 1, dtype=torch.float64)
 
 
-def integrate(v: Velocity, x: torch.Tensor, t0: float, t1: float, steps: int,
+def integrate(v: Velocity, x: torch.Tensor, t0: Union[float, torch.Tensor],
+              t1: Union[float, torch.Tensor], steps: int,
               method: str = "euler", *, grad: Optional[bool] = None,
               return_path: bool = False):
     """Integrate :math:`\\dot x = v(x, t)` from ``t0`` to ``t1`` with ``steps`` uniform steps.
@@ -55,7 +56,10 @@ def integrate(v: Velocity, x: torch.Tensor, t0: float, t1: float, steps: int,
     Args:
         v: velocity field ``v(x, t)``, ``t`` of shape ``(B,)``.
         x: the state at ``t0``, shape ``(B, ...)``.
-        t0, t1: start and end time; ``t1 < t0`` integrates backward.
+        t0, t1: start and end time; ``t1 < t0`` integrates backward. Either Python numbers
+            (one time grid for the whole batch) or tensors of shape ``(B,)`` (one grid per
+            item, :math:`t_j = t_0 + j (t_1 - t_0)/\text{steps}`), so that segments over
+            different time intervals run as one batched velocity call.
         steps: number of steps (``>= 1``; ``0`` returns ``x`` unchanged).
         method: ``"euler"``, ``"midpoint"`` or ``"heun"``.
         grad: track gradients (``None``: follow the ambient grad mode).
@@ -70,6 +74,8 @@ def integrate(v: Velocity, x: torch.Tensor, t0: float, t1: float, steps: int,
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     ctx = contextlib.nullcontext() if grad is None else torch.set_grad_enabled(grad)
+    if isinstance(t0, torch.Tensor) or isinstance(t1, torch.Tensor):
+        return _integrate_per_item(v, x, t0, t1, int(steps), method, ctx, return_path)
     ts = time_grid(t0, t1, int(steps)).tolist()
     path = [x] if return_path else None
     batch = x.shape[0]
@@ -88,6 +94,45 @@ def integrate(v: Velocity, x: torch.Tensor, t0: float, t1: float, steps: int,
             else:  # heun
                 k1 = v(x, tt(a))
                 k2 = v(x + h * k1, tt(b))
+                x = x + 0.5 * h * (k1 + k2)
+            if return_path:
+                path.append(x)
+    return (x, path) if return_path else x
+
+
+def _item_times(t, x: torch.Tensor, name: str) -> torch.Tensor:
+    batch = x.shape[0]
+    t = torch.as_tensor(t, dtype=torch.float64).detach().to("cpu")
+    if t.ndim == 0:
+        t = t.expand(batch)
+    if t.ndim != 1 or t.shape[0] != batch:
+        raise ValueError(f"{name} must be a number or a tensor of shape ({batch},) (one time per "
+                         f"batch item), got shape {tuple(t.shape)}")
+    return t
+
+
+def _integrate_per_item(v, x, t0, t1, steps, method, ctx, return_path):
+    """:func:`integrate` with one uniform time grid per batch item (``t0``, ``t1`` of shape (B,))."""
+    a0 = _item_times(t0, x, "t0")
+    a1 = _item_times(t1, x, "t1")
+    h64 = (a1 - a0) / max(steps, 1)
+    view = (-1,) + (1,) * (x.ndim - 1)
+    h = h64.to(dtype=x.dtype, device=x.device).reshape(view)
+    path = [x] if return_path else None
+
+    def tt(j: float) -> torch.Tensor:
+        return (a0 + j * h64).to(dtype=x.dtype, device=x.device)
+
+    with ctx:
+        for j in range(steps):
+            if method == "euler":
+                x = x + h * v(x, tt(j))
+            elif method == "midpoint":
+                k = v(x, tt(j))
+                x = x + h * v(x + 0.5 * h * k, tt(j + 0.5))
+            else:  # heun
+                k1 = v(x, tt(j))
+                k2 = v(x + h * k1, tt(j + 1))
                 x = x + 0.5 * h * (k1 + k2)
             if return_path:
                 path.append(x)

@@ -1,0 +1,726 @@
+"""The ``ctflow`` command line.
+
+::
+
+    ctflow [--device D] [--seed N] [--quiet] [--debug] COMMAND ...
+
+    demo               the offline demo (FBP, TV, D-Flow, MS-Flow on a held-out CT slice)
+    reconstruct        reconstruct a sinogram or image file (.npy, .h5, DICOM)
+    reconstruct-dicom  reconstruct a DICOM series slice by slice into a derived series
+    train              train a flow-matching prior (delegates to ctflow.flow.train)
+    bench              run the benchmark suite (delegates to benchmarks/, run from the repo root)
+    info               versions, CUDA, CT backends usable here and why not, bundled priors
+
+Global options may be given before or after the command. Errors a user can cause (a missing
+file, an unreadable DICOM, an unknown method, CUDA requested but absent, a prior that is not
+found) print one line ``ctflow: error: ...`` to stderr and exit with status 2; ``--debug``
+prints the traceback as well. Unexpected failures exit with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import random
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+__all__ = ["main", "build_parser", "CLIError", "parse_slices", "parse_options", "METHODS"]
+
+#: Methods ``reconstruct`` accepts (``ctflow.solvers.api`` may know more; it is asked first).
+METHODS = ("msflow", "dflow", "pnpflow", "otode", "fbp", "tv", "cgls")
+#: Methods that need no prior.
+CLASSICAL_METHODS = ("fbp", "tv", "cgls")
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+
+
+class CLIError(Exception):
+    """An error the user can fix; printed as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------- small helpers
+def _echo(args, msg: str) -> None:
+    """Informational message on stderr, silenced by --quiet."""
+    if not getattr(args, "quiet", False):
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception as one line (multi-line messages are joined with ' | ')."""
+    if isinstance(exc, KeyError) and exc.args:
+        msg = str(exc.args[0])
+    else:
+        msg = str(exc)
+    parts = [p.strip() for p in msg.splitlines() if p.strip()]
+    msg = " | ".join(parts) if parts else type(exc).__name__
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                        PermissionError, FileExistsError)) and exc.filename and \
+            str(exc.filename) not in msg:
+        msg = f"{msg}: {exc.filename}"
+    return msg
+
+
+def _user_error_types() -> tuple:
+    types: List[type] = [CLIError, ValueError, KeyError, OSError, ImportError, LookupError]
+    try:
+        from pydicom.errors import InvalidDicomError
+        types.append(InvalidDicomError)
+    except ImportError:  # pragma: no cover - pydicom is a core dependency
+        pass
+    return tuple(types)
+
+
+def parse_slices(text: Optional[str]) -> Optional[slice]:
+    """``"START:STOP"`` (either may be empty; Python slice semantics, 0-based, STOP exclusive)
+    or a single index ``"K"`` → :class:`slice`; ``None`` → ``None``."""
+    if text is None:
+        return None
+    s = str(text).strip()
+    try:
+        if ":" in s:
+            a, b = s.split(":", 1)
+            start = int(a) if a.strip() else None
+            stop = int(b) if b.strip() else None
+            return slice(start, stop)
+        k = int(s)
+    except ValueError:
+        raise CLIError(f"--slices {text!r}: expected START:STOP (e.g. 10:20) or one index") \
+            from None
+    return slice(k, k + 1 if k != -1 else None)
+
+
+def parse_options(items: Optional[Sequence[str]]) -> Dict[str, Any]:
+    """``["key=value", ...]`` → dict; values are parsed as JSON when they parse
+    (numbers, true/false, lists), otherwise kept as strings."""
+    out: Dict[str, Any] = {}
+    for item in items or ():
+        if "=" not in item:
+            raise CLIError(f"--option {item!r}: expected KEY=VALUE (e.g. --option sweeps=20)")
+        key, value = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if not key.isidentifier():
+            raise CLIError(f"--option {item!r}: {key!r} is not a valid option name")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _known_methods() -> tuple:
+    try:
+        api = importlib.import_module("ctflow.solvers.api")
+    except ImportError:
+        return METHODS
+    for name in ("METHODS", "methods", "available_methods", "list_methods"):
+        val = getattr(api, name, None)
+        if val is None:
+            continue
+        val = val() if callable(val) else val
+        try:
+            names = tuple(str(m) for m in val)
+        except TypeError:
+            continue
+        if names:
+            return names
+    return METHODS
+
+
+def check_method(method: str) -> str:
+    """Lower-case ``method`` and check it is one ``reconstruct`` knows (CLIError otherwise)."""
+    m = str(method).strip().lower().replace("-", "").replace("_", "")
+    known = _known_methods()
+    if m not in known:
+        raise CLIError(f"unknown method {method!r}; choose one of: {', '.join(known)}")
+    return m
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------- parser
+class _Formatter(argparse.RawDescriptionHelpFormatter,
+                 argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the hand-made layout of descriptions/epilogs and show defaults."""
+
+
+def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """The global options. On sub-commands their defaults are suppressed so that a value
+    given before the command is not overwritten by the sub-command's default."""
+    d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    g = parser.add_argument_group("global options")
+    g.add_argument("--device", default=d("auto"),
+                   help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    g.add_argument("--seed", type=int, default=d(0), help="random seed (noise, initialisation)")
+    g.add_argument("--quiet", "-q", action="store_true", default=d(False),
+                   help="no progress bars or informational messages")
+    g.add_argument("--debug", action="store_true", default=d(False),
+                   help="print the full traceback on errors")
+
+
+MAIN_EPILOG = """\
+examples:
+  ctflow demo                                   # the offline demo -> ctflow-demo.png
+  ctflow info                                   # what is usable on this machine
+  ctflow reconstruct sino.npy -o recon.png --method tv
+  ctflow reconstruct-dicom series/ out/ --views 60 --method msflow --slices 10:20
+  ctflow --device cpu bench --help              # the benchmark suite (from the repo root)
+  ctflow train --help                           # train a prior
+
+Run 'ctflow COMMAND --help' for the options of one command.
+"""
+
+DEMO_EPILOG = """\
+The demo is offline: it uses the bundled prior 'ct64' and a bundled held-out CT slice
+(COVID-19-NY-SBU, test split; the citation is printed). Parallel beam, 60 views, 1% noise,
+64x64; FBP, TV, D-Flow and MS-Flow. It prints a table (PSNR, SSIM, seconds, NFE, peak memory)
+and writes a figure.
+
+examples:
+  ctflow demo
+  ctflow demo --out figures/demo.png --device cuda
+  ctflow demo --quick                      # a few iterations only (smoke test)
+"""
+
+RECON_EPILOG = """\
+Input kinds:
+  sinogram   a 2-D array (views, detectors) or a stack (Z, views, detectors) of line
+             integrals of an image in [0, 1] (the geometry convention of ctflow.operators.ct:
+             the image covers [-1, 1]^2); views = the array's row count
+  image      a 2-D array (H, W) in [0, 1] (or a stack (Z, H, W)), or DICOM (a file or a
+             series folder, windowed with the prior's HU window): the sparse-view measurement
+             is simulated (--views, --noise-level) and PSNR/SSIM against it are reported
+  auto       DICOM -> image; arrays: square last two axes -> image, otherwise sinogram
+
+Output by extension: .npy (float32 reconstruction in [0, 1]), .h5/.hdf5 (datasets
+'reconstruction', 'measurement' and, for image inputs, 'ground_truth', plus attributes
+with the settings and metrics), .png (8-bit grayscale; stacks side by side).
+
+examples:
+  ctflow reconstruct sino.npy -o recon.npy --method fbp
+  ctflow reconstruct phantom.npy -o recon.png --views 30 --noise-level 0.02 --method tv
+  ctflow reconstruct scan.h5 --dataset sinogram -o recon.h5 --method msflow --prior ct64
+  ctflow reconstruct slice.dcm -o slice.png --method msflow --option sweeps=20
+"""
+
+DICOM_EPILOG = """\
+For each slice of the series in IN_DIR: clip HU to [-1024, 3071], window with the prior's HU
+window into [0, 1] (HU outside the window are clipped and do not come back), resize to the
+working size, simulate a sparse-view measurement (seeded per slice) or take it from
+--sinogram, reconstruct, map back to HU at the original matrix size and write a derived DICOM
+slice to OUT_DIR. OUT_DIR also receives summary.json (settings, per-slice PSNR/SSIM against
+the windowed, resized input, means, versions, timing) and montage.png. Inputs are never
+modified; OUT_DIR must differ from IN_DIR; existing outputs are never overwritten.
+
+examples:
+  ctflow reconstruct-dicom chest/ chest-msflow/ --slices 20:30 --views 60 --size 64
+  ctflow reconstruct-dicom chest/ chest-fbp/ --method fbp --prior none --size 128
+  ctflow reconstruct-dicom chest/ chest-msflow/ --resume      # continue after a stop
+  ctflow reconstruct-dicom chest/ out/ --sinogram measured.npy --method tv
+"""
+
+TRAIN_EPILOG = """\
+All arguments after 'train' are passed to the trainer (ctflow.flow.train); run
+'ctflow train --help' for its options.
+"""
+
+BENCH_EPILOG = """\
+All arguments after 'bench' are passed to the benchmark runner (the benchmarks/ folder of
+the repository, which is not installed: run from the repository root). Run
+'ctflow bench --help' for the suites and their options.
+"""
+
+INFO_EPILOG = """\
+examples:
+  ctflow info
+  ctflow info --json > env.json
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``ctflow`` command."""
+    parser = argparse.ArgumentParser(
+        prog="ctflow", formatter_class=_Formatter, epilog=MAIN_EPILOG,
+        description="CT reconstruction with flow-matching priors (MS-Flow: trajectory "
+                    "stitching).")
+    try:
+        from . import __version__
+    except ImportError:  # pragma: no cover
+        __version__ = "unknown"
+    parser.add_argument("--version", action="version", version=f"ctflow {__version__}")
+    _global_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, help_: str, epilog: str, **kw) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, epilog=epilog,
+                           formatter_class=_Formatter, **kw)
+        if kw.get("add_help", True):
+            _global_options(p, suppress=True)
+        return p
+
+    # demo
+    p = add("demo", "the offline demo: FBP, TV, D-Flow and MS-Flow on a held-out CT slice",
+            DEMO_EPILOG)
+    p.add_argument("--out", "-o", default="ctflow-demo.png", help="figure to write")
+    p.add_argument("--quick", action="store_true",
+                   help="few iterations only (a smoke test, not representative numbers)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset of fbp,tv,dflow,msflow (default: all usable)")
+    p.set_defaults(func=cmd_demo)
+
+    # reconstruct
+    p = add("reconstruct", "reconstruct a sinogram or image file (.npy, .h5, DICOM)",
+            RECON_EPILOG)
+    p.add_argument("input", help="a .npy, .h5/.hdf5 file, a DICOM file or a DICOM series folder")
+    p.add_argument("--output", "-o", required=True, help="output file: .npy, .h5/.hdf5 or .png")
+    p.add_argument("--kind", choices=("auto", "sinogram", "image"), default="auto",
+                   help="what the input holds")
+    p.add_argument("--dataset", default=None,
+                   help="HDF5 dataset name (default: the only dataset, or 'sinogram'/'image')")
+    _solver_options(p)
+    p.add_argument("--slice", type=int, default=None,
+                   help="DICOM series input: reconstruct only this slice index (0-based, "
+                        "in anatomical order); default: every slice")
+    p.add_argument("--hu-window", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="window HU inputs with this range (default: the prior's hu_window)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=cmd_reconstruct)
+
+    # reconstruct-dicom
+    p = add("reconstruct-dicom", "reconstruct a DICOM series slice by slice into a derived "
+            "DICOM series", DICOM_EPILOG)
+    p.add_argument("in_dir", metavar="IN_DIR", help="folder holding one CT series")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder for the derived series "
+                   "(created; must differ from IN_DIR)")
+    _solver_options(p)
+    p.add_argument("--slices", default=None, metavar="START:STOP",
+                   help="slice range, 0-based in anatomical order, STOP exclusive (e.g. 10:20)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run: skip slices whose output exists")
+    p.add_argument("--sinogram", default=None, metavar="FILE",
+                   help="measured sinograms (.npy/.h5, shape (Z, views, detectors)) instead "
+                        "of simulating them")
+    p.set_defaults(func=cmd_reconstruct_dicom)
+
+    # train / bench: pass everything through
+    p = add("train", "train a flow-matching prior (delegates to ctflow.flow.train)",
+            TRAIN_EPILOG, add_help=False, prefix_chars="\x00")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_train)
+    p = add("bench", "run the benchmark suite (from the repository root)", BENCH_EPILOG,
+            add_help=False, prefix_chars="\x00")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+
+    # info
+    p = add("info", "versions, CUDA, CT backends usable here and why not, bundled priors",
+            INFO_EPILOG)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def _solver_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("measurement and solver")
+    g.add_argument("--method", "-m", default="msflow",
+                   help="msflow, dflow, pnpflow, otode, fbp, tv or cgls")
+    g.add_argument("--prior", default=None,
+                   help="a bundled prior name, a checkpoint path, or 'none' (default: 'ct64'; "
+                        "for fbp/tv/cgls 'ct64' if bundled, for its HU window and size)")
+    g.add_argument("--views", type=int, default=60, help="number of projection angles")
+    g.add_argument("--geometry", choices=("parallel", "fan"), default="parallel",
+                   help="beam geometry")
+    g.add_argument("--noise-level", type=float, default=0.01,
+                   help="relative Gaussian noise: sigma = level * mean(|Ax|)")
+    g.add_argument("--size", type=int, default=None,
+                   help="working image size (default: the prior's image_size)")
+    g.add_argument("--backend", default="torch", help="CT backend: torch, odl or tomosipo")
+    g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="solver option passed to ctflow.reconstruct (repeatable), "
+                        "e.g. --option sweeps=20")
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_info(args) -> int:
+    from .info import format_info, info
+
+    data = info()
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(format_info(data))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import DEMO_METHODS, run_demo
+
+    methods = None
+    if args.methods:
+        methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
+        bad = [m for m in methods if m not in DEMO_METHODS]
+        if bad:
+            raise CLIError(f"--methods: unknown demo method(s) {bad}; choose from "
+                           f"{', '.join(DEMO_METHODS)}")
+    run_demo(out=args.out, device=args.device, quick=args.quick, progress=not args.quiet,
+             seed=args.seed, methods=methods, verbose=True)
+    return 0
+
+
+def cmd_reconstruct_dicom(args) -> int:
+    from .dicom_recon import reconstruct_dicom
+
+    method = check_method(args.method)
+    summary = reconstruct_dicom(
+        args.in_dir, args.out_dir, views=args.views, geometry=args.geometry,
+        noise_level=args.noise_level, method=method, prior=_default_prior(method, args.prior),
+        size=args.size, slices=parse_slices(args.slices), device=args.device,
+        resume=args.resume, seed=args.seed, progress=not args.quiet, sinogram=args.sinogram,
+        backend=args.backend, verbose=not args.quiet, **parse_options(args.option))
+    m = summary.get("mean", {})
+    done, skipped = summary.get("slices_reconstructed", 0), summary.get("slices_skipped", 0)
+    line = f"{done} slice(s) reconstructed, {skipped} skipped (resume) -> {args.out_dir}"
+    if m.get("psnr") is not None:
+        line += f"; mean PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}"
+    print(line)
+    return 0
+
+
+def _prior_arg(text: Optional[str]):
+    if text is None or str(text).strip().lower() in ("none", ""):
+        return None
+    return text
+
+
+def _default_prior(method: str, given: Optional[str]) -> Optional[str]:
+    """The prior to use: ``--prior`` if given ('none' → no prior); otherwise 'ct64' for the
+    flow methods, and for the classical ones 'ct64' when it is bundled here (its HU window and
+    size keep results comparable across methods), else none."""
+    if given is not None:
+        return _prior_arg(given)
+    if method not in CLASSICAL_METHODS:
+        return "ct64"
+    try:
+        from .priors.registry import list_priors
+        return "ct64" if "ct64" in list_priors() else None
+    except Exception:  # noqa: BLE001 - no registry: the classical methods need no prior
+        return None
+
+
+OUTPUT_SUFFIXES = (".npy", ".h5", ".hdf5", ".png")
+
+
+def _load_reconstruct_input(args, path: Path):
+    """→ (kind, float32 array (Z, a, b), hu_source) for ``ctflow reconstruct``."""
+    import numpy as np
+
+    from .dicom_recon import read_h5_array
+
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except Exception as exc:  # noqa: BLE001
+            raise CLIError(f"{path}: not a readable .npy array ({type(exc).__name__}: {exc})") \
+                from None
+        source = "array"
+    elif suffix in (".h5", ".hdf5"):
+        arr = read_h5_array(path, args.dataset,
+                            preferred=("sinogram", "observation", "image", "ground_truth",
+                                       "data"))
+        source = "array"
+    else:
+        from .data import read_dicom_series, read_dicom_slices
+
+        if path.is_dir():
+            vol = read_dicom_series(path)
+            arr = vol.numpy()
+            if args.slice is not None:
+                if not -len(vol) <= args.slice < len(vol):
+                    raise CLIError(f"--slice {args.slice}: the series has {len(vol)} slices")
+                arr = arr[args.slice:args.slice + 1] if args.slice != -1 else arr[-1:]
+        else:
+            arr = np.stack([s.hu for s in read_dicom_slices([path])])
+        source = "dicom"
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in "fiu":
+        raise CLIError(f"{path}: expected a numeric array, got dtype {arr.dtype}")
+    arr = arr.astype(np.float32)
+    if arr.ndim == 4 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise CLIError(f"{path}: expected a 2-D array or a stack (Z, ., .), got shape "
+                       f"{arr.shape}")
+    if not np.isfinite(arr).all():
+        raise CLIError(f"{path}: the input holds NaN or infinite values")
+    kind = args.kind
+    if source == "dicom":
+        if kind == "sinogram":
+            raise CLIError(f"{path}: a DICOM input is an image, not a sinogram")
+        kind = "image"
+    elif kind == "auto":
+        kind = "image" if arr.shape[-1] == arr.shape[-2] else "sinogram"
+    return kind, arr, source
+
+
+def _atomic_save(out: Path, writer: Callable[[Path], None]) -> None:
+    """Call ``writer(tmp)`` on a hidden temporary path beside ``out``, then rename."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
+    os.close(fd)
+    try:
+        writer(Path(tmp))
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _save_reconstruction(out: Path, recon, *, measurement, truth, attrs: Dict[str, Any]) -> None:
+    import numpy as np
+
+    suffix = out.suffix.lower()
+    img = recon[0] if recon.shape[0] == 1 else recon
+    if suffix == ".npy":
+        _atomic_save(out, lambda p: np.save(p, img.astype(np.float32)))
+    elif suffix in (".h5", ".hdf5"):
+        import h5py
+
+        def write(p: Path) -> None:
+            with h5py.File(p, "w") as f:
+                f.create_dataset("reconstruction", data=img.astype(np.float32))
+                f.create_dataset("measurement", data=np.squeeze(measurement, 0)
+                                 if measurement.shape[0] == 1 else measurement)
+                if truth is not None:
+                    f.create_dataset("ground_truth", data=truth[0] if truth.shape[0] == 1
+                                     else truth)
+                for k, v in attrs.items():
+                    f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else \
+                        ("" if v is None else v)
+        _atomic_save(out, write)
+    else:  # .png
+        import matplotlib
+        matplotlib.use("Agg", force=False)
+        import matplotlib.image as mpimg
+
+        tiles = [np.clip(r, 0, 1) for r in recon]
+        gap = np.ones((tiles[0].shape[0], 2), dtype=np.float32)
+        row = tiles[0]
+        for t in tiles[1:]:
+            row = np.concatenate([row, gap, t], axis=1)
+        _atomic_save(out, lambda p: mpimg.imsave(p, row, cmap="gray", vmin=0.0, vmax=1.0,
+                                                 format="png"))
+
+
+def cmd_reconstruct(args) -> int:
+    import numpy as np
+    import torch
+
+    from .dicom_recon import (DEFAULT_HU_WINDOW, from_working_size, infer_size,
+                              make_ct_operator, relative_sigma, resolve_prior, run_solver,
+                              simulate_measurement, slice_seed, to_working_size)
+    from .metrics import psnr, ssim
+
+    method = check_method(args.method)
+    path = Path(args.input)
+    if not path.exists():
+        raise FileNotFoundError(f"input not found: {path}")
+    out = Path(args.output)
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise CLIError(f"--output {out}: the extension must be one of "
+                       f"{', '.join(OUTPUT_SUFFIXES)}")
+    if out.exists() and not args.overwrite:
+        raise CLIError(f"--output {out} exists; pass --overwrite to replace it")
+    if out.resolve() == path.resolve():
+        raise CLIError(f"--output {out} is the input file")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"output folder not found: {out.parent}")
+    prior_name = _default_prior(method, args.prior)
+    if prior_name is None and method not in CLASSICAL_METHODS:
+        raise CLIError(f"method {method!r} needs a prior; pass --prior NAME or PATH")
+    kind, arr, source = _load_reconstruct_input(args, path)
+    device = torch.device(args.device)
+    prior = resolve_prior(prior_name, device=device) if prior_name else None
+    options = parse_options(args.option)
+
+    window = args.hu_window
+    if source == "dicom" and window is None:
+        window = getattr(prior, "hu_window", None) or DEFAULT_HU_WINDOW
+    if window is not None:
+        lo, hi = float(window[0]), float(window[1])
+        if not lo < hi:
+            raise CLIError(f"--hu-window {lo} {hi}: needs LO < HI")
+        if kind == "sinogram":
+            raise CLIError("--hu-window applies to image inputs, not sinograms")
+        arr = np.clip((np.clip(arr, -1024.0, 3071.0) - lo) / (hi - lo), 0.0, 1.0) \
+            .astype(np.float32)
+    elif kind == "image" and (arr.min() < -0.05 or arr.max() > 1.05):
+        raise CLIError(f"{path}: image values span [{arr.min():.4g}, {arr.max():.4g}], but "
+                       "images must lie in [0, 1]; pass --hu-window LO HI for HU images")
+
+    flow = method not in CLASSICAL_METHODS
+    if args.size is not None:
+        n = int(args.size)
+    elif flow and prior is not None:
+        n = int(prior.image_size)
+    elif kind == "image":
+        n = int(max(arr.shape[-2:]))
+    else:
+        n = infer_size(arr.shape[-2], arr.shape[-1], geometry=args.geometry)
+    if flow and prior is not None and n != prior.image_size:
+        raise CLIError(f"working size {n} differs from the prior's image_size "
+                       f"{prior.image_size}; flow priors reconstruct at their own size")
+    views = int(arr.shape[-2]) if kind == "sinogram" else int(args.views)
+    A = make_ct_operator(n, views, geometry=args.geometry, backend=args.backend, device=device)
+    if kind == "sinogram" and tuple(arr.shape[-2:]) != tuple(A.range_shape[-2:]):
+        raise CLIError(f"{path}: sinogram shape {tuple(arr.shape[-2:])} does not match the "
+                       f"{args.geometry} geometry at size {n} with {views} views, which "
+                       f"expects {tuple(A.range_shape[-2:])}; set --size or --geometry")
+
+    recons, meas, truths, rows = [], [], [], []
+    for z in range(arr.shape[0]):
+        if kind == "image":
+            x = to_working_size(torch.from_numpy(arr[z]), n).to(device).reshape(1, 1, n, n)
+            gen = torch.Generator().manual_seed(slice_seed(args.seed, f"{path.name}:{z}"))
+            y, sigma = simulate_measurement(A, x, args.noise_level, generator=gen)
+            truths.append(x.reshape(n, n).cpu().numpy())
+        else:
+            y = torch.from_numpy(arr[z]).to(device).reshape(1, 1, *arr.shape[-2:])
+            sigma = relative_sigma(y, args.noise_level)
+            x = None
+        torch.manual_seed(slice_seed(args.seed, f"solve:{z}"))
+        res = run_solver(y, A, prior, method=method, noise_level=float(sigma[0]), **options)
+        img = res.image.detach().to("cpu", torch.float32).reshape(n, n).clamp(0, 1)
+        row = {"index": z, "seconds": round(res.seconds, 3), "nfe": dict(res.nfe)}
+        if x is not None:
+            ref = x.reshape(n, n).cpu()
+            row.update(psnr=float(psnr(img, ref)), ssim=float(ssim(img, ref)))
+        rows.append(row)
+        recons.append(img.numpy())
+        meas.append(y.reshape(*y.shape[-2:]).cpu().numpy())
+        if not args.quiet:
+            extra = f", PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.3f}" if "psnr" in row else ""
+            _echo(args, f"[{z + 1}/{arr.shape[0]}] {method}: {row['seconds']:.2f} s{extra}")
+
+    attrs = {"method": method, "prior": prior_name, "kind": kind, "views": views,
+             "geometry": args.geometry, "noise_level": args.noise_level, "size": n,
+             "seed": args.seed, "backend": args.backend, "options": options,
+             "hu_window": list(window) if window is not None else None,
+             "input": str(path), "metrics": rows}
+    _save_reconstruction(out, np.stack(recons), measurement=np.stack(meas),
+                         truth=np.stack(truths) if truths else None, attrs=attrs)
+    line = f"wrote {out} ({len(recons)} image(s), {n}x{n}, {method})"
+    if truths:
+        line += (f"; PSNR {np.mean([r['psnr'] for r in rows]):.2f} dB, "
+                 f"SSIM {np.mean([r['ssim'] for r in rows]):.3f}")
+    print(line)
+    return 0
+
+
+def _call_entry(mod_names: Sequence[str], fn_names: Sequence[str], argv: List[str],
+                what: str, hint: str) -> int:
+    """Import the first module of ``mod_names`` that exists and call its entry point with
+    ``argv``; ``SystemExit`` codes (argparse's --help) are returned as exit codes."""
+    errors = []
+    for mod_name in mod_names:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and (mod_name == exc.name or mod_name.startswith(exc.name + ".")):
+                errors.append(f"{mod_name} not found")
+                continue
+            raise
+        for fn_name in fn_names:
+            fn = getattr(mod, fn_name, None)
+            if callable(fn):
+                try:
+                    rc = fn(argv)
+                except SystemExit as exc:
+                    code = exc.code
+                    return code if isinstance(code, int) else (0 if code is None else 1)
+                return int(rc) if isinstance(rc, int) else 0
+        errors.append(f"{mod_name} has no {'/'.join(fn_names)}(argv)")
+    raise CLIError(f"{what} is not available here ({'; '.join(errors)}){hint}")
+
+
+def cmd_train(args) -> int:
+    return _call_entry(["ctflow.flow.train", "ctflow.priors.train"],
+                       ["train_main", "main", "cli"], list(args.rest), "ctflow train", "")
+
+
+def _find_benchmarks_root() -> Optional[Path]:
+    """The folder holding ``benchmarks/`` (the current directory or the source checkout
+    an editable install points to), or ``None``."""
+    candidates = [Path.cwd(), Path(__file__).resolve().parents[1]]
+    for root in candidates:
+        if any((root / "benchmarks" / f).is_file()
+               for f in ("__init__.py", "__main__.py", "runner.py")):
+            return root
+    return None
+
+
+def cmd_bench(args) -> int:
+    root = _find_benchmarks_root()
+    if root is None:
+        raise CLIError("ctflow bench runs the benchmarks/ folder of the ctflow repository, "
+                       "which is not installed: cd into a clone of the repository and rerun")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    rest = list(args.rest)
+    # Pass the global options on unless the user gave them to the runner explicitly.
+    return _call_entry(["benchmarks.__main__", "benchmarks.runner", "benchmarks"],
+                       ["main", "run_cli"], rest, "the benchmark runner",
+                       f" (looked in {root / 'benchmarks'})")
+
+
+# ---------------------------------------------------------------------- entry point
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``ctflow`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit
+    status (0 success, 2 a user error, 1 an unexpected failure)."""
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USER_ERROR
+    for key, default in (("device", "auto"), ("seed", 0), ("quiet", False), ("debug", False)):
+        if not hasattr(args, key):
+            setattr(args, key, default)
+    try:
+        if args.command not in ("train", "bench", "info"):
+            from .info import resolve_device
+            args.device = str(resolve_device(args.device))
+        _seed_everything(args.seed)
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("ctflow: interrupted", file=sys.stderr)
+        return 130
+    except _user_error_types() as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"ctflow {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as exc:  # an unexpected failure: one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"ctflow {args.command}: internal error ({type(exc).__name__}): {_one_line(exc)}"
+              " (rerun with --debug for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,774 @@
+r"""Reconstruct a CT DICOM series slice by slice into a derived DICOM series.
+
+:func:`reconstruct_dicom` is the library function behind ``ctflow reconstruct-dicom``. It is
+a *simulation study* by default: each input slice is taken as the ground truth, a sparse-view
+measurement is simulated from it, reconstructed, and the result is written back as DICOM and
+compared with the input. A measured sinogram file can replace the simulation.
+
+Per slice :math:`k` (HU image :math:`h_k` of the original matrix size):
+
+1. clip to :math:`[-1024, 3071]` HU (removes the -3024/-2048 padding outside the scan circle);
+2. window with the prior's ``hu_window`` :math:`(l, u)`: :math:`x = \mathrm{clip}((h - l)/(u - l),
+   0, 1)` -- HU outside the window are clipped and **do not come back**;
+3. pad to a square (with 0, the window's low end) and resize to the working size :math:`n`
+   (area averaging): :math:`x_k \in [0, 1]^{n \times n}`;
+4. measure: :math:`y = A x_k + \eta\,\overline{|A x_k|}\,\varepsilon`, :math:`\varepsilon \sim
+   N(0, I)` drawn from a generator seeded by ``(seed, SOPInstanceUID)`` (the same draw in every
+   run and whatever the slice range), :math:`\eta` = ``noise_level``, :math:`\overline{|\cdot|}`
+   the mean absolute value -- or :math:`y` from the ``sinogram`` file, with
+   :math:`\sigma = \eta\,\overline{|y|}`;
+5. reconstruct :math:`\hat x_k` = ``ctflow.reconstruct(y, A, prior, method, noise_level=sigma)``
+   with :math:`\sigma = \eta\,\overline{|A x_k|}` (the noise standard deviation);
+6. PSNR/SSIM of :math:`\hat x_k` against :math:`x_k` (data range 1);
+7. map back: bicubic upsampling to the padded square, crop, clip to :math:`[0, 1]`,
+   :math:`h = l + \hat x (u - l)` HU, and write one derived DICOM slice (the reference header is
+   the input slice, file name keyed by its SOPInstanceUID; the derived SeriesInstanceUID is a
+   stable function of the input series and the settings, so a resumed run adds to the same
+   series).
+
+Outputs in ``out_dir``: the derived slices, ``summary.json`` (settings, per-slice metrics,
+means, versions, timing; rewritten atomically after every slice, ``"status": "complete"`` at
+the end) and ``montage.png`` (input vs reconstruction of the slices in the range). With
+``resume=True`` slices whose output file exists and is a valid DICOM of the derived series are
+skipped (their metrics are taken from the previous ``summary.json``); inputs are never
+modified, ``out_dir`` may not be ``in_dir`` (or inside it), and existing outputs are never
+overwritten.
+
+Also here, because the demo and ``ctflow reconstruct`` share them: :func:`make_ct_operator`,
+:func:`simulate_measurement`, :func:`resolve_prior`, :func:`to_working_size` and
+:func:`from_working_size`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["reconstruct_dicom", "make_ct_operator", "simulate_measurement", "resolve_prior",
+           "run_solver", "infer_size", "load_sinograms", "read_h5_array", "write_montage",
+           "to_working_size", "from_working_size", "slice_seed", "relative_sigma",
+           "atomic_write_bytes", "atomic_write_json", "versions", "DEFAULT_HU_WINDOW",
+           "DEFAULT_SIZE", "CLASSICAL"]
+
+#: HU window used when no prior is given (``prior=None``): the full 12-bit CT range.
+DEFAULT_HU_WINDOW = (-1024.0, 3071.0)
+#: Working size used when neither ``size`` nor a prior gives one.
+DEFAULT_SIZE = 64
+#: Methods of ``ctflow.reconstruct`` that ignore the prior.
+CLASSICAL = ("fbp", "tv", "cgls", "landweber")
+
+PathLike = Union[str, os.PathLike]
+
+
+# ---------------------------------------------------------------------- shared building blocks
+def versions() -> Dict[str, str]:
+    """Versions recorded in summaries: ctflow, torch, numpy, pydicom, python, platform."""
+    import ctflow
+
+    out = {"ctflow": getattr(ctflow, "__version__", "?"), "torch": torch.__version__,
+           "numpy": np.__version__, "python": sys.version.split()[0],
+           "platform": platform.platform()}
+    try:
+        import pydicom
+        out["pydicom"] = pydicom.__version__
+    except ImportError:  # pragma: no cover - a core dependency
+        pass
+    return out
+
+
+def make_ct_operator(size: int, views: int, *, geometry: str = "parallel",
+                     backend: str = "torch", device: Any = None):
+    """The CT forward operator on ``size × size`` images with ``views`` angles.
+
+    ``geometry`` is ``"parallel"`` (:class:`ctflow.operators.ct.ParallelBeam2D`, angles
+    uniform over :math:`[0, \\pi)`) or ``"fan"`` (:class:`ctflow.operators.ct.FanBeam2D` with
+    its default source/detector distances, angles uniform over :math:`[0, 2\\pi)`); both use
+    the default detector (covering the image diagonal). Returns
+    ``RayTransform(geom, backend=backend)`` placed on ``device`` where the operator supports
+    it (tensors passed to it decide the device for the torch backend).
+    """
+    size, views = int(size), int(views)
+    if size < 8:
+        raise ValueError(f"working size must be >= 8 pixels, got {size}")
+    if views < 1:
+        raise ValueError(f"views must be >= 1, got {views}")
+    try:
+        ct = importlib.import_module("ctflow.operators.ct")
+    except ImportError as exc:
+        raise ImportError(f"the CT operators (ctflow.operators.ct) failed to import: {exc}") \
+            from exc
+    names = {"parallel": "ParallelBeam2D", "fan": "FanBeam2D"}
+    if geometry not in names:
+        raise ValueError(f"geometry must be 'parallel' or 'fan', got {geometry!r}")
+    for needed in (names[geometry], "RayTransform"):
+        if not hasattr(ct, needed):
+            raise ImportError(f"ctflow.operators.ct has no {needed} (the CT operators are not "
+                              "installed in this checkout)")
+    geom = getattr(ct, names[geometry])(image_size=size, angles=views)
+    op = ct.RayTransform(geom, backend=backend)
+    to = getattr(op, "to", None)
+    if device is not None and callable(to):
+        moved = to(torch.device(device))
+        op = moved if moved is not None else op
+    return op
+
+
+def _geometry_class(geometry: str):
+    ct = importlib.import_module("ctflow.operators.ct")
+    names = {"parallel": "ParallelBeam2D", "fan": "FanBeam2D"}
+    if geometry not in names:
+        raise ValueError(f"geometry must be 'parallel' or 'fan', got {geometry!r}")
+    cls = getattr(ct, names[geometry], None)
+    if cls is None:
+        raise ImportError(f"ctflow.operators.ct has no {names[geometry]}")
+    return cls
+
+
+def infer_size(views: int, detectors: int, *, geometry: str = "parallel",
+               max_size: int = 4096) -> int:
+    """The image size ``N`` whose default ``geometry`` has ``detectors`` detector bins
+    (parallel beam: :math:`\lceil\sqrt2 N\rceil`); ``ValueError`` if none does."""
+    cls = _geometry_class(geometry)
+    for n in range(8, max_size + 1):
+        d = cls(image_size=n, angles=int(views)).sinogram_shape[-1]
+        if d == detectors:
+            return n
+        if d > detectors:
+            break
+    raise ValueError(f"no image size gives {detectors} detectors in the default {geometry} "
+                     f"geometry; pass --size")
+
+
+def run_solver(y: torch.Tensor, operator, prior, *, method: str, noise_level: float,
+               **options):
+    """``ctflow.solvers.api.reconstruct(y, operator, prior, method=..., noise_level=...,
+    **options)`` (a :class:`~ctflow.solvers.result.Reconstruction`). Where the dispatcher is
+    not installed, the classical methods run through :mod:`ctflow.solvers.classical`."""
+    try:
+        api = importlib.import_module("ctflow.solvers.api")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("ctflow.solvers.api",):
+            raise
+        api = None
+    if api is not None:
+        return api.reconstruct(y, operator, prior, method=method, noise_level=noise_level,
+                               **options)
+    classical = importlib.import_module("ctflow.solvers.classical")
+    table = {"fbp": "FBPSolver", "tv": "TV", "cgls": "CGLS", "landweber": "Landweber"}
+    if method not in table:
+        raise ImportError(f"method {method!r} needs ctflow.solvers.api, which is not installed "
+                          f"here; available: {', '.join(table)}")
+    solver = getattr(classical, table[method])(**options)
+    return solver.solve(operator, y, prior, noise_level=noise_level)
+
+
+def relative_sigma(values: torch.Tensor, level: float) -> torch.Tensor:
+    r"""Per-item noise standard deviation :math:`\sigma_b = \eta\,\mathrm{mean}|v_b|`
+    (shape ``(B,)``) for a batch of clean (or measured) data ``values``."""
+    if not (isinstance(level, (int, float)) and math.isfinite(level) and level >= 0):
+        raise ValueError(f"noise level must be a finite number >= 0, got {level!r}")
+    return float(level) * values.abs().flatten(1).mean(dim=1)
+
+
+def simulate_measurement(operator, x: torch.Tensor, noise_level: float, *,
+                         generator: Optional[torch.Generator] = None
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""Noisy data :math:`y = A x + \sigma\varepsilon`, :math:`\sigma = \eta\,\mathrm{mean}|Ax|`
+    per item (relative Gaussian noise, :math:`\eta` = ``noise_level``; the benchmarks use the
+    same convention). ``generator`` is a CPU :class:`torch.Generator` (the draw is made on the
+    CPU so that it is the same on every device). Returns ``(y, sigma)``, ``sigma`` of shape
+    ``(B,)``."""
+    with torch.no_grad():
+        clean = operator(x)
+        sigma = relative_sigma(clean, noise_level)
+        eps = torch.randn(clean.shape, generator=generator, dtype=clean.dtype)
+        eps = eps.to(clean.device)
+        y = clean + sigma.view(-1, *([1] * (clean.ndim - 1))) * eps
+    return y, sigma
+
+
+def resolve_prior(prior: Any, *, device: Any = None):
+    """``None`` → ``None``; a :class:`~ctflow.priors.base.FlowPrior` → itself; a name or a
+    checkpoint path → ``ctflow.priors.registry.load_prior(prior)`` moved to ``device`` and put
+    in eval mode. A prior that cannot be found raises ``FileNotFoundError``."""
+    if prior is None:
+        return None
+    from .priors.base import FlowPrior
+
+    if isinstance(prior, FlowPrior):
+        return prior.to(device=device) if device is not None else prior
+    try:
+        registry = importlib.import_module("ctflow.priors.registry")
+    except ImportError as exc:
+        raise ImportError(f"cannot load prior {prior!r}: the prior registry "
+                          f"(ctflow.priors.registry) is not available ({exc})") from exc
+    try:
+        p = registry.load_prior(str(prior), device=device) if _accepts(
+            registry.load_prior, "device") else registry.load_prior(str(prior))
+    except FileNotFoundError:
+        raise
+    except KeyError as exc:
+        msg = exc.args[0] if exc.args else str(exc)
+        raise FileNotFoundError(f"prior not found: {msg}") from None
+    if device is not None:
+        p = p.to(device=device) or p
+    eval_ = getattr(p, "eval", None)
+    if callable(eval_):
+        p = eval_() or p
+    return p
+
+
+def _accepts(fn, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def slice_seed(seed: int, key: str) -> int:
+    """A 63-bit seed from the run seed and a slice key (its SOPInstanceUID): the same slice
+    gets the same noise draw in every run, whichever slice range is processed."""
+    h = hashlib.sha256(f"{int(seed)}:{key}".encode()).hexdigest()
+    return int(h[:15], 16)
+
+
+def to_working_size(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``(H, W)`` image in [0, 1] → ``(size, size)``: zero-pad to a centred square, then area
+    averaging (or bicubic interpolation when enlarging)."""
+    h, w = x.shape[-2:]
+    n = max(h, w)
+    top, left = (n - h) // 2, (n - w) // 2
+    sq = F.pad(x.reshape(1, 1, h, w), (left, n - w - left, top, n - h - top))
+    if size == n:
+        out = sq
+    elif size < n:
+        out = F.interpolate(sq, size=(size, size), mode="area")
+    else:
+        out = F.interpolate(sq, size=(size, size), mode="bicubic", align_corners=False)
+    return out[0, 0].clamp(0.0, 1.0)
+
+
+def from_working_size(x: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`to_working_size` up to resampling: bicubic resize to the padded
+    square, crop the centre ``shape`` back, clip to [0, 1]."""
+    h, w = int(shape[0]), int(shape[1])
+    n = max(h, w)
+    size = x.shape[-1]
+    x4 = x.reshape(1, 1, size, size)
+    if n == size:
+        up = x4
+    elif n > size:
+        up = F.interpolate(x4, size=(n, n), mode="bicubic", align_corners=False)
+    else:
+        up = F.interpolate(x4, size=(n, n), mode="area")
+    top, left = (n - h) // 2, (n - w) // 2
+    return up[0, 0, top:top + h, left:left + w].clamp(0.0, 1.0)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to a hidden temporary file beside ``path``, fsync, then rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: PathLike, obj: Any) -> None:
+    """:func:`atomic_write_bytes` of ``obj`` as indented JSON."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n")
+                       .encode("utf-8"))
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, torch.Tensor):
+        return o.tolist() if o.numel() <= 16 else f"tensor{tuple(o.shape)}"
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def _finite_or_none(v: float) -> Optional[float]:
+    return float(v) if v is not None and math.isfinite(float(v)) else None
+
+
+# ---------------------------------------------------------------------- sinogram files
+def load_sinograms(path: PathLike) -> np.ndarray:
+    """A measured sinogram file → float32 ``(Z, views, detectors)``.
+
+    ``.npy``: a 2-D or 3-D array. ``.h5``/``.hdf5``: the dataset ``sinogram``, ``data`` or
+    ``observation``, or the only dataset in the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sinogram file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except Exception as exc:
+            raise ValueError(f"{path}: not a readable .npy array ({exc})") from None
+    elif suffix in (".h5", ".hdf5"):
+        arr = read_h5_array(path, None, preferred=("sinogram", "data", "observation"))
+    else:
+        raise ValueError(f"{path}: sinogram files must be .npy, .h5 or .hdf5")
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise ValueError(f"{path}: a sinogram must have shape (views, detectors) or "
+                         f"(Z, views, detectors), got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{path}: the sinogram holds NaN or infinite values")
+    return arr
+
+
+def read_h5_array(path: PathLike, dataset: Optional[str],
+                  preferred: Sequence[str] = ()) -> np.ndarray:
+    """Read one dataset of an HDF5 file: ``dataset`` if given, else the first of
+    ``preferred`` present, else the only dataset in the file (``ValueError`` listing the
+    datasets otherwise)."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"HDF5 file not found: {path}")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise ValueError(f"{path}: not a readable HDF5 file ({exc})") from None
+    with f:
+        names: List[str] = []
+        f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        if dataset is not None:
+            if dataset not in f or not isinstance(f[dataset], h5py.Dataset):
+                raise ValueError(f"{path}: no dataset {dataset!r}; datasets: {names}")
+            return np.asarray(f[dataset][()])
+        for name in preferred:
+            if name in f and isinstance(f[name], h5py.Dataset):
+                return np.asarray(f[name][()])
+        if len(names) == 1:
+            return np.asarray(f[names[0]][()])
+        raise ValueError(f"{path}: {len(names)} datasets {names}; choose one with --dataset")
+
+
+# ---------------------------------------------------------------------- DICOM output
+def _data_api():
+    """The DICOM functions of :mod:`ctflow.data` this module needs (clear error if absent)."""
+    data = importlib.import_module("ctflow.data")
+    needed = ("read_dicom_series", "clip_hu")
+    missing = [n for n in needed if not hasattr(data, n)]
+    if missing:
+        raise ImportError(f"ctflow.data lacks {', '.join(missing)}")
+    return data
+
+
+def _writer_api(data):
+    """``(write_dicom_slice, derived_series_uid, derived_file_name)`` from ``ctflow.data``."""
+    names = ("write_dicom_slice", "derived_series_uid", "derived_file_name")
+    found = [getattr(data, n, None) for n in names]
+    if not all(callable(f) for f in found):
+        try:
+            mod = importlib.import_module("ctflow.data.dicom_write")
+            found = [getattr(mod, n, None) for n in names]
+        except ImportError:
+            pass
+    if not all(callable(f) for f in found):
+        raise ImportError("ctflow.data has no one-slice DICOM writer (write_dicom_slice, "
+                          "derived_series_uid, derived_file_name); reconstruct-dicom needs it")
+    return tuple(found)
+
+
+def _same_or_inside(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or b in a.parents
+
+
+def _settings_key(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """The settings that must agree between a run and the run it resumes."""
+    keys = ("method", "prior", "views", "geometry", "noise_level", "size", "seed", "backend",
+            "sinogram", "options", "hu_window", "source_series_uid")
+    return {k: settings.get(k) for k in keys}
+
+
+def _describe(method: str, settings: Dict[str, Any]) -> str:
+    """The derived series' description: the method and its settings. The writer puts the first
+    64 characters into SeriesDescription and the whole text into DerivationDescription; the
+    derived SeriesInstanceUID is a function of it (same settings, same series)."""
+    prior = f" {settings['prior']}" if settings.get("prior") and method not in CLASSICAL else ""
+    if settings.get("sinogram"):
+        meas = f"measured {Path(settings['sinogram']).name}"
+    else:
+        meas = f"{settings['views']} views noise {100 * settings['noise_level']:g}%"
+    text = (f"ctflow {method}{prior} {settings['geometry']} {meas} {settings['size']}px "
+            f"seed {settings['seed']}")
+    if settings.get("options"):
+        text += " " + json.dumps(settings["options"], sort_keys=True, separators=(",", "="))
+    return text
+
+
+def _valid_output(path: Path, series_uid: Optional[str]) -> bool:
+    """Does ``path`` hold a readable DICOM image of the derived series?"""
+    import pydicom
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=False)
+        ok = "PixelData" in ds and int(ds.Rows) > 0 and int(ds.Columns) > 0
+        expected = int(ds.Rows) * int(ds.Columns) * int(ds.BitsAllocated) // 8 * \
+            int(ds.get("SamplesPerPixel", 1))
+        ok = ok and len(ds.PixelData) >= expected
+        if series_uid is not None:
+            ok = ok and str(ds.SeriesInstanceUID) == series_uid
+        return bool(ok)
+    except Exception:  # noqa: BLE001 - any parse failure means "not a valid output"
+        return False
+
+
+def _read_output_hu(path: Path) -> np.ndarray:
+    import pydicom
+    from pydicom.pixels import apply_rescale
+
+    ds = pydicom.dcmread(path)
+    return np.asarray(apply_rescale(ds.pixel_array, ds), dtype=np.float32)
+
+
+# ---------------------------------------------------------------------- montage
+def write_montage(path: PathLike, items: Sequence[Dict[str, Any]], *, title: str = "") -> None:
+    """Write a PNG grid: for each item (``index``, ``input``, ``recon`` 2-D arrays in [0, 1],
+    ``psnr``, ``ssim``) the input and the reconstruction side by side, four pairs a row."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    n = len(items)
+    if n == 0:
+        return
+    pairs_per_row = min(4, n)
+    rows = int(math.ceil(n / pairs_per_row))
+    fig, axes = plt.subplots(rows, 2 * pairs_per_row, squeeze=False,
+                             figsize=(2 * pairs_per_row * 1.7, rows * 1.9 + 0.4))
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, it in enumerate(items):
+        r, c = divmod(i, pairs_per_row)
+        a, b = axes[r, 2 * c], axes[r, 2 * c + 1]
+        a.imshow(it["input"], cmap="gray", vmin=0, vmax=1)
+        a.set_title(f"slice {it['index']} input", fontsize=7)
+        b.imshow(it["recon"], cmap="gray", vmin=0, vmax=1)
+        p = it.get("psnr")
+        s = it.get("ssim")
+        label = "recon" if p is None else f"{p:.1f} dB / {s:.3f}"
+        b.set_title(label, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------------- the script
+def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
+                      geometry: str = "parallel", noise_level: float = 0.01,
+                      method: str = "msflow", prior: Any = "ct64", size: Optional[int] = None,
+                      slices: Union[slice, Tuple[int, int], None] = None, device: Any = None,
+                      resume: bool = False, seed: int = 0, progress: bool = True,
+                      sinogram: Optional[PathLike] = None, backend: str = "torch",
+                      hu_window: Optional[Tuple[float, float]] = None,
+                      verbose: bool = False, **options) -> Dict[str, Any]:
+    """Reconstruct the CT series in ``in_dir`` slice by slice into a derived series in
+    ``out_dir`` (see the module docstring for the exact steps and the outputs).
+
+    Args:
+        in_dir: a folder holding one CT series (read with ``ctflow.data.read_dicom_series``).
+        out_dir: the output folder (created); must not be ``in_dir`` or inside it.
+        views: projection angles of the simulated measurement.
+        geometry: ``"parallel"`` or ``"fan"``.
+        noise_level: relative noise level :math:`\\eta` (``0.01`` = 1 %).
+        method: any method of ``ctflow.reconstruct`` (``"msflow"``, ``"dflow"``, ``"fbp"``,
+            ``"tv"``, ...).
+        prior: a bundled prior name, a checkpoint path, a ``FlowPrior``, or ``None`` (only for
+            the classical methods; then ``hu_window`` defaults to [-1024, 3071] HU and the
+            working size to 64).
+        size: working size (default: the prior's ``image_size``).
+        slices: ``slice(start, stop)`` or ``(start, stop)``: 0-based indices in anatomical
+            order (the volume's slice order), stop exclusive. Default: every slice.
+        device: ``None``/``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``.
+        resume: skip slices whose output file exists and is valid; without it an ``out_dir``
+            holding outputs of an earlier run is refused.
+        seed: run seed; the noise of a slice is seeded by ``(seed, SOPInstanceUID)`` and the
+            solver by the same per-slice seed.
+        progress: a tqdm progress bar over the slices.
+        sinogram: a measured sinogram file (``(Z, views, detectors)``, ``Z`` the number of
+            slices of the series or of the selected range) used instead of the simulation.
+        backend: CT backend of ``RayTransform``.
+        hu_window: override the prior's HU window.
+        verbose: print a line per run (where the outputs went).
+        **options: solver options passed to ``ctflow.reconstruct``.
+
+    Returns:
+        The summary dict (also written to ``out_dir/summary.json``).
+    """
+    from .info import resolve_device
+    from .metrics import psnr as _psnr, ssim as _ssim
+
+    t_start = time.perf_counter()
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    if not in_dir.exists():
+        raise FileNotFoundError(f"input folder not found: {in_dir}")
+    if not in_dir.is_dir():
+        raise NotADirectoryError(f"input must be a folder holding a DICOM series: {in_dir}")
+    if _same_or_inside(out_dir, in_dir):
+        raise ValueError(f"OUT_DIR {out_dir} is the input folder {in_dir} or inside it; "
+                         "choose a separate output folder (inputs are never modified)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"OUT_DIR exists and is not a folder: {out_dir}")
+    method = str(method).lower()
+    if prior is None and method not in CLASSICAL:
+        raise ValueError(f"method {method!r} needs a prior (prior=None is only for "
+                         f"{', '.join(CLASSICAL)})")
+    dev = resolve_device(device)
+    data = _data_api()
+    write_slice, derived_series_uid, derived_file_name = _writer_api(data)
+
+    # The prior (its window and size define the normalisation) and the working size.
+    prior_obj = resolve_prior(prior, device=dev)
+    prior_label = None
+    if prior_obj is not None:
+        prior_label = str(prior) if isinstance(prior, (str, os.PathLike)) else \
+            getattr(prior_obj, "name", "prior")
+    window = tuple(float(v) for v in (hu_window or getattr(prior_obj, "hu_window", None)
+                                      or DEFAULT_HU_WINDOW))
+    if not window[0] < window[1]:
+        raise ValueError(f"hu_window must be (lo, hi) with lo < hi, got {window}")
+    n = int(size) if size is not None else int(getattr(prior_obj, "image_size", DEFAULT_SIZE))
+    if prior_obj is not None and method not in CLASSICAL and n != prior_obj.image_size:
+        raise ValueError(f"working size {n} differs from the prior's image_size "
+                         f"{prior_obj.image_size}; flow priors reconstruct at their own size")
+
+    # The series and the slice range.
+    vol = data.read_dicom_series(in_dir, progress=False)
+    nz = len(vol)
+    if isinstance(slices, tuple):
+        slices = slice(*slices)
+    rng = range(nz)[slices] if slices is not None else range(nz)
+    if len(rng) == 0:
+        raise ValueError(f"slice range {slices.start}:{slices.stop} selects no slice of the "
+                         f"{nz}-slice series in {in_dir}")
+    indices = list(rng)
+
+    measured = None
+    if sinogram is not None:
+        measured = load_sinograms(sinogram)
+        if measured.shape[0] not in (nz, len(indices)):
+            raise ValueError(f"{sinogram}: holds {measured.shape[0]} sinograms, expected one "
+                             f"per slice of the series ({nz}) or of the range ({len(indices)})")
+        if measured.shape[1] != views:
+            views = int(measured.shape[1])
+    A = make_ct_operator(n, views, geometry=geometry, backend=backend, device=dev)
+    if measured is not None and tuple(measured.shape[1:]) != tuple(A.range_shape[-2:]):
+        raise ValueError(f"{sinogram}: sinograms of shape {tuple(measured.shape[1:])} do not "
+                         f"match the {geometry} geometry at size {n} with {views} views, "
+                         f"which expects {tuple(A.range_shape[-2:])}")
+
+    settings = {
+        "in_dir": str(in_dir.resolve()), "out_dir": str(out_dir.resolve()),
+        "method": method, "prior": prior_label, "views": int(views), "geometry": geometry,
+        "noise_level": float(noise_level), "noise_model": "y = Ax + level*mean|Ax|*N(0,1)",
+        "size": n, "slices": [indices[0], indices[-1] + 1], "seed": int(seed),
+        "backend": backend, "device": str(dev),
+        "sinogram": str(Path(sinogram).resolve()) if sinogram is not None else None,
+        "options": {k: v for k, v in options.items()}, "hu_window": list(window),
+        "hu_clip": [-1024.0, 3071.0], "source_series_uid": vol.series_uid,
+        "series_description": None,
+    }
+    settings["series_description"] = _describe(method, settings)
+
+    # Output folder, earlier runs and resume.
+    summary_path = out_dir / "summary.json"
+    previous: Dict[str, Any] = {}
+    if summary_path.exists():
+        try:
+            previous = json.loads(summary_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{summary_path}: unreadable summary of an earlier run ({exc}); "
+                             "choose another OUT_DIR") from None
+        if not resume:
+            raise FileExistsError(f"OUT_DIR {out_dir} holds an earlier run (summary.json); "
+                                  "pass --resume to continue it or choose another folder")
+        if _settings_key(previous.get("settings", {})) != _settings_key(settings):
+            old, new = _settings_key(previous.get("settings", {})), _settings_key(settings)
+            diff = [k for k in new if old.get(k) != new.get(k)]
+            raise ValueError(f"--resume: the run in {out_dir} used different settings "
+                             f"({', '.join(diff)}); rerun with the same settings or choose "
+                             "another OUT_DIR")
+    description = settings["series_description"]
+    derived_uid = derived_series_uid(vol, description)
+    if previous.get("derived_series_uid") not in (None, derived_uid):
+        raise ValueError(f"--resume: {summary_path} belongs to the derived series "
+                         f"{previous['derived_series_uid']}, not {derived_uid}; choose another "
+                         "OUT_DIR")
+    if not resume and out_dir.is_dir():
+        clash = [out_dir / derived_file_name(vol.slices[k].sop_instance_uid) for k in indices
+                 if (out_dir / derived_file_name(vol.slices[k].sop_instance_uid)).exists()]
+        if clash:
+            raise FileExistsError(f"output file exists: {clash[0]} ({len(clash)} in all); pass "
+                                  "--resume to keep them and continue, or choose another OUT_DIR")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prev_records = {r["sop_instance_uid"]: r for r in previous.get("slices", [])
+                    if "sop_instance_uid" in r and not r.get("metrics_from")}
+    records: List[Dict[str, Any]] = []
+    montage_items: List[Dict[str, Any]] = []
+    done = skipped = 0
+    summary: Dict[str, Any] = {
+        "status": "running", "settings": settings, "versions": versions(),
+        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "derived_series_uid": derived_uid, "slices": records,
+    }
+
+    iterator = indices
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(indices, desc=f"reconstruct-dicom ({method})", unit="slice")
+        iterator = bar
+    try:
+        for pos, k in enumerate(iterator):
+            meta = vol.slices[k]
+            sop = meta.sop_instance_uid
+            hu = np.asarray(data.clip_hu(vol.hu[k], -1024.0, 3071.0), dtype=np.float32)
+            unit = np.clip((hu - window[0]) / (window[1] - window[0]), 0.0, 1.0)
+            x_full = torch.from_numpy(unit.astype(np.float32))
+            x = to_working_size(x_full, n)
+            target = out_dir / derived_file_name(sop)
+
+            if target.exists() or target.is_symlink():
+                if not resume:
+                    raise FileExistsError(f"output file exists: {target}; pass --resume to "
+                                          "keep it and continue, or choose another OUT_DIR")
+                if _valid_output(target, derived_uid):
+                    rec = dict(prev_records.get(sop) or _record_from_file(
+                        target, x, k, sop, window, n, _psnr, _ssim))
+                    rec["resumed"] = True
+                    records.append(rec)
+                    recon_small = to_working_size(torch.from_numpy(np.clip(
+                        (_read_output_hu(target) - window[0]) / (window[1] - window[0]),
+                        0, 1).astype(np.float32)), n)
+                    montage_items.append({"index": k, "input": x.numpy(),
+                                          "recon": recon_small.numpy(), "psnr": rec.get("psnr"),
+                                          "ssim": rec.get("ssim")})
+                    skipped += 1
+                    continue
+                # An invalid leftover (not ours, or damaged): keep it aside, never delete it.
+                aside = target.with_name(target.name + f".invalid-{int(time.time())}")
+                os.replace(target, aside)
+
+            # Measurement.
+            s_seed = slice_seed(seed, sop or f"slice-{k}")
+            xb = x.to(dev).reshape(1, 1, n, n)
+            if measured is None:
+                gen = torch.Generator().manual_seed(s_seed)
+                y, sigma = simulate_measurement(A, xb, noise_level, generator=gen)
+            else:
+                j = k if measured.shape[0] == nz else pos
+                y = torch.from_numpy(measured[j]).to(dev).reshape(1, 1, *measured.shape[1:])
+                sigma = relative_sigma(y, noise_level)
+            torch.manual_seed(s_seed)
+            t0 = time.perf_counter()
+            res = run_solver(y, A, prior_obj, method=method, noise_level=float(sigma[0]),
+                             **options)
+            seconds = time.perf_counter() - t0
+            rec_img = res.image.detach().to("cpu", torch.float32).reshape(n, n).clamp(0, 1)
+            p = _psnr(rec_img, x)
+            s = _ssim(rec_img, x)
+
+            # Back to HU at the original matrix size, then write (atomically, by the writer).
+            up = from_working_size(rec_img, hu.shape)
+            hu_out = (window[0] + up * (window[1] - window[0])).numpy().astype(np.float32)
+            written = Path(write_slice(hu_out, vol, k, out_dir, description=description,
+                                       series_uid=derived_uid))
+            rec = {"index": k, "sop_instance_uid": sop, "source_file": meta.path,
+                   "output_file": written.name, "psnr": _finite_or_none(p),
+                   "ssim": float(s), "seconds": seconds, "nfe": dict(res.nfe),
+                   "peak_memory_bytes": res.peak_memory_bytes, "noise_sigma": float(sigma[0]),
+                   "noise_seed": s_seed if measured is None else None, "resumed": False}
+            records.append(rec)
+            montage_items.append({"index": k, "input": x.numpy(), "recon": rec_img.numpy(),
+                                  "psnr": rec["psnr"], "ssim": rec["ssim"]})
+            done += 1
+            if bar is not None:
+                bar.set_postfix(psnr=f"{p:.2f}", ssim=f"{s:.3f}")
+            _fill_summary(summary, records, done, skipped, t_start)
+            atomic_write_json(summary_path, summary)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    summary["status"] = "complete"
+    _fill_summary(summary, records, done, skipped, t_start)
+    summary["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    summary["montage"] = "montage.png"
+    write_montage(out_dir / "montage.png", montage_items,
+                  title=f"{settings['series_description']}  (input | reconstruction)")
+    atomic_write_json(summary_path, summary)
+    if verbose:
+        print(f"wrote {done} slice(s) to {out_dir} (summary.json, montage.png)", file=sys.stderr)
+    return summary
+
+
+def _fill_summary(summary, records, done, skipped, t_start) -> None:
+    ps = [r["psnr"] for r in records if r.get("psnr") is not None]
+    ss = [r["ssim"] for r in records if r.get("ssim") is not None]
+    summary["slices_reconstructed"] = done
+    summary["slices_skipped"] = skipped
+    summary["mean"] = {"psnr": float(np.mean(ps)) if ps else None,
+                       "ssim": float(np.mean(ss)) if ss else None,
+                       "seconds_per_slice": float(np.mean([r["seconds"] for r in records
+                                                           if not r.get("resumed")]))
+                       if done else None}
+    summary["seconds_total"] = time.perf_counter() - t_start
+
+
+def _record_from_file(path, x, k, sop, window, n, psnr_fn, ssim_fn) -> Dict[str, Any]:
+    """Metrics of an output written by an interrupted run whose record was not saved."""
+    hu = _read_output_hu(path)
+    small = to_working_size(torch.from_numpy(np.clip((hu - window[0]) / (window[1] - window[0]),
+                                                     0, 1).astype(np.float32)), n)
+    return {"index": k, "sop_instance_uid": sop, "output_file": path.name,
+            "psnr": _finite_or_none(psnr_fn(small, x)), "ssim": float(ssim_fn(small, x)),
+            "seconds": None, "metrics_from": "output file (re-sampled)"}
+
+
+def _series_uid_of(path: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)

@@ -1,0 +1,151 @@
+r"""``ctflow.reconstruct``: one entry point for every solver.
+
+.. code-block:: python
+
+    result = ctflow.reconstruct(y, A, prior, method="msflow", noise_level=0.01, K=8, M=2)
+    result.image, result.history, result.nfe, result.seconds, result.peak_memory_bytes
+
+Methods and the classes behind them (each constructed with the keyword ``**options`` and
+called as ``.solve(operator, y, prior, noise_level)``):
+
+=============  ==============================================  ===============
+``method``     class                                           needs a prior
+=============  ==============================================  ===============
+``"msflow"``   :class:`ctflow.solvers.msflow.MSFlow`           yes
+``"dflow"``    :class:`ctflow.solvers.dflow.DFlow`             yes
+``"pnpflow"``  :class:`ctflow.solvers.pnpflow.PnPFlow`         yes
+``"otode"``    :class:`ctflow.solvers.otode.OTODE`             yes
+``"fbp"``      :class:`ctflow.solvers.classical.FBPSolver`     no
+``"tv"``       :class:`ctflow.solvers.classical.TV`            no
+``"cgls"``     :class:`ctflow.solvers.classical.CGLS`          no
+=============  ==============================================  ===============
+
+Solver modules are imported on first use. Everything is checked before any work:
+
+* ``method`` must be one of the names above; option names and values are checked by the
+  solver class (``ValueError`` naming the option and the allowed values);
+* ``y`` must be a floating tensor of shape ``(B, C, *range_shape)``, ``(C, *range_shape)``
+  or ``range_shape`` (for one channel) without NaN or inf;
+* ``noise_level`` (the standard deviation :math:`\sigma` of the Gaussian noise in ``y``, in
+  the units of ``y``) must be a finite number ``> 0``;
+* ``prior`` (a :class:`~ctflow.priors.FlowPrior` or the name of a bundled prior, loaded with
+  ``ctflow.priors.load_prior``) must model images of the operator's domain shape.
+
+Layout: the solvers always see a batched ``y``; ``result.image`` comes back in the layout
+``y`` came in (``(B, C, H, W)``, ``(C, H, W)`` or ``(H, W)``).
+
+Seeding: ``seed`` (default 0) is forwarded to the solver when given, and the global torch
+generator is seeded with it inside a forked RNG state, so every method is reproducible and
+the caller's random state is left untouched. ``progress=True`` (forwarded) shows a tqdm bar.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Dict, Tuple
+
+import torch
+
+from .common import check_noise_level, check_prior, prepare_measurement
+from .result import Reconstruction
+
+__all__ = ["reconstruct", "METHODS", "solver_class"]
+
+#: method name -> (module under ctflow.solvers, class name, needs a prior)
+METHODS: Dict[str, Tuple[str, str, bool]] = {
+    "msflow": ("msflow", "MSFlow", True),
+    "dflow": ("dflow", "DFlow", True),
+    "pnpflow": ("pnpflow", "PnPFlow", True),
+    "otode": ("otode", "OTODE", True),
+    "fbp": ("classical", "FBPSolver", False),
+    "tv": ("classical", "TV", False),
+    "cgls": ("classical", "CGLS", False),
+}
+
+
+def _check_method(method: Any) -> str:
+    if not isinstance(method, str) or method.lower() not in METHODS:
+        raise ValueError(f"reconstruct: method must be one of {', '.join(map(repr, METHODS))}, "
+                         f"got {method!r}")
+    return method.lower()
+
+
+def solver_class(method: str):
+    """The solver class behind ``method`` (imported lazily)."""
+    method = _check_method(method)
+    module, cls, _ = METHODS[method]
+    try:
+        mod = importlib.import_module(f"{__package__}.{module}")
+    except ImportError as exc:
+        raise ValueError(f"reconstruct: method {method!r} is unavailable: its module "
+                         f"ctflow.solvers.{module} failed to import ({exc})") from exc
+    try:
+        return getattr(mod, cls)
+    except AttributeError as exc:
+        raise ValueError(f"reconstruct: method {method!r} is unavailable: "
+                         f"ctflow.solvers.{module} has no {cls}") from exc
+
+
+def _load_prior(name: str):
+    try:
+        from ..priors import load_prior  # type: ignore[attr-defined]
+    except ImportError:
+        try:
+            from ..priors.registry import load_prior  # type: ignore
+        except ImportError as exc:
+            raise ValueError(f"reconstruct: prior {name!r} given by name, but ctflow cannot "
+                             f"load bundled priors here ({exc}); pass a FlowPrior") from exc
+    return load_prior(name)
+
+
+def reconstruct(y: torch.Tensor, operator, prior=None, method: str = "msflow",
+                noise_level: float = 0.01, **options: Any) -> Reconstruction:
+    r"""Reconstruct an image from the measurement ``y = A x + noise`` with ``method``.
+
+    Args:
+        y: the measurement, ``(B, C, *operator.range_shape)``, ``(C, *range_shape)`` or
+            ``range_shape``; finite values only.
+        operator: a :class:`~ctflow.operators.LinearOperator` on public ``[0, 1]`` images.
+        prior: a :class:`~ctflow.priors.FlowPrior`, a bundled prior name, or ``None`` for
+            ``"fbp"``, ``"tv"`` and ``"cgls"`` (which ignore it).
+        method: ``"msflow"``, ``"dflow"``, ``"pnpflow"``, ``"otode"``, ``"fbp"``, ``"tv"``
+            or ``"cgls"``.
+        noise_level: standard deviation :math:`\sigma` of the Gaussian noise in ``y``.
+        **options: keyword options of the solver class (see each class); unknown names or
+            bad values raise ``ValueError``; ``seed`` (default 0) and ``progress``.
+
+    Returns:
+        a :class:`~ctflow.solvers.result.Reconstruction` (image in ``[0, 1]`` in the layout
+        of ``y``, history, NFE, seconds, peak memory).
+    """
+    method = _check_method(method)
+    _, _, needs_prior = METHODS[method]
+    own = f"reconstruct(method={method!r})"
+    if not hasattr(operator, "range_shape") or not hasattr(operator, "domain_shape"):
+        raise ValueError(f"{own}: operator must be a LinearOperator (with domain_shape and "
+                         f"range_shape), got {type(operator).__name__}")
+    sigma = check_noise_level(noise_level, owner=own)
+    if isinstance(prior, str):
+        prior = _load_prior(prior)
+    if needs_prior and prior is None:
+        raise ValueError(f"{own}: this method needs a prior (a FlowPrior or a bundled prior "
+                         f"name); only 'fbp', 'tv' and 'cgls' run without one")
+    if prior is not None and needs_prior:
+        check_prior(prior, operator, owner=own)
+    channels = getattr(prior, "channels", None) if prior is not None else None
+    meas = prepare_measurement(operator, y, owner=own, channels=channels)
+    cls = solver_class(method)
+    try:
+        solver = cls(**options)
+    except TypeError as exc:   # a class without its own option check
+        raise ValueError(f"{own}: invalid option(s) {sorted(options)}: {exc}") from exc
+    seed = options.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"{own}: option seed must be an integer, got {seed!r}")
+    devices = [meas.y.device] if meas.y.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        result = solver.solve(operator, meas.y, prior, sigma)
+    result.image = meas.restore(result.image)
+    if not result.method:
+        result.method = method
+    return result

@@ -1,0 +1,505 @@
+r"""Plumbing shared by the flow-prior solvers (MS-Flow, D-Flow and the dispatcher).
+
+* option validation (:func:`check_options`, :func:`check_choice`, :func:`check_positive`, ...),
+  every error a :class:`ValueError` that names the option and the allowed values;
+* input checks (:func:`prepare_measurement`, :func:`check_noise_level`, :func:`check_prior`):
+  ``y`` of the wrong shape or with NaN/inf is refused before any work;
+* the model-space form of a linear operator (:class:`ModelSpaceProblem`): with the prior's
+  normalisation :math:`s = a x + b` (``scale`` :math:`a`, ``shift`` :math:`b`), the data misfit of
+  a public image :math:`x = (s - b)/a` is
+
+  .. math:: A x - y = \tfrac1a A s - \big(y + \tfrac ba A\mathbf 1\big) = A_m s - y_m,
+
+  so the solvers work with the linear operator :math:`A_m = A/a` and the shifted data
+  :math:`y_m` (exact for any linear :math:`A`); a penalty :math:`\tfrac\rho2\|s-p\|^2` equals
+  :math:`\tfrac{\rho a^2}2\|x - x_p\|^2` in public units;
+* the radial Gaussian prior :math:`R(s) = \tfrac12\|s\|^2 - (n-1)\log\|s\|` (the negative
+  log-density of the norm of an :math:`n`-dimensional standard normal, :func:`radial_prior`)
+  and its proximal map in closed form (:func:`radial_prox`);
+* blend initialisation :math:`s_0 = \sqrt\alpha\,\Psi^{-1}(x_\text{init}) + \sqrt{1-\alpha}\,
+  \varepsilon` (:func:`blend_init`) with :math:`x_\text{init}` from FBP, a least-squares scaled
+  :math:`A^Ty`, a few CGLS steps, a tensor or a callable (:func:`initial_image`);
+* batched conjugate gradients (one independent CG per batch item, :func:`conjugate_gradient`)
+  and the data step :math:`(A_m^TA_m/\sigma^2 + \rho I)s = A_m^Ty_m/\sigma^2 + \rho p`
+  (:func:`data_step`), in closed form when the operator's ``solve_shifted_normal`` hook
+  provides one.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..flow.integrate import CountingVelocity, integrate
+
+__all__ = [
+    "check_options", "check_choice", "check_positive", "check_int", "check_probability",
+    "check_noise_level", "check_prior", "prepare_measurement", "Measurement",
+    "ModelSpaceProblem", "radial_prior", "radial_prox", "per_item_norm", "per_item_sq",
+    "conjugate_gradient", "data_step", "initial_image", "fbp_initialiser", "blend_init",
+    "SolverVelocity", "make_generator", "progress_bar", "INIT_CHOICES",
+]
+
+#: Named initial images (``init`` may also be a tensor or a callable ``y -> image``).
+INIT_CHOICES = ("auto", "fbp", "adjoint", "cgls", "zeros")
+
+
+# ---------------------------------------------------------------------------------------------
+# option validation
+# ---------------------------------------------------------------------------------------------
+def check_options(given: Mapping[str, Any], allowed: Iterable[str], *, owner: str) -> None:
+    """Refuse option names that ``owner`` does not know (``ValueError`` listing the known ones)."""
+    allowed = sorted(allowed)
+    bad = sorted(k for k in given if k not in allowed)
+    if bad:
+        raise ValueError(f"{owner}: unknown option(s) {', '.join(map(repr, bad))}; allowed "
+                         f"options are {', '.join(allowed)}")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any], *, owner: str) -> Any:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{owner}: option {name} must be one of "
+                         f"{', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_positive(name: str, value: Any, *, owner: str, allow_zero: bool = False) -> float:
+    """A finite real number ``> 0`` (``>= 0`` with ``allow_zero``)."""
+    ok = _is_number(value) and math.isfinite(float(value)) and (
+        float(value) >= 0 if allow_zero else float(value) > 0)
+    if not ok:
+        what = "a finite number >= 0" if allow_zero else "a finite number > 0"
+        raise ValueError(f"{owner}: option {name} must be {what}, got {value!r}")
+    return float(value)
+
+
+def check_int(name: str, value: Any, *, owner: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{owner}: option {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_probability(name: str, value: Any, *, owner: str, open_low: bool = False) -> float:
+    lo_ok = (lambda v: v > 0) if open_low else (lambda v: v >= 0)
+    if not (_is_number(value) and lo_ok(float(value)) and float(value) <= 1):
+        rng = "(0, 1]" if open_low else "[0, 1]"
+        raise ValueError(f"{owner}: option {name} must be a number in {rng}, got {value!r}")
+    return float(value)
+
+
+def check_noise_level(noise_level: Any, *, owner: str) -> float:
+    """The noise standard deviation :math:`\\sigma` of ``y``: a finite number ``> 0``."""
+    if isinstance(noise_level, torch.Tensor) and noise_level.numel() == 1:
+        noise_level = float(noise_level)
+    if not (_is_number(noise_level) and math.isfinite(float(noise_level))
+            and float(noise_level) > 0):
+        raise ValueError(f"{owner}: noise_level must be a finite number > 0 (the standard "
+                         f"deviation of the noise in y), got {noise_level!r}")
+    return float(noise_level)
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------
+class Measurement:
+    """``y`` as a batched ``(B, C, *range_shape)`` tensor plus how to restore the caller's layout.
+
+    Layouts accepted: ``(B, C, *range)``, ``(C, *range)`` with ``C`` the prior's channels, and
+    the bare ``range`` shape (for one channel). ``restore(image)`` returns the image in the
+    matching layout: ``(B, C, H, W)``, ``(C, H, W)`` or ``(H, W)``.
+    """
+
+    def __init__(self, y: torch.Tensor, added_dims: int):
+        self.y = y
+        self.added_dims = added_dims
+
+    def restore(self, image: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.added_dims):
+            image = image.squeeze(0)
+        return image
+
+
+def prepare_measurement(operator, y: Any, *, owner: str, channels: Optional[int] = None
+                        ) -> Measurement:
+    """Check ``y`` against ``operator.range_shape`` and return it batched; refuse NaN/inf.
+
+    Raises ``ValueError`` naming the expected and given shapes (before any work is done).
+    """
+    if not isinstance(y, torch.Tensor):
+        raise ValueError(f"{owner}: y must be a torch.Tensor, got {type(y).__name__}")
+    if not y.is_floating_point():
+        raise ValueError(f"{owner}: y must have a floating dtype (float32 or float64), "
+                         f"got {y.dtype}")
+    rng = tuple(operator.range_shape)
+    r = len(rng)
+    if r == 0 or y.ndim not in (r, r + 1, r + 2) or tuple(y.shape[y.ndim - r:]) != rng:
+        raise ValueError(f"{owner}: y shape mismatch: the operator's range shape is {rng}, so y "
+                         f"must have shape (B, C, {', '.join(map(str, rng))}), "
+                         f"(C, {', '.join(map(str, rng))}) or {rng}; got {tuple(y.shape)}")
+    added = r + 2 - y.ndim
+    yb = y.reshape((1,) * added + tuple(y.shape))
+    if channels is not None and yb.shape[1] != channels:
+        raise ValueError(f"{owner}: y has {yb.shape[1]} channel(s) but the prior models "
+                         f"{channels}; expected shape (B, {channels}, "
+                         f"{', '.join(map(str, rng))}), got {tuple(y.shape)}")
+    if yb.shape[0] == 0:
+        raise ValueError(f"{owner}: y has an empty batch, shape {tuple(y.shape)}")
+    if not bool(torch.isfinite(yb).all()):
+        raise ValueError(f"{owner}: y contains NaN or inf values; clean the measurement first")
+    return Measurement(yb, added)
+
+
+def check_prior(prior, operator, *, owner: str) -> None:
+    """The prior's image shape ``(C, S, S)`` must match ``operator.domain_shape``."""
+    for attr in ("velocity", "image_size", "channels", "to_model", "from_model"):
+        if not hasattr(prior, attr):
+            raise ValueError(f"{owner}: prior must be a FlowPrior (velocity, image_size, "
+                             f"channels, to_model, from_model); got {type(prior).__name__} "
+                             f"without {attr!r}")
+    dom = tuple(operator.domain_shape)
+    want = (prior.image_size,) * 2
+    if dom != want:
+        raise ValueError(f"{owner}: the prior models {prior.image_size}x{prior.image_size} "
+                         f"images but the operator's domain shape is {dom}; use a prior and an "
+                         f"operator of the same image size")
+
+
+# ---------------------------------------------------------------------------------------------
+# small tensor helpers
+# ---------------------------------------------------------------------------------------------
+def per_item_sq(x: torch.Tensor) -> torch.Tensor:
+    """:math:`\\|x_i\\|^2` per batch item, shape ``(B,)``."""
+    return x.reshape(x.shape[0], -1).pow(2).sum(1)
+
+
+def per_item_norm(x: torch.Tensor) -> torch.Tensor:
+    return per_item_sq(x).sqrt()
+
+
+def per_item_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).reshape(a.shape[0], -1).sum(1)
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def radial_prior(s: torch.Tensor) -> torch.Tensor:
+    r"""Radial Gaussian prior per batch item, :math:`R(s) = \tfrac12\|s\|^2 - (n-1)\log\|s\|`.
+
+    :math:`n` is the dimension of one item. Up to a constant this is the negative log-density
+    of :math:`\|s\|` for :math:`s \sim N(0, I_n)` (a :math:`\chi_n` distribution): it keeps the
+    noise state on the typical shell :math:`\|s\| \approx \sqrt{n-1}` without pulling it to zero.
+    Returns shape ``(B,)``.
+    """
+    n = s[0].numel()
+    sq = per_item_sq(s)
+    return 0.5 * sq - 0.5 * (n - 1) * torch.log(sq.clamp_min(torch.finfo(s.dtype).tiny))
+
+
+def radial_prox(z: torch.Tensor, lam: Union[float, torch.Tensor],
+                rho: Union[float, torch.Tensor]) -> torch.Tensor:
+    r"""Closed-form :math:`\arg\min_s \lambda R(s) + \tfrac\rho2\|s - z\|^2` per batch item.
+
+    The minimiser points along :math:`z` (the cross term is the only one that sees the
+    direction); its radius :math:`r > 0` is the positive root of
+    :math:`(\lambda+\rho) r^2 - \rho\|z\| r - \lambda(n-1) = 0`:
+
+    .. math:: r = \frac{\rho\|z\| + \sqrt{\rho^2\|z\|^2 + 4(\lambda+\rho)\lambda(n-1)}}
+                        {2(\lambda+\rho)}.
+
+    ``lam`` and ``rho`` are numbers or ``(B,)`` tensors. ``lam = 0`` returns ``z``.
+    """
+    n = z[0].numel()
+    lam = torch.as_tensor(lam, dtype=z.dtype, device=z.device)
+    rho = torch.as_tensor(rho, dtype=z.dtype, device=z.device)
+    nz = per_item_norm(z)
+    disc = (rho * nz) ** 2 + 4.0 * (lam + rho) * lam * (n - 1)
+    r = (rho * nz + torch.sqrt(disc)) / (2.0 * (lam + rho))
+    tiny = torch.finfo(z.dtype).tiny
+    direction = z / _bcast(nz.clamp_min(tiny), z)
+    # z == 0: every direction is optimal; keep a deterministic one (the first axis)
+    if bool((nz <= tiny).any()):
+        e = torch.zeros_like(z).reshape(z.shape[0], -1)
+        e[:, 0] = 1.0
+        direction = torch.where(_bcast(nz <= tiny, z), e.reshape(z.shape), direction)
+    return _bcast(r, z) * direction
+
+
+# ---------------------------------------------------------------------------------------------
+# model space, conjugate gradients, data step
+# ---------------------------------------------------------------------------------------------
+class ModelSpaceProblem:
+    r"""The data term in the prior's model space.
+
+    With the prior's normalisation :math:`s = a x + b`: :math:`A x - y = A_m s - y_m`,
+    :math:`A_m = A/a`, :math:`y_m = y + (b/a)\,A\mathbf 1`. ``data(s)`` is
+    :math:`\tfrac{1}{2\sigma^2}\|A_m s - y_m\|^2` per item; ``grad_data(s)`` its gradient.
+    """
+
+    def __init__(self, operator, y: torch.Tensor, scale: float, shift: float, sigma: float):
+        self.operator = operator
+        self.scale, self.shift, self.sigma = float(scale), float(shift), float(sigma)
+        self.A = operator if self.scale == 1.0 else operator * (1.0 / self.scale)
+        self.y = y
+        if self.shift != 0.0:
+            ones = torch.ones((1, y.shape[1], *operator.domain_shape), dtype=y.dtype,
+                              device=y.device)
+            with torch.no_grad():
+                self.y_m = y + (self.shift / self.scale) * operator.forward(ones)
+        else:
+            self.y_m = y
+        self.y_norm = float(y.norm())
+
+    def residual(self, s: torch.Tensor) -> torch.Tensor:
+        """:math:`A_m s - y_m` (= :math:`A x - y` for the public image :math:`x`)."""
+        return self.A.forward(s) - self.y_m
+
+    def data(self, s: torch.Tensor) -> torch.Tensor:
+        return per_item_sq(self.residual(s)) / (2.0 * self.sigma ** 2)
+
+    def relative_residual(self, s: torch.Tensor) -> float:
+        """:math:`\\|A x - y\\| / \\|y\\|` over the whole batch."""
+        return float(self.residual(s).norm()) / max(self.y_norm, 1e-300)
+
+    def normal_rhs(self) -> torch.Tensor:
+        return self.A.adjoint(self.y_m)
+
+
+def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor,
+                       x0: Optional[torch.Tensor] = None, *, iterations: int = 10,
+                       tol: float = 0.0) -> torch.Tensor:
+    r"""Solve :math:`H x = b` for a symmetric positive (semi)definite ``apply`` by CG.
+
+    One independent CG per batch item (per-item step sizes), so items never mix. Warm start
+    ``x0``. CG decreases the energy :math:`\tfrac12 x^THx - b^Tx` monotonically from ``x0``,
+    so a warm-started data step never increases its block objective. Stops early per item when
+    :math:`\|r\| \le \text{tol}\,\|b\|`.
+    """
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b - apply(x) if x0 is not None else b.clone()
+    p = r.clone()
+    rr = per_item_sq(r)
+    stop = per_item_norm(b) * tol
+    for _ in range(int(iterations)):
+        active = rr.sqrt() > stop
+        if not bool(active.any()):
+            break
+        hp = apply(p)
+        php = per_item_dot(p, hp)
+        ok = active & (php > 0)
+        alpha = torch.where(ok, rr / torch.where(ok, php, torch.ones_like(php)),
+                            torch.zeros_like(rr))
+        x = x + _bcast(alpha, x) * p
+        r = r - _bcast(alpha, r) * hp
+        rr_new = per_item_sq(r)
+        beta = torch.where(ok, rr_new / torch.where(rr > 0, rr, torch.ones_like(rr)),
+                           torch.zeros_like(rr))
+        p = r + _bcast(beta, p) * p
+        rr = torch.where(ok, rr_new, rr)
+    return x
+
+
+def data_step(problem: ModelSpaceProblem, p: torch.Tensor, rho: float, x0: torch.Tensor, *,
+              cg_iterations: int = 10, cg_tol: float = 1e-6) -> Tuple[torch.Tensor, str]:
+    r"""The exact minimiser (or ``cg_iterations`` warm-started CG steps) of
+    :math:`\tfrac1{2\sigma^2}\|A_m s - y_m\|^2 + \tfrac\rho2\|s - p\|^2`:
+
+    .. math:: (A_m^TA_m + \rho\sigma^2 I)\, s = A_m^T y_m + \rho\sigma^2 p.
+
+    Uses ``operator.solve_shifted_normal`` when it returns a closed form (masks, identity,
+    circular blur), else CG started at ``x0``. Returns ``(s, "closed-form" | "cg")``.
+    """
+    shift = float(rho) * problem.sigma ** 2
+    b = problem.normal_rhs() + shift * p
+    if shift > 0:
+        sol = problem.A.solve_shifted_normal(b, shift)
+        if sol is not None:
+            return sol, "closed-form"
+
+    def apply(v):
+        return problem.A.adjoint(problem.A.forward(v)) + shift * v
+
+    return conjugate_gradient(apply, b, x0, iterations=cg_iterations, tol=cg_tol), "cg"
+
+
+# ---------------------------------------------------------------------------------------------
+# velocity wrapper, initialisation
+# ---------------------------------------------------------------------------------------------
+class SolverVelocity:
+    """The prior's velocity field as the solvers call it: counted, and cast to the module's
+    dtype/device when the prior is a torch module of another dtype (the result is cast back).
+    ``counter`` is the :class:`CountingVelocity` with ``forward_evals`` / ``backward_evals``.
+    """
+
+    def __init__(self, prior, device: torch.device):
+        v = prior.velocity
+        self.module = v if isinstance(v, torch.nn.Module) else None
+        self.param_dtype = None
+        if self.module is not None:
+            ps = [p for p in self.module.parameters()]
+            if ps:
+                if ps[0].device != device:
+                    self.module.to(device)
+                self.param_dtype = ps[0].dtype
+        self.counter = CountingVelocity(self._call)
+        self._v = v
+
+    def _call(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.param_dtype is not None and x.dtype != self.param_dtype:
+            return self._v(x.to(self.param_dtype), t.to(self.param_dtype)).to(x.dtype)
+        return self._v(x, t)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.counter(x, t)
+
+    @property
+    def nfe(self) -> Dict[str, int]:
+        return {"forward": int(self.counter.forward_evals),
+                "backward": int(self.counter.backward_evals)}
+
+    @contextlib.contextmanager
+    def evaluation_mode(self):
+        """Run a torch module in eval mode during the solve (restored afterwards)."""
+        was = self.module.training if self.module is not None else False
+        if was:
+            self.module.eval()
+        try:
+            yield
+        finally:
+            if was:
+                self.module.train()
+
+
+def make_generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(int(seed))
+
+
+def fbp_initialiser(operator) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """An FBP callable ``y -> image`` for CT operators (those with a ``.geometry``), else ``None``.
+
+    Imports ``ctflow.operators.ct.FBP`` lazily, so the solvers stay on the operator interface.
+    """
+    geometry = getattr(operator, "geometry", None)
+    if geometry is None:
+        return None
+    try:
+        from ..operators.ct import FBP  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    try:
+        fbp = FBP(geometry)
+    except TypeError:
+        fbp = FBP(geometry=geometry)
+    return fbp
+
+
+def _scaled_adjoint(operator, y: torch.Tensor) -> torch.Tensor:
+    r""":math:`c\,A^Ty` with :math:`c = \langle AA^Ty, y\rangle / \|AA^Ty\|^2` per item (the
+    least-squares optimal scaling of the back-projection)."""
+    aty = operator.adjoint(y)
+    aaty = operator.forward(aty)
+    c = per_item_dot(aaty, y) / per_item_sq(aaty).clamp_min(torch.finfo(y.dtype).tiny)
+    return _bcast(c, aty) * aty
+
+
+def _cgls(operator, y: torch.Tensor, iterations: int) -> torch.Tensor:
+    """``iterations`` CG steps on the normal equations from zero (per item)."""
+    return conjugate_gradient(operator.normal, operator.adjoint(y), None,
+                              iterations=iterations)
+
+
+def initial_image(init: Any, operator, y: torch.Tensor, *, owner: str,
+                  cgls_iterations: int = 10) -> Tuple[torch.Tensor, str]:
+    """The initial public image ``x_init`` (clipped to ``[0, 1]``) and a label for it.
+
+    ``init``: ``"auto"`` (FBP for CT operators with a ``.geometry``, else ``"adjoint"``),
+    ``"fbp"``, ``"adjoint"`` (least-squares scaled :math:`A^Ty`), ``"cgls"``
+    (``cgls_iterations`` CG steps on the normal equations), ``"zeros"`` (a mid-grey 0.5
+    image), a tensor of the domain shape, or a callable ``y -> image``.
+    """
+    with torch.no_grad():
+        if isinstance(init, torch.Tensor):
+            x = init.to(dtype=y.dtype, device=y.device)
+            label = "tensor"
+        elif callable(init) and not isinstance(init, str):
+            x = init(y)
+            label = getattr(init, "__name__", type(init).__name__)
+        else:
+            check_choice("init", init, INIT_CHOICES, owner=owner)
+            label = init
+            if init in ("auto", "fbp"):
+                fbp = fbp_initialiser(operator)
+                if fbp is None and init == "fbp":
+                    raise ValueError(f"{owner}: init='fbp' needs a CT operator with a .geometry "
+                                     f"(and ctflow.operators.ct.FBP); use init='adjoint', "
+                                     f"'cgls', a tensor or a callable y -> image instead")
+                if fbp is not None:
+                    x, label = fbp(y), "fbp"
+                else:
+                    x, label = _scaled_adjoint(operator, y), "adjoint"
+            elif init == "adjoint":
+                x = _scaled_adjoint(operator, y)
+            elif init == "cgls":
+                x = _cgls(operator, y, cgls_iterations)
+            else:
+                x = torch.full((y.shape[0], y.shape[1], *operator.domain_shape), 0.5,
+                               dtype=y.dtype, device=y.device)
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{owner}: init must produce a torch.Tensor, got {type(x).__name__}")
+        x = x.to(dtype=y.dtype, device=y.device)
+        want = (y.shape[0], y.shape[1], *operator.domain_shape)
+        if x.ndim == len(want) - 1 and y.shape[0] == 1:
+            x = x.unsqueeze(0)
+        if tuple(x.shape) != want and x.ndim == len(want) and x.shape[0] == 1:
+            x = x.expand(want)
+        if tuple(x.shape) != want:
+            raise ValueError(f"{owner}: init image shape mismatch: expected {want}, got "
+                             f"{tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{owner}: init image contains NaN or inf")
+        return x.clamp(0.0, 1.0), label
+
+
+def blend_init(velocity: Callable, prior, x_init: torch.Tensor, *, alpha: float, steps: int,
+               method: str, generator: torch.Generator) -> torch.Tensor:
+    r"""The blend initialisation of D-Flow / MS-Flow in model space:
+
+    .. math:: s_0 = \sqrt\alpha\,\Psi^{-1}(x_\text{init}) + \sqrt{1-\alpha}\,\varepsilon,
+              \qquad \varepsilon \sim N(0, I),
+
+    where :math:`\Psi^{-1}` integrates the ODE backward from :math:`t=1` to :math:`t=0` with
+    ``steps`` steps of ``method`` (no gradients), starting at ``prior.to_model(x_init)``.
+    ``alpha = 0`` is pure noise (and skips the backward ODE).
+    """
+    eps = torch.randn(x_init.shape, generator=generator, dtype=x_init.dtype).to(x_init.device)
+    if alpha <= 0:
+        return eps
+    with torch.no_grad():
+        z = integrate(velocity, prior.to_model(x_init), 1.0, 0.0, steps, method, grad=False)
+    return math.sqrt(alpha) * z + math.sqrt(1.0 - alpha) * eps
+
+
+def progress_bar(total: int, *, enabled: bool, desc: str):
+    """A tqdm bar when ``enabled`` (else a silent stand-in with the same methods)."""
+    if enabled:
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=desc, leave=False)
+
+    class _Silent:
+        def update(self, n=1):
+            pass
+
+        def set_postfix(self, *a, **k):
+            pass
+
+        def close(self):
+            pass
+
+    return _Silent()
