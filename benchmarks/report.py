@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .runner import CASE_SUITES, ResultStore
 
-__all__ = ["render", "render_suite", "aggregate", "load_rows", "fmt_mean_std"]
+__all__ = ["render", "render_suite", "aggregate", "load_rows", "expand_also", "fmt_mean_std"]
 
 #: Column order of the grouping labels per suite (other labels follow, sorted).
 LABEL_ORDER = {
@@ -39,8 +39,24 @@ VARIANT_ORDER = ["MS-Flow", "MS-Flow (exact)", "MS-Flow (Jacobi)", "D-Flow", "Pn
 
 # ---------------------------------------------------------------------------------------------
 def load_rows(path) -> List[dict]:
-    """The finished rows of one JSON-lines file (``status == "ok"``, one per id)."""
-    return ResultStore(path).ok_rows()
+    """The finished rows of one JSON-lines file (``status == "ok"``, one per id), with rows
+    that serve several groupings (``labels["also"]``, see the ablation suite) expanded into
+    one copy per grouping."""
+    return expand_also(ResultStore(path).ok_rows())
+
+
+def expand_also(rows: Sequence[dict]) -> List[dict]:
+    """One copy of a row per entry of ``labels["also"]`` (that entry's ``factor``, ``value``
+    and ``K`` replacing the row's own), plus the row itself without ``also``."""
+    out = []
+    for r in rows:
+        lab = dict(r.get("labels") or {})
+        also = lab.pop("also", None) or []
+        out.append(dict(r, labels=lab))
+        keep = {k: v for k, v in lab.items() if k not in ("factor", "value", "K")}
+        for entry in also:
+            out.append(dict(r, labels=dict(keep, **entry)))
+    return out
 
 
 def _mean_std(vals: Sequence[float]) -> Tuple[float, float]:
@@ -87,6 +103,12 @@ def _sort_key(value) -> tuple:
     return (3, 0, str(value))
 
 
+def _sec_per_iter(r: dict) -> Optional[float]:
+    if r.get("seconds_per_iteration") is not None:
+        return r["seconds_per_iteration"]
+    return r["seconds"] / r["iterations"] if r.get("iterations") else None
+
+
 def aggregate(rows: Sequence[dict], keys: Sequence[str]) -> List[dict]:
     """Group rows by the label ``keys``; per group the count and mean/std of the measures."""
     groups: "OrderedDict[tuple, List[dict]]" = OrderedDict()
@@ -107,8 +129,7 @@ def aggregate(rows: Sequence[dict], keys: Sequence[str]) -> List[dict]:
                           ("iterations", lambda r: r.get("iterations")),
                           ("peak_mb", lambda r: None if r.get("peak_memory_bytes") is None
                            else r["peak_memory_bytes"] / 2 ** 20),
-                          ("sec_per_iter", lambda r: r["seconds"] / r["iterations"]
-                           if r.get("iterations") else None)):
+                          ("sec_per_iter", _sec_per_iter)):
             vals = []
             for r in g:
                 try:
@@ -147,6 +168,7 @@ def _provenance(rows: Sequence[dict]) -> str:
                 seen.append(v)
         return seen
 
+    rows = list({r.get("id"): r for r in rows}.values())      # expanded copies count once
     stamps = sorted(r.get("timestamp", "") for r in rows if r.get("timestamp"))
     parts = [f"- rows: {len(rows)}; images: {len(distinct(lambda r: r['image']))}; "
              f"seeds: {', '.join(map(str, distinct(lambda r: r['seed'])))}; "

@@ -78,10 +78,11 @@ def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def case_id(suite: str, method: str, options: dict, problem: dict, image: str, seed: int) -> str:
+def case_id(suite: str, method: str, options: dict, problem: dict, image: str, seed: int,
+            prior: str = "") -> str:
     """Stable 16-hex-digit id of a case (sha1 of the canonical JSON of its defining fields)."""
     key = _canonical({"suite": suite, "method": method, "options": options, "problem": problem,
-                      "image": image, "seed": int(seed)})
+                      "image": image, "seed": int(seed), "prior": str(prior)})
     return hashlib.sha1(key.encode("utf-8")).hexdigest()[:16]
 
 
@@ -97,6 +98,8 @@ class Case:
         image: the image id (``<split>/<patient>/<file>``).
         seed: the base seed; the noise draw depends on (seed, image, problem) only, never on
             the method, so every method sees the same data.
+        prior: the prior's name or checkpoint path (part of the id: results of another prior
+            are other cases; a retrained prior under the same name needs a fresh ``--out``).
         labels: how the report groups the case (e.g. ``{"views": 30, "N": 8}``); not part of
             the id (they are derived from the fields above).
         trace: store a per-iteration trace (objective, stitching gap) in the row.
@@ -108,12 +111,14 @@ class Case:
     problem: Dict[str, Any]
     image: str
     seed: int
+    prior: str = ""
     labels: Dict[str, Any] = field(default_factory=dict)
     trace: bool = False
 
     @property
     def id(self) -> str:
-        return case_id(self.suite, self.method, self.options, self.problem, self.image, self.seed)
+        return case_id(self.suite, self.method, self.options, self.problem, self.image,
+                       self.seed, self.prior)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +328,7 @@ def run_cases(cases: Sequence[Case], execute: Callable[[Case], dict], store: Res
         for case in todo:
             row = {"suite": case.suite, "id": case.id, "method": case.method,
                    "options": case.options, "problem": case.problem, "image": case.image,
-                   "seed": case.seed, "labels": case.labels}
+                   "seed": case.seed, "prior": case.prior, "labels": case.labels}
             try:
                 row.update(execute(case))
                 row["status"] = "ok"
@@ -366,13 +371,15 @@ def _import_suite(name: str):
 
 def run_suite(name: str, *, quick: bool = False, out=None, device: str = "cpu", seed: int = 0,
               prior=None, progress: bool = False, tune: bool = False, limit: Optional[int] = None,
-              after_case: Optional[Callable[[int], None]] = None) -> Optional[RunSummary]:
+              after_case: Optional[Callable[[int], None]] = None,
+              command: Optional[str] = None) -> Optional[RunSummary]:
     """Run one suite (a case suite through the store, or an external module's ``run``).
 
     ``prior`` is a ``FlowPrior``, a name/path for ``ctflow.load_prior``, or ``None`` for the
     suite's default (``"ct64"``). ``tune=True`` runs the suite's validation grid instead and
     writes the chosen hyper-parameters to ``benchmarks/configs/<suite>.json``.
-    ``limit`` runs only the first ``limit`` cases (smoke runs).
+    ``limit`` runs only the first ``limit`` cases (smoke runs). ``command`` (the command line
+    that started the run) is recorded in every row.
     """
     out = Path(out) if out is not None else (DEFAULT_OUT / "quick" if quick else DEFAULT_OUT)
     out.mkdir(parents=True, exist_ok=True)
@@ -397,10 +404,26 @@ def run_suite(name: str, *, quick: bool = False, out=None, device: str = "cpu", 
         cases = cases[:int(limit)]
     store = ResultStore(out / f"{name}.jsonl")
     summary = run_cases(cases, ctx.execute, store, env=environment(device),
-                        extra={"quick": bool(quick), "prior": ctx.prior_name,
-                               "config": ctx.config_label()},
+                        extra={"quick": bool(quick), "config": ctx.config_label(),
+                               "command": command or _default_command(name, quick, device,
+                                                                      seed, prior)},
                         progress=progress, after_case=after_case)
     return summary
+
+
+def _default_command(name: str, quick: bool, device: str, seed: int, prior) -> str:
+    parts = ["python -m benchmarks", name]
+    if quick:
+        parts.append("--quick")
+    if device != "cpu":
+        parts.append(f"--device {device}")
+    if seed:
+        parts.append(f"--seed {seed}")
+    if isinstance(prior, (str, Path)):
+        parts.append(f"--prior {prior}")
+    elif prior is not None:
+        parts.append(f"(prior object {getattr(prior, 'name', type(prior).__name__)!r})")
+    return " ".join(parts)
 
 
 def _check_device(device: str) -> None:
@@ -443,7 +466,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m benchmarks`` and ``ctflow bench``; returns the exit code."""
-    args = _parser().parse_args(list(argv) if argv is not None else None)
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    args = _parser().parse_args(argv)
+    command = "python -m benchmarks " + " ".join(argv)
     out = Path(args.out) if args.out else (DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT)
     from . import report as _report
 
@@ -461,9 +486,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"tune: give a suite to tune, one of {', '.join(CASE_SUITES)} "
                   f"(got {args.target!r})", file=sys.stderr)
             return 2
-        run_suite(args.target, quick=args.quick, out=out, device=args.device, seed=args.seed,
-                  prior=args.prior, progress=args.progress, tune=True)
-        return 0
+        summary = run_suite(args.target, quick=args.quick, out=out, device=args.device,
+                            seed=args.seed, prior=args.prior, progress=args.progress, tune=True)
+        print(summary.line(f"tune-{args.target}"))
+        for path in _report.render(out, suites=[args.target]):
+            print(path)
+        return 1 if summary.failed else 0
 
     if args.target is not None:
         print(f"unexpected argument {args.target!r}", file=sys.stderr)
@@ -482,7 +510,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for n in names:
         t0 = time.perf_counter()
         summary = run_suite(n, quick=args.quick, out=out, device=args.device, seed=args.seed,
-                            prior=args.prior, progress=args.progress, limit=args.limit)
+                            prior=args.prior, progress=args.progress, limit=args.limit,
+                            command=command)
         if summary is None:
             print(f"{n}: done in {time.perf_counter() - t0:.1f} s -> {out}")
         else:

@@ -342,7 +342,7 @@ def _solver_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--geometry", choices=("parallel", "fan"), default="parallel",
                    help="beam geometry")
     g.add_argument("--noise-level", type=float, default=0.01,
-                   help="relative Gaussian noise: sigma = level * mean(|Ax|)")
+                   help="relative Gaussian noise: sigma = level * RMS(Ax) (0.01 = 1%%)")
     g.add_argument("--size", type=int, default=None,
                    help="working image size (default: the prior's image_size)")
     g.add_argument("--backend", default="torch", help="CT backend: torch, odl or tomosipo")
@@ -568,7 +568,7 @@ def cmd_reconstruct(args) -> int:
         if kind == "sinogram":
             raise CLIError("--hu-window applies to image inputs, not sinograms")
         arr = np.clip((np.clip(arr, -1024.0, 3071.0) - lo) / (hi - lo), 0.0, 1.0) \
-            .astype(np.float32)
+            .astype(np.float32)  # the window, as the prior's training data
     elif kind == "image" and (arr.min() < -0.05 or arr.max() > 1.05):
         raise CLIError(f"{path}: image values span [{arr.min():.4g}, {arr.max():.4g}], but "
                        "images must lie in [0, 1]; pass --hu-window LO HI for HU images")
@@ -595,7 +595,7 @@ def cmd_reconstruct(args) -> int:
     recons, meas, truths, rows = [], [], [], []
     for z in range(arr.shape[0]):
         if kind == "image":
-            x = to_working_size(torch.from_numpy(arr[z]), n).to(device).reshape(1, 1, n, n)
+            x = to_working_size(arr[z], n).to(device).reshape(1, 1, n, n)
             gen = torch.Generator().manual_seed(slice_seed(args.seed, f"{path.name}:{z}"))
             y, sigma = simulate_measurement(A, x, args.noise_level, generator=gen)
             truths.append(x.reshape(n, n).cpu().numpy())

@@ -10,15 +10,17 @@ Per slice :math:`k` (HU image :math:`h_k` of the original matrix size):
 1. clip to :math:`[-1024, 3071]` HU (removes the -3024/-2048 padding outside the scan circle);
 2. window with the prior's ``hu_window`` :math:`(l, u)`: :math:`x = \mathrm{clip}((h - l)/(u - l),
    0, 1)` -- HU outside the window are clipped and **do not come back**;
-3. pad to a square (with 0, the window's low end) and resize to the working size :math:`n`
-   (area averaging): :math:`x_k \in [0, 1]^{n \times n}`;
-4. measure: :math:`y = A x_k + \eta\,\overline{|A x_k|}\,\varepsilon`, :math:`\varepsilon \sim
-   N(0, I)` drawn from a generator seeded by ``(seed, SOPInstanceUID)`` (the same draw in every
-   run and whatever the slice range), :math:`\eta` = ``noise_level``, :math:`\overline{|\cdot|}`
-   the mean absolute value -- or :math:`y` from the ``sinogram`` file, with
-   :math:`\sigma = \eta\,\overline{|y|}`;
+3. pad to a square (with 0) and resize to the working size :math:`n` with antialiased bilinear
+   interpolation -- exactly the preparation of the prior's training data
+   (``ctflow.flow.datasets.CTSliceDataset`` without augmentation): :math:`x_k \in [0, 1]^{n
+   \times n}`;
+4. measure: :math:`y = A x_k + \sigma\varepsilon`, :math:`\sigma = \eta\,\|A x_k\|_2/\sqrt m`
+   (the fraction :math:`\eta` = ``noise_level`` of the RMS of the clean data, the benchmarks'
+   convention), :math:`\varepsilon \sim N(0, I)` drawn from a generator seeded by
+   ``(seed, SOPInstanceUID)`` (the same draw in every run and whatever the slice range) -- or
+   :math:`y` from the ``sinogram`` file, with :math:`\sigma = \eta\,\|y\|_2/\sqrt m`;
 5. reconstruct :math:`\hat x_k` = ``ctflow.reconstruct(y, A, prior, method, noise_level=sigma)``
-   with :math:`\sigma = \eta\,\overline{|A x_k|}` (the noise standard deviation);
+   (the solver seeded by the same per-slice seed);
 6. PSNR/SSIM of :math:`\hat x_k` against :math:`x_k` (data range 1);
 7. map back: bicubic upsampling to the padded square, crop, clip to :math:`[0, 1]`,
    :math:`h = l + \hat x (u - l)` HU, and write one derived DICOM slice (the reference header is
@@ -152,18 +154,44 @@ def infer_size(views: int, detectors: int, *, geometry: str = "parallel",
                      f"geometry; pass --size")
 
 
+def _solver_accepts(api, method: str, name: str) -> bool:
+    """Does the solver class behind ``method`` take the option ``name``?"""
+    import inspect
+
+    try:
+        cls = api.solver_class(method)
+    except Exception:  # noqa: BLE001 - let reconstruct() report the problem itself
+        return False
+    defaults = getattr(cls, "DEFAULTS", None)
+    if isinstance(defaults, dict):
+        return name in defaults
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
 def run_solver(y: torch.Tensor, operator, prior, *, method: str, noise_level: float,
-               **options):
+               seed: Optional[int] = None, progress: bool = False, **options):
     """``ctflow.solvers.api.reconstruct(y, operator, prior, method=..., noise_level=...,
-    **options)`` (a :class:`~ctflow.solvers.result.Reconstruction`). Where the dispatcher is
-    not installed, the classical methods run through :mod:`ctflow.solvers.classical`."""
+    **options)`` → a :class:`~ctflow.solvers.result.Reconstruction`.
+
+    ``seed`` and ``progress`` are passed on to the solvers that take them (the flow solvers
+    and TV) unless ``options`` already set them. Where the dispatcher is not installed, the
+    classical methods run through :mod:`ctflow.solvers.classical` directly.
+    """
     try:
         api = importlib.import_module("ctflow.solvers.api")
     except ModuleNotFoundError as exc:
-        if exc.name not in ("ctflow.solvers.api",):
+        if exc.name != "ctflow.solvers.api":
             raise
         api = None
     if api is not None:
+        if seed is not None and "seed" not in options and _solver_accepts(api, method, "seed"):
+            options["seed"] = int(seed) % 2**31
+        if progress and "progress" not in options and _solver_accepts(api, method, "progress"):
+            options["progress"] = True
         return api.reconstruct(y, operator, prior, method=method, noise_level=noise_level,
                                **options)
     classical = importlib.import_module("ctflow.solvers.classical")
@@ -176,27 +204,31 @@ def run_solver(y: torch.Tensor, operator, prior, *, method: str, noise_level: fl
 
 
 def relative_sigma(values: torch.Tensor, level: float) -> torch.Tensor:
-    r"""Per-item noise standard deviation :math:`\sigma_b = \eta\,\mathrm{mean}|v_b|`
-    (shape ``(B,)``) for a batch of clean (or measured) data ``values``."""
-    if not (isinstance(level, (int, float)) and math.isfinite(level) and level >= 0):
+    r"""Per-item noise standard deviation :math:`\sigma_b = \eta\,\|v_b\|_2/\sqrt m` (the
+    fraction :math:`\eta` of the RMS of item ``b``'s ``m`` values), shape ``(B,)``. This is the
+    benchmarks' "relative" noise convention (``benchmarks/README.md``): "1 % noise" means
+    :math:`\eta = 0.01`."""
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or \
+            not math.isfinite(level) or level < 0:
         raise ValueError(f"noise level must be a finite number >= 0, got {level!r}")
-    return float(level) * values.abs().flatten(1).mean(dim=1)
+    flat = values.detach().flatten(1).double()
+    return (float(level) * flat.norm(dim=1) / math.sqrt(flat.shape[1])).to(values.dtype)
 
 
 def simulate_measurement(operator, x: torch.Tensor, noise_level: float, *,
                          generator: Optional[torch.Generator] = None
                          ) -> Tuple[torch.Tensor, torch.Tensor]:
-    r"""Noisy data :math:`y = A x + \sigma\varepsilon`, :math:`\sigma = \eta\,\mathrm{mean}|Ax|`
-    per item (relative Gaussian noise, :math:`\eta` = ``noise_level``; the benchmarks use the
-    same convention). ``generator`` is a CPU :class:`torch.Generator` (the draw is made on the
-    CPU so that it is the same on every device). Returns ``(y, sigma)``, ``sigma`` of shape
-    ``(B,)``."""
+    r"""Noisy data :math:`y = A x + \sigma\varepsilon`, :math:`\varepsilon \sim N(0, I)`, with
+    :math:`\sigma = \eta\,\|Ax\|_2/\sqrt m` per item (:func:`relative_sigma`; the benchmarks'
+    convention, :math:`\eta` = ``noise_level``). :math:`\varepsilon` is drawn in float64 on the
+    CPU from ``generator`` (a CPU :class:`torch.Generator`), so the draw is the same on every
+    device. Returns ``(y, sigma)``, ``sigma`` of shape ``(B,)``."""
     with torch.no_grad():
         clean = operator(x)
         sigma = relative_sigma(clean, noise_level)
-        eps = torch.randn(clean.shape, generator=generator, dtype=clean.dtype)
-        eps = eps.to(clean.device)
-        y = clean + sigma.view(-1, *([1] * (clean.ndim - 1))) * eps
+        eps = torch.randn(tuple(clean.shape), generator=generator, dtype=torch.float64)
+        noise = sigma.double().cpu().view(-1, *([1] * (clean.ndim - 1))) * eps
+        y = clean + noise.to(device=clean.device, dtype=clean.dtype)
     return y, sigma
 
 
@@ -247,20 +279,22 @@ def slice_seed(seed: int, key: str) -> int:
     return int(h[:15], 16)
 
 
-def to_working_size(x: torch.Tensor, size: int) -> torch.Tensor:
-    """``(H, W)`` image in [0, 1] → ``(size, size)``: zero-pad to a centred square, then area
-    averaging (or bicubic interpolation when enlarging)."""
-    h, w = x.shape[-2:]
-    n = max(h, w)
-    top, left = (n - h) // 2, (n - w) // 2
-    sq = F.pad(x.reshape(1, 1, h, w), (left, n - w - left, top, n - h - top))
-    if size == n:
-        out = sq
-    elif size < n:
-        out = F.interpolate(sq, size=(size, size), mode="area")
-    else:
-        out = F.interpolate(sq, size=(size, size), mode="bicubic", align_corners=False)
-    return out[0, 0].clamp(0.0, 1.0)
+def to_working_size(x: Any, size: int, *, hu_window: Optional[Tuple[float, float]] = None
+                    ) -> torch.Tensor:
+    """A 2-D slice → ``(size, size)`` float32 in [0, 1], prepared exactly as the priors'
+    training data (``ctflow.flow.datasets.CTSliceDataset`` without augmentation): values
+    mapped to [0, 1] by ``clip((v - lo)/(hi - lo), 0, 1)`` with ``hu_window=(lo, hi)``
+    (``None``: the input is already in [0, 1]), zero-padded to a centred square, then resized
+    with antialiased bilinear interpolation (through twice the size, as in training)."""
+    from .flow.datasets import CTSliceDataset
+
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"expected a 2-D slice, got shape {arr.shape}")
+    window = (0.0, 1.0) if hu_window is None else (float(hu_window[0]), float(hu_window[1]))
+    ds = CTSliceDataset([arr], image_size=int(size), hu_window=window, augment=False)
+    return ds[0][0].to(torch.float32).clamp(0.0, 1.0).contiguous()
 
 
 def from_working_size(x: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
@@ -603,7 +637,7 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
     settings = {
         "in_dir": str(in_dir.resolve()), "out_dir": str(out_dir.resolve()),
         "method": method, "prior": prior_label, "views": int(views), "geometry": geometry,
-        "noise_level": float(noise_level), "noise_model": "y = Ax + level*mean|Ax|*N(0,1)",
+        "noise_level": float(noise_level), "noise_model": "y = Ax + level*rms(Ax)*N(0,1)",
         "size": n, "slices": [indices[0], indices[-1] + 1], "seed": int(seed),
         "backend": backend, "device": str(dev),
         "sinogram": str(Path(sinogram).resolve()) if sinogram is not None else None,
@@ -666,9 +700,7 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
             meta = vol.slices[k]
             sop = meta.sop_instance_uid
             hu = np.asarray(data.clip_hu(vol.hu[k], -1024.0, 3071.0), dtype=np.float32)
-            unit = np.clip((hu - window[0]) / (window[1] - window[0]), 0.0, 1.0)
-            x_full = torch.from_numpy(unit.astype(np.float32))
-            x = to_working_size(x_full, n)
+            x = to_working_size(hu, n, hu_window=window)
             target = out_dir / derived_file_name(sop)
 
             if target.exists() or target.is_symlink():
@@ -680,9 +712,8 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
                         target, x, k, sop, window, n, _psnr, _ssim))
                     rec["resumed"] = True
                     records.append(rec)
-                    recon_small = to_working_size(torch.from_numpy(np.clip(
-                        (_read_output_hu(target) - window[0]) / (window[1] - window[0]),
-                        0, 1).astype(np.float32)), n)
+                    recon_small = to_working_size(_read_output_hu(target), n,
+                                                  hu_window=window)
                     montage_items.append({"index": k, "input": x.numpy(),
                                           "recon": recon_small.numpy(), "psnr": rec.get("psnr"),
                                           "ssim": rec.get("ssim")})
@@ -705,7 +736,7 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
             torch.manual_seed(s_seed)
             t0 = time.perf_counter()
             res = run_solver(y, A, prior_obj, method=method, noise_level=float(sigma[0]),
-                             **options)
+                             seed=s_seed, **options)
             seconds = time.perf_counter() - t0
             rec_img = res.image.detach().to("cpu", torch.float32).reshape(n, n).clamp(0, 1)
             p = _psnr(rec_img, x)
@@ -760,9 +791,7 @@ def _fill_summary(summary, records, done, skipped, t_start) -> None:
 
 def _record_from_file(path, x, k, sop, window, n, psnr_fn, ssim_fn) -> Dict[str, Any]:
     """Metrics of an output written by an interrupted run whose record was not saved."""
-    hu = _read_output_hu(path)
-    small = to_working_size(torch.from_numpy(np.clip((hu - window[0]) / (window[1] - window[0]),
-                                                     0, 1).astype(np.float32)), n)
+    small = to_working_size(_read_output_hu(path), n, hu_window=window)
     return {"index": k, "sop_instance_uid": sop, "output_file": path.name,
             "psnr": _finite_or_none(psnr_fn(small, x)), "ssim": float(ssim_fn(small, x)),
             "seconds": None, "metrics_from": "output file (re-sampled)"}

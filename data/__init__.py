@@ -3,8 +3,15 @@
 This package imports nothing from the rest of ctflow.
 """
 from .volume import HU_MAX, HU_MIN, SliceMeta, Volume, clip_hu, unwindow_hu, window_hu
-from .dicom import (DicomError, DicomSlice, list_dicom_files, read_dicom_series,
-                    read_dicom_slices)
+from .dicom import (NON_DICOM_SUFFIXES, DicomError, DicomSlice, list_dicom_files,
+                    read_dicom_series, read_dicom_slices)
+from .dicom_write import (choose_rescale, derived_file_name, derived_series_uid,
+                          write_dicom_series, write_dicom_slice)
+from .nifti import read_nifti, write_nifti
+from .phantoms import (MODIFIED_SHEPP_LOGAN_ELLIPSES, SHEPP_LOGAN_ELLIPSES, EllipsesDataset,
+                       ellipse_image, shepp_logan)
+from .medmnist import MEDMNIST_SIZES, MedMNIST, medmnist_file
+from .hdf5 import LODOPAB_PARTS, LoDoPaB, ResultStore
 from .splits import (SPLIT_NAMES, SPLITS, TEST_PATIENTS, TRAIN_COVID_PATIENTS,
                      VALIDATION_PATIENTS, SplitPart, split_files, split_of_patient, split_parts)
 from .samples import SAMPLE_NAMES, heldout_files, heldout_slices, sample_files, sample_path
@@ -12,8 +19,19 @@ from .samples import SAMPLE_NAMES, heldout_files, heldout_slices, sample_files, 
 __all__ = [
     # volume and windowing
     "Volume", "SliceMeta", "clip_hu", "window_hu", "unwindow_hu", "HU_MIN", "HU_MAX",
-    # DICOM reading
+    # DICOM
     "DicomError", "DicomSlice", "read_dicom_series", "read_dicom_slices", "list_dicom_files",
+    "NON_DICOM_SUFFIXES", "write_dicom_series", "write_dicom_slice", "derived_series_uid",
+    "derived_file_name", "choose_rescale",
+    # NIfTI
+    "read_nifti", "write_nifti",
+    # phantoms
+    "shepp_logan", "ellipse_image", "EllipsesDataset", "SHEPP_LOGAN_ELLIPSES",
+    "MODIFIED_SHEPP_LOGAN_ELLIPSES",
+    # MedMNIST
+    "MedMNIST", "MEDMNIST_SIZES", "medmnist_file",
+    # HDF5
+    "LoDoPaB", "LODOPAB_PARTS", "ResultStore",
     # split and bundled samples
     "SplitPart", "SPLITS", "SPLIT_NAMES", "TEST_PATIENTS", "VALIDATION_PATIENTS",
     "TRAIN_COVID_PATIENTS", "split_parts", "split_of_patient", "split_files",

@@ -121,6 +121,21 @@ def _read_dataset(path: Path) -> pydicom.Dataset:
     except Exception as exc:  # noqa: BLE001
         raise DicomError(f"{path}: cannot parse DICOM file, it is truncated or corrupt "
                          f"({type(exc).__name__}: {exc})") from exc
+    # pydicom stops quietly at the end of a cut file; a value shorter than its declared
+    # length, or a missing type-1 SeriesInstanceUID element, gives the truncation away.
+    keys = list(ds.keys())
+    if keys:
+        raw = ds.get_item(keys[-1])
+        length = getattr(raw, "length", None)
+        value = getattr(raw, "value", None)
+        if (isinstance(value, (bytes, bytearray)) and length is not None
+                and length != 0xFFFFFFFF and len(value) < length):
+            raise DicomError(f"{path}: truncated file, element {keys[-1]} declares {length} "
+                             f"bytes but the file ends after {len(value)}")
+    if "SeriesInstanceUID" not in ds:
+        last = f"after element {keys[-1]}" if keys else "before the first element"
+        raise DicomError(f"{path}: no SeriesInstanceUID element; the file is truncated (parsing "
+                         f"ended {last}) or is not a DICOM image")
     try:
         if ds.get("SOPClassUID", "") == _MEDIA_STORAGE_DIRECTORY:
             raise DicomError(f"{path}: is a DICOMDIR (media storage directory), not an image")
@@ -141,7 +156,9 @@ def _check_image(ds: pydicom.Dataset, path: Path, allow_non_ct: bool) -> None:
     if "PixelData" not in ds:
         other = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
         extra = f" (it has {other[0]}, which is not supported)" if other else ""
-        raise DicomError(f"{path}: no PixelData element, the file holds no image{extra}")
+        last = list(ds.keys())[-1]
+        raise DicomError(f"{path}: no PixelData element, the file holds no image{extra} or is "
+                         f"truncated (it ends after element {last})")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:
         raise DicomError(f"{path}: multi-frame file ({frames} frames); only single-frame "
@@ -152,6 +169,17 @@ def _check_image(ds: pydicom.Dataset, path: Path, allow_non_ct: bool) -> None:
     for key in ("Rows", "Columns", "BitsAllocated"):
         if key not in ds:
             raise DicomError(f"{path}: missing {key}, cannot decode the pixel data")
+
+
+def _decoder_hint(tsyntax: str) -> str:
+    """What to install to decode the transfer syntax ``tsyntax``."""
+    if tsyntax in ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"):
+        return "pip install pylibjpeg pylibjpeg-openjpeg (JPEG 2000)"
+    if tsyntax in ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"):
+        return "pip install pylibjpeg pylibjpeg-libjpeg, or pyjpegls (JPEG-LS)"
+    if tsyntax.startswith("1.2.840.10008.1.2.4."):
+        return "pip install pylibjpeg pylibjpeg-libjpeg (JPEG baseline/extended/lossless)"
+    return "pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg, or python-gdcm"
 
 
 def _decode_hu(ds: pydicom.Dataset, path: Path) -> np.ndarray:
@@ -165,13 +193,9 @@ def _decode_hu(ds: pydicom.Dataset, path: Path) -> np.ndarray:
         name = getattr(tsyntax, "name", str(tsyntax))
         msg = str(exc)
         if tsyntax is not None and getattr(tsyntax, "is_compressed", False) and (
-                "plugin" in msg.lower() or "missing" in msg.lower() or "requires" in msg.lower()
-                or "unable to decode" in msg.lower()):
-            raise DicomError(
-                f"{path}: cannot decode compressed pixel data ({name}); install a decoder: "
-                f"`pip install pylibjpeg pylibjpeg-openjpeg` for JPEG 2000, "
-                f"`pip install pylibjpeg pylibjpeg-libjpeg` for JPEG Lossless / baseline "
-                f"({type(exc).__name__}: {msg})") from exc
+                "plugin" in msg.lower() or "missing" in msg.lower() or "requires" in msg.lower()):
+            raise DicomError(f"{path}: cannot decode compressed pixel data ({name}), no decoder "
+                             f"installed: {_decoder_hint(str(tsyntax))} ({msg})") from exc
         raise DicomError(f"{path}: cannot decode pixel data ({name}); the file is truncated "
                          f"or corrupt ({type(exc).__name__}: {msg})") from exc
     rows, cols = int(ds.Rows), int(ds.Columns)
@@ -266,6 +290,15 @@ def read_dicom_slices(
 
 
 # ---------------------------------------------------------------------- series
+def _majority_index(keys: list) -> int:
+    """Index of the first item whose key is the most common one."""
+    counts: dict = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    best = max(counts.values())
+    return next(i for i, key in enumerate(keys) if counts[key] == best)
+
+
 def _describe_series(uid: str, items: list) -> str:
     path, ds = items[0]
     return (f"  {uid or '(no SeriesInstanceUID)'}: {len(items)} file(s), Modality {ds.get('Modality', '?')}, "
@@ -333,28 +366,34 @@ def read_dicom_series(
                                  f"(use read_dicom_slices for unrelated single slices)")
         metas.append(_meta(ds, f))
 
-    f0, ds0 = items[0]
-    iop0 = np.array(_float_tuple(ds0.ImageOrientationPatient, 6, f0, "ImageOrientationPatient"))
+    # Each slice is compared with the most common orientation / matrix / spacing, so that
+    # the odd one out is the file named in the error.
+    iops = [np.array(_float_tuple(ds.ImageOrientationPatient, 6, f, "ImageOrientationPatient"))
+            for f, ds in items]
+    for m, (f, _) in zip(metas, items):
+        if m.pixel_spacing is None:
+            raise DicomError(f"{f}: missing PixelSpacing")
+    ref = _majority_index([(tuple(np.round(o, 4)), m.rows, m.columns,
+                            tuple(np.round(m.pixel_spacing, 5))) for o, m in zip(iops, metas)])
+    f0, ds0 = items[ref]
+    iop0, m0 = iops[ref], metas[ref]
     r, c = iop0[:3], iop0[3:]
     if abs(np.linalg.norm(r) - 1) > 1e-3 or abs(np.linalg.norm(c) - 1) > 1e-3 or abs(r @ c) > 1e-3:
         raise DicomError(f"{f0}: ImageOrientationPatient {list(iop0)} is not two orthonormal "
                          f"direction cosines")
     normal = np.cross(r, c)
-    m0 = metas[0]
-    for (f, ds), m in zip(items, metas):
-        iop = np.array(_float_tuple(ds.ImageOrientationPatient, 6, f, "ImageOrientationPatient"))
+    for (f, ds), m, iop in zip(items, metas, iops):
         if np.max(np.abs(iop - iop0)) > 1e-4:
             raise DicomError(f"{f}: ImageOrientationPatient {list(iop)} differs from "
-                             f"{list(iop0)} in {f0}; slices of one volume must share it")
+                             f"{list(iop0)} of the other slices (e.g. {f0}); slices of one "
+                             f"volume must share it")
         if (m.rows, m.columns) != (m0.rows, m0.columns):
             raise DicomError(f"{f}: matrix {m.rows}x{m.columns} differs from "
-                             f"{m0.rows}x{m0.columns} in {f0}")
-        if m.pixel_spacing is None:
-            raise DicomError(f"{f}: missing PixelSpacing")
+                             f"{m0.rows}x{m0.columns} of the other slices (e.g. {f0})")
         if np.max(np.abs(np.subtract(m.pixel_spacing, m0.pixel_spacing))) > 1e-4 * max(
                 1.0, max(m0.pixel_spacing)):
             raise DicomError(f"{f}: PixelSpacing {m.pixel_spacing} differs from "
-                             f"{m0.pixel_spacing} in {f0}")
+                             f"{m0.pixel_spacing} of the other slices (e.g. {f0})")
 
     pos = np.array([m.position for m in metas], dtype=np.float64)
     d = pos @ normal

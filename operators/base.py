@@ -180,10 +180,13 @@ class LinearOperator:
         return torch.randn((batch, channels, *shape), dtype=dtype, device=device,
                            generator=generator)
 
-    def norm(self, *, iterations: int = 200, tol: float = 1e-7, seed: int = 0,
+    def norm(self, *, iterations: int = 1000, tol: float = 1e-10, seed: int = 0,
              dtype=torch.float64, device=None, recompute: bool = False) -> float:
         """Operator norm :math:`\\|A\\|_2` (unsquared) by power iteration on :math:`A^T A`.
 
+        Stops when the Rayleigh quotient changes by less than ``tol`` (relative) between
+        iterations, or after ``iterations``. With a small gap between the top singular values the
+        estimate approaches from below; the tight default tolerance keeps that error small.
         The result is cached on the operator; ``recompute=True`` ignores the cache.
         """
         if self._norm_cache is not None and not recompute:
@@ -293,7 +296,9 @@ class SumOperator(LinearOperator):
 
     def __init__(self, a: LinearOperator, b: LinearOperator):
         if a.domain_shape != b.domain_shape or a.range_shape != b.range_shape:
-            raise ValueError(f"cannot add {a!r} and {b!r}: shapes differ")
+            raise ValueError(f"cannot add {a!r} and {b!r}: shapes differ (domain "
+                             f"{_shape_str(a.domain_shape)} vs {_shape_str(b.domain_shape)}, range "
+                             f"{_shape_str(a.range_shape)} vs {_shape_str(b.range_shape)})")
         super().__init__(a.domain_shape, a.range_shape)
         self.a, self.b = a, b
         self.name = f"({a.name} + {b.name})"

@@ -277,13 +277,15 @@ class SuiteContext:
         api = require("ctflow.solvers.api", "the solvers (ctflow.reconstruct)")
         metrics = require("ctflow.metrics", "the image metrics")
         prob = self.problem(case.image, case.problem)
+        extra = {"seed": prob.solver_seed} if accepts_seed(case.method) else {}
         res = api.reconstruct(prob.y, prob.A, self.prior, method=case.method,
-                              noise_level=prob.sigma, seed=prob.solver_seed, **case.options)
+                              noise_level=prob.sigma, **extra, **case.options)
         img = res.image.detach().to(prob.x.device, prob.x.dtype)
         if not torch.isfinite(img).all():
             raise FloatingPointError(f"{case.method} returned a non-finite image")
         img = img.clamp(0.0, 1.0)
         history = list(res.history or [])
+        iterations, per_iter = iteration_timing(case.method, history, float(res.seconds))
         nfe = {"forward": int(res.nfe.get("forward", 0)),
                "backward": int(res.nfe.get("backward", 0))}
         nfe["total"] = nfe["forward"] + nfe["backward"]
@@ -294,7 +296,8 @@ class SuiteContext:
             "seconds": float(res.seconds),
             "peak_memory_bytes": (None if res.peak_memory_bytes is None
                                   else int(res.peak_memory_bytes)),
-            "iterations": len(history),
+            "iterations": iterations,
+            "seconds_per_iteration": per_iter,
             "noise_sigma": prob.sigma,
             "solver_seed": prob.solver_seed,
             "image_size": self.image_size,
@@ -304,11 +307,30 @@ class SuiteContext:
         return row
 
 
+#: Methods whose history starts with an entry for the initial state (then one per iteration).
+HISTORY_HAS_START = ("msflow", "dflow")
+
+
+def iteration_timing(method: str, history: Sequence[dict], seconds: float
+                     ) -> Tuple[int, Optional[float]]:
+    """``(iterations, seconds per iteration)``. Where the history carries cumulative
+    ``seconds`` and a start entry (MS-Flow sweeps, D-Flow steps), the time per iteration
+    excludes the initialisation: :math:`(t_\text{last} - t_0)/(\text{len} - 1)`."""
+    if method in HISTORY_HAS_START and history:
+        n = len(history) - 1
+        t = [h.get("seconds") for h in history]
+        if n > 0 and isinstance(t[0], (int, float)) and isinstance(t[-1], (int, float)):
+            return n, (float(t[-1]) - float(t[0])) / n
+        return n, (seconds / n if n > 0 else None)
+    n = len(history)
+    return n, (seconds / n if n > 0 else None)
+
+
 def history_trace(history: Sequence[dict]) -> Dict[str, List[float]]:
     """Per-iteration scalars of a solver history: objective, data, prior, residual and the
     trajectory loss ``gap`` (the sum of the per-segment stitching gaps)."""
     out: Dict[str, List[float]] = {}
-    for key in ("objective", "data", "prior", "residual", "rho", "seconds"):
+    for key in ("objective", "data", "prior", "residual", "trajectory_loss", "seconds"):
         vals = [h.get(key) for h in history]
         if vals and all(isinstance(v, (int, float)) for v in vals):
             out[key] = [float(v) for v in vals]
@@ -316,3 +338,59 @@ def history_trace(history: Sequence[dict]) -> Dict[str, List[float]]:
     if gaps and all(isinstance(g, (list, tuple)) for g in gaps):
         out["gap"] = [float(sum(float(v) for v in g)) for g in gaps]
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# case construction helpers shared by the suites
+#: Display names of the methods (the report's "variant" label).
+VARIANTS = {"msflow": "MS-Flow", "dflow": "D-Flow", "pnpflow": "PnP-Flow", "otode": "OT-ODE",
+            "tv": "TV", "fbp": "FBP", "cgls": "CGLS"}
+
+#: ``--quick`` overrides: tiny iteration counts, the same code path.
+QUICK_OPTIONS = {
+    "msflow": {"sweeps": 2},
+    "dflow": {"iterations": 1, "max_iter": 2},
+    "pnpflow": {"steps": 3, "draws": 1},
+    "otode": {"steps": 3},
+    "tv": {"iterations": 10},
+    "cgls": {"iterations": 5},
+}
+
+
+def method_options(method: str, base: Dict[str, Any], *, quick: bool,
+                   steps: Optional[int] = None) -> Dict[str, Any]:
+    """The solver options of one case: ``base`` (from the config), the quick overrides, and
+    the step count ``N`` for the flow-ODE methods (D-Flow ``N``; MS-Flow ``K = min(K, N)``
+    segments of ``M = N/K`` steps; ``N`` must be divisible by ``K``)."""
+    opts = dict(base)
+    if quick:
+        opts.update(QUICK_OPTIONS.get(method, {}))
+    if steps is not None:
+        n = int(steps)
+        if method == "msflow":
+            K = min(int(opts.get("K", 8)), n)
+            if n % K:
+                raise ValueError(f"MS-Flow: N = {n} steps is not divisible by K = {K} segments")
+            opts["K"], opts["M"] = K, n // K
+        elif method == "dflow":
+            opts["N"] = n
+        else:
+            raise ValueError(f"method {method!r} takes no ODE step count N")
+    return opts
+
+
+def ct_problem(views: int, level: float = 0.01) -> Dict[str, Any]:
+    """A parallel-beam problem with relative Gaussian noise (the CT noise convention)."""
+    return {"operator": "parallel-beam", "views": int(views),
+            "noise": {"model": "relative", "level": float(level)}}
+
+
+def accepts_seed(method: str) -> bool:
+    """Whether the solver behind ``method`` takes a ``seed`` option."""
+    api = require("ctflow.solvers.api", "the solvers (ctflow.reconstruct)")
+    cls = api.solver_class(method)
+    defaults = getattr(cls, "DEFAULTS", None)
+    if isinstance(defaults, dict):
+        return "seed" in defaults
+    import inspect
+    return "seed" in inspect.signature(cls.__init__).parameters

@@ -131,12 +131,14 @@ class UNet(nn.Module):
         image_size: the image side the model is meant for (recorded in the config and checked
             in :meth:`forward` to be divisible by the total downsampling), or ``None``.
 
-    With the defaults (``base=32, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
-    attention_levels=(2,)``) the model has about 2.5 M parameters.
+    With the defaults (``base=16, channel_mults=(1, 2, 4, 6), num_res_blocks=2,
+    attention_levels=(2,)``) the model has 2.46 M parameters and costs about 1.3 GFLOP per
+    64×64 image and forward pass: widths grow quickly with depth so that the full-resolution
+    levels, which dominate the cost on a CPU, stay thin.
     """
 
-    def __init__(self, *, channels: int = 1, base: int = 32,
-                 channel_mults: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
+    def __init__(self, *, channels: int = 1, base: int = 16,
+                 channel_mults: Sequence[int] = (1, 2, 4, 6), num_res_blocks: int = 2,
                  attention_levels: Sequence[int] = (2,), num_heads: int = 4,
                  dropout: float = 0.0, groups: int = 8, image_size: int | None = 64):
         super().__init__()

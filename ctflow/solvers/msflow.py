@@ -462,7 +462,7 @@ class _Run:
         with torch.enable_grad():
             J, _ = self._joint_objective(params, grad=True)
             grads = torch.autograd.grad(J, params)
-        J0 = float(J)
+        J0 = float(J.detach())
         gsq = sum(float(per_item_sq(g).sum()) for g in grads)
         if self.joint_step is None:
             self.joint_step = 1.0 / (self.lam + 2.0 * max(self.rho) + 1.0)

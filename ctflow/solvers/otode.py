@@ -159,7 +159,11 @@ class OTODE:
                     s2 = max(sigma * sigma, 1e-6 * r2 * norm2 / (a * a))
                     w, cg_its = self._pigdm(operator, d, r2, s2, a)
                 # g = (I + (1 - t) dv/dx)^T w : one VJP through the velocity field
-                (jtw,) = torch.autograd.grad(v, xr, grad_outputs=w)
+                jtw = None
+                if v.requires_grad:
+                    (jtw,) = torch.autograd.grad(v, xr, grad_outputs=w, allow_unused=True)
+                if jtw is None:  # a velocity that does not depend on x: dv/dx = 0
+                    jtw = torch.zeros_like(w)
                 with torch.no_grad():
                     g = w + (1.0 - t) * jtw
                     weight = _gamma_weight(opt["gamma"], t) * (1.0 - t) / t

@@ -106,7 +106,9 @@ class PnPFlow:
     Options (keyword-only):
         steps (int >= 1, default 100): :math:`N` iterations.
         gamma (float > 0, default 1.0): step size in units of :math:`1/\|A_m\|^2`.
-        alpha (float >= 0, default 0.5): step schedule :math:`\gamma_n = \gamma(1-t_n)^\alpha`.
+        alpha (float >= 0, default 0.0): step schedule :math:`\gamma_n = \gamma(1-t_n)^\alpha`
+            (the paper tunes :math:`\alpha \in [0, 1]` per task; 0 is a constant step, which
+            keeps the final iterate closest to the data).
         draws (int >= 1, default 2): noise draws :math:`D` averaged by the denoiser.
         t_start (float in [0, 1), default 0.0): the first time :math:`t_0`.
         init ("zeros" | "cgls", default "zeros"): the starting image when ``x_init`` is None.
@@ -123,7 +125,7 @@ class PnPFlow:
 
     method = "pnpflow"
 
-    def __init__(self, *, steps: int = 100, gamma: float = 1.0, alpha: float = 0.5,
+    def __init__(self, *, steps: int = 100, gamma: float = 1.0, alpha: float = 0.0,
                  draws: int = 2, t_start: float = 0.0, init: str = "zeros",
                  init_iterations: int = 10, x_init: Optional[torch.Tensor] = None,
                  seed: int = 0, progress: bool = False):

@@ -54,7 +54,7 @@ __all__ = ["SystemMatrix", "system_matrix", "clear_cache", "cache_info", "symmet
 
 _ANGLE_TOL = 1e-9
 # entries (angles × pixels × bins) computed per chunk while building
-_CHUNK_ENTRIES = 1 << 21
+_CHUNK_ENTRIES = 1 << 16
 
 _CACHE: Dict[tuple, "SystemMatrix"] = {}
 _CACHE_LOCK = threading.Lock()
@@ -159,13 +159,14 @@ def _inverse_transform(x: torch.Tensor, group: Tuple[int, bool]) -> torch.Tensor
 # ---------------------------------------------------------------------------------------------
 # footprints and bin integrals
 # ---------------------------------------------------------------------------------------------
-def _footprint(geometry: Geometry2D, cos_a: torch.Tensor, sin_a: torch.Tensor,
-               px: torch.Tensor, py: torch.Tensor, weighted: bool):
-    """Trapezoid break points (sorted) and plateau height for angles × pixels.
+def _trapezoids(geometry: Geometry2D, cos_a, sin_a, px, py, weighted: bool, e0: float,
+                ds: float):
+    """Pixel footprints on the detector for angles × pixels, in detector-bin units.
 
-    ``cos_a``, ``sin_a`` have shape ``(A, 1)``, ``px``, ``py`` shape ``(P,)``; the outputs are
-    ``(A, P)``. ``weighted`` multiplies the height by :math:`R_s / L` (fan beam only), ``L`` the
-    distance of the pixel centre from the source along the central ray.
+    ``cos_a``/``sin_a`` broadcast against ``px``/``py``. Returns ``(u0, u3, w01, d2, w23,
+    height)``: the trapezoid rises over ``[u0, u0 + w01]``, falls over ``[u0 + d2, u0 + d2 +
+    w23] = [.., u3]`` (positions in bins from the first bin edge ``e0``), and its plateau is
+    ``height`` (the chord through the pixel centre; times :math:`R_s/L` if ``weighted``).
     """
     h = geometry.pixel_size
     if isinstance(geometry, ParallelBeam2D):
@@ -173,10 +174,12 @@ def _footprint(geometry: Geometry2D, cos_a: torch.Tensor, sin_a: torch.Tensor,
         a = h * cos_a.abs()
         b = h * sin_a.abs()
         outer = 0.5 * (a + b)
-        inner = 0.5 * (a - b).abs()
-        t = [sc - outer, sc - inner, sc + inner, sc + outer]
-        height = (h / torch.maximum(cos_a.abs(), sin_a.abs())).expand_as(sc)
-        return t, height
+        u0 = (sc - outer - e0) / ds
+        u3 = u0 + (a + b) / ds
+        w = torch.minimum(a, b) / ds
+        d2 = torch.maximum(a, b) / ds
+        height = h / torch.maximum(cos_a.abs(), sin_a.abs())
+        return u0, u3, w, d2, w, height
     rs, rd = geometry.source_origin, geometry.origin_detector
     corners = []
     for dx in (-0.5 * h, 0.5 * h):
@@ -185,7 +188,7 @@ def _footprint(geometry: Geometry2D, cos_a: torch.Tensor, sin_a: torch.Tensor,
             yy = py + dy
             along = rs + (yy * cos_a - xx * sin_a)  # distance from the source along e(θ)
             across = xx * cos_a + yy * sin_a
-            corners.append((rs + rd) * across / along)
+            corners.append(((rs + rd) * across / along - e0) / ds)
     t = torch.stack(corners, 0).sort(dim=0).values
     vx = px + rs * sin_a  # pixel centre minus source position
     vy = py - rs * cos_a
@@ -193,37 +196,37 @@ def _footprint(geometry: Geometry2D, cos_a: torch.Tensor, sin_a: torch.Tensor,
     if weighted:
         centre_along = rs + (py * cos_a - px * sin_a)
         height = height * (rs / centre_along)
-    return [t[0], t[1], t[2], t[3]], height
+    return t[0], t[3], t[1] - t[0], t[2] - t[0], t[3] - t[2], height
 
 
-def _ramp2(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Antiderivative of the unit ramp rising linearly over ``[0, w]`` (``w`` may be 0)."""
-    wsafe = torch.clamp(w, min=1e-300)
-    inside = z * z / (2.0 * wsafe)
-    above = z - 0.5 * w
-    return torch.where(z <= 0, torch.zeros_like(z), torch.where(z >= w, above, inside))
+def _ramp2(z: torch.Tensor, w: torch.Tensor, inv2w: torch.Tensor) -> torch.Tensor:
+    """Antiderivative of the unit ramp rising linearly over ``[0, w]`` (``w`` may be 0).
+
+    Equals 0 for ``z <= 0``, :math:`z^2/(2w)` on ``[0, w]`` and ``z - w/2`` beyond;
+    ``inv2w`` is :math:`1/(2w)` (any finite value when ``w = 0``).
+    """
+    zc = torch.minimum(torch.clamp(z, min=0.0), w)
+    return zc * zc * inv2w + torch.clamp(z - w, min=0.0)
 
 
-def _bin_value(t, height, edge: torch.Tensor, ds: float) -> torch.Tensor:
-    """Average of the trapezoid over ``[edge, edge + ds]``."""
-    t0, t1, t2, t3 = t
-    w01 = t1 - t0
-    w23 = t3 - t2
-    hi = edge + ds
-
-    def phi(s):
-        return _ramp2(s - t0, w01) - _ramp2(s - t2, w23)
-
-    return height * (phi(hi) - phi(edge)) / ds
+def _bin_range(u0: torch.Tensor, u3: torch.Tensor, nd: int):
+    """First overlapped bin and number of overlapped bins (clipped to the detector)."""
+    lo = torch.clamp(torch.floor(u0), min=0)
+    hi = torch.clamp(torch.ceil(u3) - 1, max=nd - 1)
+    return lo, torch.clamp(hi - lo + 1, min=0)
 
 
-def _bin_range(t, e0: float, ds: float, nd: int):
-    lo = torch.floor((t[0] - e0) / ds)
-    hi = torch.ceil((t[3] - e0) / ds) - 1
-    lo = torch.clamp(lo, min=0)
-    hi = torch.clamp(hi, max=nd - 1)
-    count = torch.clamp(hi - lo + 1, min=0)
-    return lo, count
+def _bin_values(trap, lo: torch.Tensor, kmax: int) -> torch.Tensor:
+    """Averages of the trapezoids over the ``kmax`` bins starting at ``lo`` (trailing axis)."""
+    u0, _, w01, d2, w23, height = trap
+    w01 = w01.unsqueeze(-1)
+    w23 = w23.unsqueeze(-1)
+    i01 = 0.5 / torch.clamp(w01, min=1e-300)
+    i23 = 0.5 / torch.clamp(w23, min=1e-300)
+    ks = torch.arange(kmax + 1, dtype=torch.float64)
+    z = (lo - u0).unsqueeze(-1) + ks  # bin edges relative to the footprint start
+    phi = _ramp2(z, w01, i01) - _ramp2(z - d2.unsqueeze(-1), w23, i23)
+    return (phi[..., 1:] - phi[..., :-1]) * height.unsqueeze(-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,17 +238,29 @@ def _csr(crow, col, val, shape):
         return torch.sparse_csr_tensor(crow, col, val, size=shape)
 
 
+def _stable_order(keys: np.ndarray, bound: int) -> np.ndarray:
+    """Stable argsort of non-negative integer keys below ``bound`` (radix sort when 16-bit)."""
+    if bound <= 65535:
+        return np.argsort(keys.astype(np.uint16), kind="stable")
+    return np.argsort(keys.astype(np.int64), kind="stable")
+
+
 def _build(geometry: Geometry2D, canonical: np.ndarray, *, weighted: bool, dtype: torch.dtype):
     """Return ``(crow, col, val)`` of :math:`A` and of :math:`A^T` (rows: canonical angle ×
-    detector, columns: pixels in row-major order), values in ``dtype``."""
+    detector, columns: pixels in row-major order), values in ``dtype``.
+
+    Pass 0 counts the bins each (angle, pixel) footprint overlaps (fixing the CSR layout of
+    :math:`A^T`); pass 1 computes the values once per angle and writes them to both matrices,
+    so :math:`A^T` holds exactly the values of :math:`A`.
+    """
     n = geometry.image_size
     npix = n * n
     nd, ds = geometry.detectors, geometry.detector_spacing
     e0 = float(geometry.detector_positions()[0]) - 0.5 * ds
     na = len(canonical)
     ang = torch.from_numpy(np.asarray(canonical, np.float64))
-    cos_all = torch.cos(ang).view(-1, 1)
-    sin_all = torch.sin(ang).view(-1, 1)
+    cos_all = torch.cos(ang)
+    sin_all = torch.sin(ang)
     # snap tiny cosines/sines (e.g. cos(pi/2)) to exact zeros: the footprints are then exact boxes
     cos_all = torch.where(cos_all.abs() < 1e-15, torch.zeros_like(cos_all), cos_all)
     sin_all = torch.where(sin_all.abs() < 1e-15, torch.zeros_like(sin_all), sin_all)
@@ -253,81 +268,69 @@ def _build(geometry: Geometry2D, canonical: np.ndarray, *, weighted: bool, dtype
     px_all = xg.reshape(-1).contiguous()
     py_all = yg.reshape(-1).contiguous()
     index_dtype = torch.int32
+    p_step = max(1, _CHUNK_ENTRIES // 4)
+    blocks = [(p0, min(npix, p0 + p_step)) for p0 in range(0, npix, p_step)]
 
+    # pass 0: bins per (angle, pixel)
     counts = torch.empty((na, npix), dtype=torch.int16)
-
-    # pass 1: A in CSR, rows (angle, detector) sorted, columns ascending within a row
-    rows_per_angle = []
-    cols_chunks: List[torch.Tensor] = []
-    vals_chunks: List[torch.Tensor] = []
-    a_step = max(1, _CHUNK_ENTRIES // (3 * npix))
-    for a0 in range(0, na, a_step):
-        a1 = min(na, a0 + a_step)
-        t, height = _footprint(geometry, cos_all[a0:a1], sin_all[a0:a1], px_all, py_all,
-                               weighted)
-        lo, cnt = _bin_range(t, e0, ds, nd)
-        counts[a0:a1] = cnt.to(torch.int16)
-        kmax = int(cnt.max()) if cnt.numel() else 0
-        if kmax == 0:
-            rows_per_angle.append(torch.zeros((a1 - a0) * nd, dtype=torch.int64))
-            continue
-        ks = torch.arange(kmax, dtype=torch.float64)
-        jj = lo.unsqueeze(-1) + ks  # (A, P, K)
-        edges = e0 + jj * ds
-        vals = _bin_value([ti.unsqueeze(-1) for ti in t], height.unsqueeze(-1), edges, ds)
-        valid = ks < cnt.unsqueeze(-1)
-        pix = torch.arange(npix, dtype=torch.int32).view(1, npix, 1).expand_as(valid)
-        for ai in range(a1 - a0):
-            v_ok = valid[ai]
-            j_a = jj[ai][v_ok].to(torch.int16).numpy()
-            order = torch.from_numpy(np.argsort(j_a, kind="stable"))
-            cols_chunks.append(pix[ai][v_ok][order].to(index_dtype))
-            vals_chunks.append(vals[ai][v_ok][order].to(dtype))
-            rows_per_angle.append(torch.bincount(torch.from_numpy(j_a.astype(np.int64)),
-                                                 minlength=nd))
-        del t, height, lo, cnt, jj, edges, vals, valid
-    row_counts = torch.cat(rows_per_angle) if rows_per_angle else torch.zeros(0, torch.int64)
-    nnz = int(row_counts.sum())
+    for a in range(na):
+        c, s = cos_all[a:a + 1], sin_all[a:a + 1]
+        for p0, p1 in blocks:
+            trap = _trapezoids(geometry, c, s, px_all[p0:p1], py_all[p0:p1], weighted, e0, ds)
+            counts[a, p0:p1] = _bin_range(trap[0], trap[1], nd)[1].to(torch.int16)
+    pix_counts = counts.sum(0, dtype=torch.int64)
+    nnz = int(pix_counts.sum())
     if nnz >= 2 ** 31 - 1:
         raise ValueError(f"system matrix for {geometry!r} has {nnz} non-zeros, more than int32 "
                          f"indices allow; use fewer angles/pixels or backend='odl'")
-    crow = torch.zeros(na * nd + 1, dtype=torch.int64)
-    torch.cumsum(row_counts, 0, out=crow[1:])
-    col = torch.cat(cols_chunks) if cols_chunks else torch.zeros(0, dtype=index_dtype)
-    del cols_chunks
-    val = torch.cat(vals_chunks) if vals_chunks else torch.zeros(0, dtype=dtype)
-    del vals_chunks
-    a_mat = (crow.to(index_dtype), col, val)
-
-    # pass 2: A^T in CSR, rows = pixels, columns (angle, detector) ascending
-    pix_counts = counts.to(torch.int64).sum(0)
     crow_t = torch.zeros(npix + 1, dtype=torch.int64)
     torch.cumsum(pix_counts, 0, out=crow_t[1:])
     col_t = torch.empty(nnz, dtype=index_dtype)
     val_t = torch.empty(nnz, dtype=dtype)
-    p_step = max(1, _CHUNK_ENTRIES // (3 * na))
-    for p0 in range(0, npix, p_step):
-        p1 = min(npix, p0 + p_step)
-        t, height = _footprint(geometry, cos_all, sin_all, px_all[p0:p1], py_all[p0:p1],
-                               weighted)
-        lo, _ = _bin_range(t, e0, ds, nd)
-        cnt = counts[:, p0:p1].to(torch.int64)
-        kmax = int(cnt.max()) if cnt.numel() else 0
-        if kmax == 0:
+    col = torch.empty(nnz, dtype=index_dtype)
+    val = torch.empty(nnz, dtype=dtype)
+    row_counts = torch.zeros(na * nd, dtype=torch.int64)
+    run = crow_t[:-1].clone()  # next free slot of each A^T row
+    offset = 0
+
+    # pass 1: values, written to A (rows sorted by (angle, detector)) and A^T (rows = pixels)
+    for a in range(na):
+        c, s = cos_all[a:a + 1], sin_all[a:a + 1]
+        js, ps, vs, pos = [], [], [], []
+        for p0, p1 in blocks:
+            cnt = counts[a, p0:p1].to(torch.int64)
+            kmax = int(cnt.max()) if cnt.numel() else 0
+            if kmax == 0:
+                continue
+            trap = _trapezoids(geometry, c, s, px_all[p0:p1], py_all[p0:p1], weighted, e0, ds)
+            lo = _bin_range(trap[0], trap[1], nd)[0]
+            vals = _bin_values(trap, lo, kmax)  # (P, K)
+            valid = torch.arange(kmax).view(1, -1) < cnt.unsqueeze(-1)
+            flat = torch.nonzero(valid.reshape(-1)).squeeze(1)
+            pl = torch.div(flat, kmax, rounding_mode="floor")
+            k = flat - pl * kmax
+            js.append(torch.index_select(lo.to(torch.int64), 0, pl) + k)
+            p_glob = pl + p0
+            ps.append(p_glob)
+            pos.append(torch.index_select(run, 0, p_glob) + k)
+            vs.append(torch.index_select(vals.reshape(-1), 0, flat).to(dtype))
+        if not js:
             continue
-        ks = torch.arange(kmax, dtype=torch.float64)
-        jj = lo.unsqueeze(-1) + ks
-        edges = e0 + jj * ds
-        vals = _bin_value([ti.unsqueeze(-1) for ti in t], height.unsqueeze(-1), edges, ds)
-        valid = (torch.arange(kmax).view(1, 1, -1) < cnt.unsqueeze(-1))
-        rowid = (torch.arange(na, dtype=torch.int64) * nd).view(-1, 1, 1) + jj.to(torch.int64)
-        valid = valid.permute(1, 0, 2)
-        o0, o1 = int(crow_t[p0]), int(crow_t[p1])
-        col_t[o0:o1] = rowid.permute(1, 0, 2)[valid].to(index_dtype)
-        val_t[o0:o1] = vals.permute(1, 0, 2)[valid].to(dtype)
-        del t, height, lo, jj, edges, vals, valid, rowid
-    at_mat = (crow_t.to(index_dtype), col_t, val_t)
-    return a_mat, at_mat
+        j_a = torch.cat(js)
+        v_a = torch.cat(vs)
+        pos_a = torch.cat(pos)
+        col_t.index_copy_(0, pos_a, (j_a + a * nd).to(index_dtype))
+        val_t.index_copy_(0, pos_a, v_a)
+        run += counts[a].to(torch.int64)
+        order = torch.from_numpy(_stable_order(j_a.numpy(), nd))
+        m = len(order)
+        col[offset:offset + m] = torch.index_select(torch.cat(ps), 0, order).to(index_dtype)
+        val[offset:offset + m] = torch.index_select(v_a, 0, order)
+        offset += m
+        row_counts[a * nd:(a + 1) * nd] = torch.bincount(j_a, minlength=nd)
+    crow = torch.zeros(na * nd + 1, dtype=torch.int64)
+    torch.cumsum(row_counts, 0, out=crow[1:])
+    return (crow.to(index_dtype), col, val), (crow_t.to(index_dtype), col_t, val_t)
 
 
 class SystemMatrix:

@@ -1,0 +1,1 @@
+"""The ctflow benchmark suite (run from the repository root: ``python -m benchmarks``)."""

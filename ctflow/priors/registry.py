@@ -1,0 +1,63 @@
+"""Finding and loading priors: bundled ones by name, any checkpoint by path.
+
+Bundled priors live in ``ctflow/priors/bundled/`` as ``<name>.safetensors`` + ``<name>.json``
+(see :mod:`ctflow.priors.checkpoint` for the format) and load with no network access.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Union
+
+from .checkpoint import PRIOR_FORMAT, load_prior_file, resolve_checkpoint
+
+__all__ = ["list_priors", "load_prior", "bundled_dir", "bundled_path"]
+
+
+def bundled_dir() -> Path:
+    """The folder holding the bundled priors."""
+    return Path(__file__).resolve().parent / "bundled"
+
+
+def list_priors() -> List[str]:
+    """Names of the bundled priors (sorted): every ``<name>.json`` in :func:`bundled_dir`
+    that has a ``<name>.safetensors`` beside it."""
+    d = bundled_dir()
+    if not d.is_dir():
+        return []
+    return sorted(p.stem for p in d.glob("*.json")
+                  if p.with_suffix(".safetensors").is_file())
+
+
+def bundled_path(name: str) -> Path:
+    """The JSON path of the bundled prior ``name`` (``ValueError`` listing the names if
+    there is none)."""
+    names = list_priors()
+    if name not in names:
+        raise ValueError(f"no bundled prior named {name!r}; bundled priors: {names}")
+    return bundled_dir() / f"{name}.json"
+
+
+def _looks_like_path(s: str) -> bool:
+    return (os.sep in s or "/" in s or s.endswith((".json", ".safetensors"))
+            or Path(s).with_suffix(".json").exists() or Path(s + ".json").exists())
+
+
+def load_prior(name_or_path: Union[str, os.PathLike], *, device=None, verify: bool = True):
+    """Load a prior: a bundled name (see :func:`list_priors`) or a checkpoint path (stem,
+    ``.json`` or ``.safetensors``; a training checkpoint gives its EMA weights).
+
+    Returns a :class:`~ctflow.priors.base.FlowPrior` in eval mode with ``image_size``,
+    ``channels``, ``scale``/``shift`` and ``hu_window`` set. Never unpickles. Raises
+    ``ValueError`` for an unknown name, ``FileNotFoundError`` for a missing file and
+    :class:`~ctflow.priors.checkpoint.CheckpointError` (a ``ValueError``) for a corrupt,
+    truncated or mismatched one; messages name the file.
+    """
+    s = os.fspath(name_or_path)
+    if not isinstance(name_or_path, os.PathLike) and not _looks_like_path(s):
+        return load_prior_file(bundled_path(s), device=device, verify=verify)
+    json_path, _ = resolve_checkpoint(s)
+    if not json_path.is_file():
+        raise FileNotFoundError(f"prior not found: {json_path} (bundled priors: "
+                                f"{list_priors()})")
+    return load_prior_file(json_path, device=device, verify=verify)

@@ -1,0 +1,285 @@
+"""End-to-end tests of the ``ctflow`` command line (subprocess calls on tiny inputs)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, cwd=None, timeout=180):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "ctflow", *map(str, args)], cwd=cwd or REPO,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+class Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture()
+def cli(capsys):
+    """Run ``ctflow.cli.main`` in this process (faster than a subprocess: no new torch import);
+    the subprocess tests below check the real process exit status too."""
+    from ctflow.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        rc = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return Result(rc, out, err)
+    return run
+
+
+def assert_user_error(proc, *words):
+    """Exit status 2, exactly one line on stderr naming ``words``, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert lines[0].startswith("ctflow")
+    for w in words:
+        assert w.lower() in lines[0].lower(), (w, lines[0])
+
+
+def disk_image(n: int) -> np.ndarray:
+    """A disk of value 0.8 (radius 0.6) with a smaller disk of 0.3 inside, on [-1, 1]^2."""
+    c = (np.arange(n) + 0.5) / n * 2 - 1
+    xx, yy = np.meshgrid(c, -c)
+    img = np.where(xx ** 2 + yy ** 2 < 0.6 ** 2, 0.8, 0.0)
+    img = np.where((xx - 0.2) ** 2 + yy ** 2 < 0.2 ** 2, 0.3, img)
+    return img.astype(np.float32)
+
+
+def psnr(a, b):
+    return 10 * np.log10(1.0 / np.mean((np.asarray(a, np.float64) - b) ** 2))
+
+
+# ---------------------------------------------------------------------- help, info
+def test_help_lists_commands_and_examples(capsys):
+    from ctflow.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("demo", "reconstruct", "reconstruct-dicom", "train", "bench", "info"):
+        assert cmd in out
+    assert "examples:" in out
+    assert main([]) == 2  # no command: the help and a non-zero status
+
+
+@pytest.mark.parametrize("cmd", ["demo", "reconstruct", "reconstruct-dicom", "info"])
+def test_subcommand_help(cmd, capsys):
+    from ctflow.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([cmd, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and "--device" in out
+
+
+def test_info_text_and_json(cli):
+    proc = cli("info")
+    assert proc.returncode == 0, proc.stderr
+    assert "torch" in proc.stdout and "CT backends" in proc.stdout and "CUDA" in proc.stdout
+    proc = run_cli("info", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["torch"] == torch.__version__
+    assert data["cuda"]["available"] == torch.cuda.is_available()
+    assert set(data["extras"]) >= {"odl", "astra", "tomosipo", "medmnist", "ray"}
+    names = [b["name"] for b in data["ct_backends"]["backends"]]
+    assert data["ct_backends"]["error"] or "torch" in " ".join(names)
+
+
+# ---------------------------------------------------------------------- reconstruct
+def test_reconstruct_image_npy_h5_png(tmp_path, cli):
+    n = 24
+    img = disk_image(n)
+    src = tmp_path / "img.npy"
+    np.save(src, img)
+    # .npy output: TV on a simulated 30-view measurement is close to the disk image.
+    out = tmp_path / "rec.npy"
+    proc = run_cli("--quiet", "reconstruct", src, "-o", out, "--method", "tv", "--prior",
+                   "none", "--views", "30", "--noise-level", "0.01", "--option", "iterations=150")
+    assert proc.returncode == 0, proc.stderr
+    rec = np.load(out)
+    assert rec.shape == (n, n) and rec.dtype == np.float32
+    assert 0 <= rec.min() and rec.max() <= 1
+    assert psnr(rec, img) > 20.0
+    assert "PSNR" in proc.stdout
+    # .h5 output holds the reconstruction, the measurement and the ground truth.
+    import h5py
+    out_h5 = tmp_path / "rec.h5"
+    proc = cli("--quiet", "reconstruct", src, "-o", out_h5, "--method", "fbp", "--prior",
+                   "none", "--views", "30")
+    assert proc.returncode == 0, proc.stderr
+    with h5py.File(out_h5) as f:
+        assert f["reconstruction"].shape == (n, n)
+        assert f["measurement"].shape[0] == 30
+        np.testing.assert_allclose(f["ground_truth"][()], img, atol=1e-5)
+        assert f.attrs["method"] == "fbp" and int(f.attrs["views"]) == 30
+        metrics = json.loads(f.attrs["metrics"])
+        assert abs(metrics[0]["psnr"] - psnr(f["reconstruction"][()], img)) < 1e-3
+    # .png output: 8-bit image of the reconstruction's size.
+    out_png = tmp_path / "rec.png"
+    proc = cli("--quiet", "reconstruct", src, "-o", out_png, "--method", "fbp",
+                   "--prior", "none", "--views", "30")
+    assert proc.returncode == 0, proc.stderr
+    import matplotlib.image as mpimg
+    png = mpimg.imread(out_png)
+    assert png.shape[:2] == (n, n)
+    # An existing output is not replaced without --overwrite.
+    proc = cli("reconstruct", src, "-o", out_png, "--method", "fbp", "--prior", "none")
+    assert_user_error(proc, "exists")
+
+
+def test_reconstruct_sinogram(tmp_path, cli):
+    from ctflow.dicom_recon import make_ct_operator
+
+    n, views = 24, 40
+    img = disk_image(n)
+    A = make_ct_operator(n, views)
+    sino = A(torch.from_numpy(img)[None, None])[0, 0].numpy()
+    assert sino.shape[0] == views and sino.shape[1] != n  # auto-detected as a sinogram
+    src = tmp_path / "sino.npy"
+    np.save(src, sino)
+    out = tmp_path / "rec.h5"
+    proc = cli("--quiet", "reconstruct", src, "-o", out, "--method", "tv", "--prior",
+               "none", "--noise-level", "0.001", "--option", "iterations=200")
+    assert proc.returncode == 0, proc.stderr
+    import h5py
+    with h5py.File(out) as f:
+        assert f.attrs["kind"] == "sinogram" and int(f.attrs["size"]) == n
+        np.testing.assert_allclose(f["measurement"][()], sino, rtol=1e-6)
+        rec = f["reconstruction"][()]
+        assert "ground_truth" not in f
+    assert psnr(rec, img) > 22.0
+    # A sinogram whose detector count matches no geometry at the requested size is refused.
+    proc = cli("reconstruct", src, "-o", tmp_path / "x.npy", "--method", "fbp", "--prior",
+               "none", "--size", "40")
+    assert_user_error(proc, "does not match")
+
+
+# ---------------------------------------------------------------------- errors
+def test_error_missing_file(tmp_path, cli):
+    proc = cli("reconstruct", tmp_path / "nope.npy", "-o", tmp_path / "r.npy",
+               "--method", "fbp")
+    assert_user_error(proc, "not found", "nope.npy")
+    proc = cli("reconstruct-dicom", tmp_path / "nope", tmp_path / "out", "--method", "fbp")
+    assert_user_error(proc, "not found", "nope")
+    assert not (tmp_path / "out").exists()
+
+
+def test_error_unreadable_dicom_subprocess(tmp_path):
+    """The real process: exit status 2, one line, no traceback; --debug adds the traceback."""
+    bad = tmp_path / "bad.dcm"
+    bad.write_text("this is not a DICOM file\n")
+    proc = run_cli("reconstruct", bad, "-o", tmp_path / "r.npy", "--method", "fbp")
+    assert_user_error(proc, "bad.dcm", "DICOM")
+    proc = run_cli("--debug", "reconstruct", bad, "-o", tmp_path / "r.npy", "--method", "fbp")
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr
+    assert not (tmp_path / "r.npy").exists()
+
+
+def test_error_unreadable_dicom_folder(tmp_path, cli):
+    folder = tmp_path / "series"
+    folder.mkdir()
+    (folder / "slice.dcm").write_text("not DICOM either")
+    proc = cli("reconstruct-dicom", folder, tmp_path / "out", "--method", "fbp")
+    assert_user_error(proc, "slice.dcm")
+    proc = cli("--debug", "reconstruct-dicom", folder, tmp_path / "out", "--method", "fbp")
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+def test_error_unknown_method(tmp_path, cli):
+    src = tmp_path / "img.npy"
+    np.save(src, disk_image(16))
+    proc = cli("reconstruct", src, "-o", tmp_path / "r.npy", "--method", "magic")
+    assert_user_error(proc, "unknown method", "magic")
+    proc = cli("reconstruct-dicom", tmp_path, tmp_path / "o", "--method", "magic")
+    assert_user_error(proc, "unknown method", "magic")
+    proc = cli("demo", "--methods", "fbp,magic", "--out", tmp_path / "d.png")
+    assert_user_error(proc, "magic")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_error_cuda_requested_but_absent(tmp_path, cli):
+    src = tmp_path / "img.npy"
+    np.save(src, disk_image(16))
+    proc = cli("--device", "cuda", "reconstruct", src, "-o", tmp_path / "r.npy",
+               "--method", "fbp")
+    assert_user_error(proc, "CUDA", "--device cpu")
+    proc = cli("demo", "--device", "cuda", "--out", tmp_path / "d.png")
+    assert_user_error(proc, "CUDA")
+    assert not (tmp_path / "d.png").exists()
+    proc = cli("reconstruct-dicom", tmp_path, tmp_path / "o", "--device", "cuda:0")
+    assert_user_error(proc, "CUDA")
+
+
+def test_error_prior_not_found(tmp_path, cli):
+    src = tmp_path / "img.npy"
+    np.save(src, disk_image(16))
+    proc = cli("reconstruct", src, "-o", tmp_path / "r.npy", "--method", "msflow",
+               "--prior", tmp_path / "missing-prior")
+    assert_user_error(proc, "missing-prior")
+    assert not (tmp_path / "r.npy").exists()
+    proc = cli("reconstruct", src, "-o", tmp_path / "r.npy", "--method", "msflow",
+               "--prior", "no-such-bundled-prior")
+    assert_user_error(proc, "no-such-bundled-prior")
+
+
+def test_error_bad_image_range(tmp_path, cli):
+    src = tmp_path / "hu.npy"
+    np.save(src, disk_image(16) * 1000 - 1000)
+    proc = cli("reconstruct", src, "-o", tmp_path / "r.npy", "--method", "fbp",
+               "--prior", "none")
+    assert_user_error(proc, "--hu-window")
+
+
+def test_parse_helpers():
+    from ctflow.cli import CLIError, parse_options, parse_slices
+
+    assert parse_slices("2:5") == slice(2, 5)
+    assert parse_slices(":3") == slice(None, 3)
+    assert parse_slices("4") == slice(4, 5)
+    assert parse_slices(None) is None
+    with pytest.raises(CLIError):
+        parse_slices("a:b")
+    assert parse_options(["sweeps=20", "rho=1e2", "init=fbp", "flag=true", "K=[1,2]"]) == {
+        "sweeps": 20, "rho": 100.0, "init": "fbp", "flag": True, "K": [1, 2]}
+    with pytest.raises(CLIError):
+        parse_options(["novalue"])
+
+
+# ---------------------------------------------------------------------- train, bench
+def test_train_delegates():
+    proc = run_cli("train", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "usage" in (proc.stdout + proc.stderr).lower()
+
+
+def test_bench_delegates():
+    proc = run_cli("bench", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "usage" in (proc.stdout + proc.stderr).lower()
+
+
+def test_bench_outside_a_checkout_is_a_clear_error(tmp_path, cli, monkeypatch):
+    import ctflow.cli as cli_mod
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli_mod, "__file__", str(tmp_path / "site" / "ctflow" / "cli.py"))
+    proc = cli("bench", "--help")
+    assert_user_error(proc, "benchmarks/", "repository")
