@@ -372,14 +372,18 @@ def _import_suite(name: str):
 def run_suite(name: str, *, quick: bool = False, out=None, device: str = "cpu", seed: int = 0,
               prior=None, progress: bool = False, tune: bool = False, limit: Optional[int] = None,
               after_case: Optional[Callable[[int], None]] = None,
-              command: Optional[str] = None) -> Optional[RunSummary]:
+              command: Optional[str] = None,
+              isolate: Optional[bool] = None) -> Optional[RunSummary]:
     """Run one suite (a case suite through the store, or an external module's ``run``).
 
     ``prior`` is a ``FlowPrior``, a name/path for ``ctflow.load_prior``, or ``None`` for the
     suite's default (``"ct64"``). ``tune=True`` runs the suite's validation grid instead and
     writes the chosen hyper-parameters to ``benchmarks/configs/<suite>.json``.
     ``limit`` runs only the first ``limit`` cases (smoke runs). ``command`` (the command line
-    that started the run) is recorded in every row.
+    that started the run) is recorded in every row. ``isolate`` runs every case in a fresh
+    process (:mod:`benchmarks.suites.worker`) so that CPU peak-memory measurements do not
+    depend on earlier cases; default: on for full CPU runs with a prior given by name/path,
+    off for ``quick`` runs, CUDA (``max_memory_allocated`` is reset per solve) and tuning.
     """
     out = Path(out) if out is not None else (DEFAULT_OUT / "quick" if quick else DEFAULT_OUT)
     out.mkdir(parents=True, exist_ok=True)
@@ -394,8 +398,14 @@ def run_suite(name: str, *, quick: bool = False, out=None, device: str = "cpu", 
         return None
 
     from .suites.common import SuiteContext
+    by_name = prior is None or isinstance(prior, (str, Path))
+    if isolate is None:
+        isolate = (not quick) and (not tune) and device == "cpu" and by_name
+    if isolate and not by_name:
+        raise ValueError("isolate=True needs the prior as a bundled name or checkpoint path "
+                         "(a worker process loads it), not a FlowPrior object")
     ctx = SuiteContext(suite=name, quick=quick, device=device, seed=seed, prior=prior,
-                       progress=progress)
+                       progress=progress, load_prior=not isolate)
     if tune:
         from .suites.tuning import tune_suite
         return tune_suite(module, ctx, out=out, after_case=after_case)
@@ -403,7 +413,16 @@ def run_suite(name: str, *, quick: bool = False, out=None, device: str = "cpu", 
     if limit is not None:
         cases = cases[:int(limit)]
     store = ResultStore(out / f"{name}.jsonl")
-    summary = run_cases(cases, ctx.execute, store, env=environment(device),
+    if isolate:
+        from .suites.worker import isolated_execute
+        spec = {"suite": name, "quick": bool(quick), "device": device, "seed": int(seed),
+                "prior": str(prior) if prior is not None else None}
+
+        def execute(case: Case) -> dict:
+            return isolated_execute(spec, case)
+    else:
+        execute = ctx.execute
+    summary = run_cases(cases, execute, store, env=environment(device),
                         extra={"quick": bool(quick), "config": ctx.config_label(),
                                "command": command or _default_command(name, quick, device,
                                                                       seed, prior)},
@@ -459,6 +478,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", dest="progress", action="store_true", default=True,
                    help="show a progress bar (default)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--isolate", dest="isolate", action="store_true", default=None,
+                   help="run every case in a fresh process (default for full CPU runs: clean "
+                        "peak-memory measurements)")
+    p.add_argument("--no-isolate", dest="isolate", action="store_false",
+                   help="run every case in this process (faster; CPU peak memory then "
+                        "depends on earlier cases)")
     p.add_argument("--no-report", action="store_true",
                    help="do not render the report after a suite finishes")
     return p
@@ -511,7 +536,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         t0 = time.perf_counter()
         summary = run_suite(n, quick=args.quick, out=out, device=args.device, seed=args.seed,
                             prior=args.prior, progress=args.progress, limit=args.limit,
-                            command=command)
+                            command=command, isolate=args.isolate)
         if summary is None:
             print(f"{n}: done in {time.perf_counter() - t0:.1f} s -> {out}")
         else:

@@ -237,8 +237,14 @@ All arguments after 'train' are passed to the trainer (ctflow.flow.train); run
 
 BENCH_EPILOG = """\
 All arguments after 'bench' are passed to the benchmark runner (the benchmarks/ folder of
-the repository, which is not installed: run from the repository root). Run
-'ctflow bench --help' for the suites and their options.
+the repository, which is not installed: run from the repository root). Global options given
+before 'bench' (--device, --seed, --quiet) are passed on too. Run 'ctflow bench --help' for
+the suites and their options.
+
+examples:
+  ctflow bench ct-sparse --quick
+  ctflow --device cuda bench memory
+  ctflow bench report
 """
 
 INFO_EPILOG = """\
@@ -682,7 +688,16 @@ def cmd_bench(args) -> int:
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     rest = list(args.rest)
-    # Pass the global options on unless the user gave them to the runner explicitly.
+    # Global options given before 'bench' go on to the runner unless given after it too.
+    help_only = any(a in ("-h", "--help") for a in rest)
+    if not help_only and rest:
+        if args.device not in (None, "auto") and "--device" not in rest:
+            from .info import resolve_device
+            rest += ["--device", str(resolve_device(args.device))]
+        if args.seed and "--seed" not in rest:
+            rest += ["--seed", str(args.seed)]
+        if args.quiet and "--no-progress" not in rest:
+            rest.append("--no-progress")
     return _call_entry(["benchmarks.__main__", "benchmarks.runner", "benchmarks"],
                        ["main", "run_cli"], rest, "the benchmark runner",
                        f" (looked in {root / 'benchmarks'})")

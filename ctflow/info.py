@@ -152,7 +152,11 @@ def _backends() -> Dict[str, Any]:
             elif isinstance(item, dict) and "name" in item:
                 entries.append(_normalise_backend_entry(str(item["name"]), item))
             else:
-                entries.append(_normalise_backend_entry(str(item), item))
+                entry = _normalise_backend_entry(str(getattr(item, "name", item)), item)
+                for key in ("backend", "impl"):
+                    if hasattr(item, key):
+                        entry[key] = str(getattr(item, key))
+                entries.append(entry)
     return {"error": "", "backends": entries}
 
 

@@ -277,6 +277,8 @@ class SuiteContext:
         api = require("ctflow.solvers.api", "the solvers (ctflow.reconstruct)")
         metrics = require("ctflow.metrics", "the image metrics")
         prob = self.problem(case.image, case.problem)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         extra = {"seed": prob.solver_seed} if accepts_seed(case.method) else {}
         res = api.reconstruct(prob.y, prob.A, self.prior, method=case.method,
                               noise_level=prob.sigma, **extra, **case.options)
@@ -301,6 +303,7 @@ class SuiteContext:
             "noise_sigma": prob.sigma,
             "solver_seed": prob.solver_seed,
             "image_size": self.image_size,
+            "isolated": False,
         }
         if case.trace:
             row["trace"] = history_trace(history)

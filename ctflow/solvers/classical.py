@@ -102,11 +102,13 @@ def _check_x_init(owner: str, value) -> Optional[torch.Tensor]:
 
 
 def _record_options(options: Dict[str, Any]) -> Dict[str, Any]:
-    """The options as plain values (a tensor ``x_init`` is recorded by its shape)."""
+    """The options as plain values (a tensor is recorded by its shape, a callable by name)."""
     out = {}
     for k, v in options.items():
         if isinstance(v, torch.Tensor):
             out[k] = f"tensor{tuple(v.shape)}"
+        elif callable(v) and not isinstance(v, (str, numbers.Number)):
+            out[k] = getattr(v, "__name__", type(v).__name__)
         else:
             out[k] = v
     return out
@@ -301,19 +303,23 @@ class CGLS:
             this factor for every item.
         tikhonov (float >= 0, default 0.0): the Tikhonov weight :math:`\lambda`.
         x_init (tensor or None, default None = zeros): the starting image.
+        seed (int >= 0, default 0): accepted for a uniform interface (``reconstruct`` passes
+            one to every method); the method is deterministic.
         progress (bool, default False): show a tqdm bar.
     """
 
     method = "cgls"
 
     def __init__(self, *, iterations: int = 30, tol: float = 1e-6, tikhonov: float = 0.0,
-                 x_init: Optional[torch.Tensor] = None, progress: bool = False):
+                 x_init: Optional[torch.Tensor] = None, seed: int = 0,
+                 progress: bool = False):
         o = type(self).__name__
         self.options = {
             "iterations": _check_int(o, "iterations", iterations, minimum=1),
             "tol": _check_float(o, "tol", tol, minimum=0.0),
             "tikhonov": _check_float(o, "tikhonov", tikhonov, minimum=0.0),
             "x_init": _check_x_init(o, x_init),
+            "seed": _check_seed(o, seed),
             "progress": _check_bool(o, "progress", progress),
         }
 
@@ -371,13 +377,15 @@ class Landweber:
         nonneg (bool, default True): project onto :math:`x \ge 0` after each step.
         tol (float >= 0, default 0.0): relative-change stopping tolerance.
         x_init (tensor or None, default None = zeros).
+        seed (int >= 0, default 0): accepted for a uniform interface (``reconstruct`` passes
+            one to every method); the method is deterministic.
         progress (bool, default False).
     """
 
     method = "landweber"
 
     def __init__(self, *, iterations: int = 100, relaxation: float = 1.0, nonneg: bool = True,
-                 tol: float = 0.0, x_init: Optional[torch.Tensor] = None,
+                 tol: float = 0.0, x_init: Optional[torch.Tensor] = None, seed: int = 0,
                  progress: bool = False):
         o = type(self).__name__
         self.options = {
@@ -387,6 +395,7 @@ class Landweber:
             "nonneg": _check_bool(o, "nonneg", nonneg),
             "tol": _check_float(o, "tol", tol, minimum=0.0),
             "x_init": _check_x_init(o, x_init),
+            "seed": _check_seed(o, seed),
             "progress": _check_bool(o, "progress", progress),
         }
 
@@ -565,6 +574,8 @@ class TV:
             makes the primal–dual gap finite, reported in the history).
         tol (float >= 0, default 1e-6): stop when the relative change of x falls below it.
         x_init (tensor or None, default None = zeros).
+        seed (int >= 0, default 0): accepted for a uniform interface (``reconstruct`` passes
+            one to every method); the method is deterministic.
         progress (bool, default False).
     """
 
@@ -572,7 +583,7 @@ class TV:
 
     def __init__(self, *, weight: float = 1.0, weight_mode: str = "relative",
                  iterations: int = 300, nonneg: bool = True, box: bool = False,
-                 tol: float = 1e-6, x_init: Optional[torch.Tensor] = None,
+                 tol: float = 1e-6, x_init: Optional[torch.Tensor] = None, seed: int = 0,
                  progress: bool = False):
         o = type(self).__name__
         self.options = {
@@ -584,6 +595,7 @@ class TV:
             "box": _check_bool(o, "box", box),
             "tol": _check_float(o, "tol", tol, minimum=0.0),
             "x_init": _check_x_init(o, x_init),
+            "seed": _check_seed(o, seed),
             "progress": _check_bool(o, "progress", progress),
         }
 
@@ -618,13 +630,19 @@ class FBPSolver:
 
     Options (keyword-only):
         filter ("ramp" | "shepp-logan" | "cosine" | "hann", default "ramp").
+        seed (int >= 0, default 0): accepted for a uniform interface (``reconstruct`` passes
+            one to every method); the method is deterministic.
+        progress (bool, default False): accepted for a uniform interface (FBP is one step).
     """
 
     method = "fbp"
 
-    def __init__(self, *, filter: str = "ramp"):  # noqa: A002 - the documented option name
+    def __init__(self, *, filter: str = "ramp", seed: int = 0,  # noqa: A002 - option name
+                 progress: bool = False):
         o = type(self).__name__
-        self.options = {"filter": _check_choice(o, "filter", filter, FBP_FILTERS)}
+        self.options = {"filter": _check_choice(o, "filter", filter, FBP_FILTERS),
+                        "seed": _check_seed(o, seed),
+                        "progress": _check_bool(o, "progress", progress)}
 
     def solve(self, operator, y: torch.Tensor, prior=None,
               noise_level: float = 0.0) -> Reconstruction:

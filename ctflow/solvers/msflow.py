@@ -359,20 +359,29 @@ class _Run:
             with torch.no_grad():
                 obj0 = g0 + self._c(S, P, a, lam)
                 todo = torch.ones_like(r, dtype=torch.bool)
+                n_items = r.shape[0]
                 for _bt in range(n_bt + 1):
                     idx = todo.nonzero().flatten()
                     if idx.numel() == 0:
                         break
-                    Li = L[idx]
-                    Si, gi = S[idx], grad[idx]
-                    trial = self._prox_c(Si - gi / _bc(Li, Si), Li, P[idx], a[idx], lam[idx])
-                    Ft = self.segments(trial, kk[idx])
-                    g1 = 0.5 * r[idx] * per_item_sq(T[idx] - Ft)
+                    full = idx.numel() == n_items
+
+                    def take(t, idx=idx, full=full):
+                        return t if full else t[idx]
+
+                    Li, Si, gi = take(L), take(S), take(grad)
+                    trial = self._prox_c(Si - gi / _bc(Li, Si), Li, take(P), take(a), take(lam))
+                    Ft = self.segments(trial, take(kk))
+                    ri = take(r)
+                    g1 = 0.5 * ri * per_item_sq(take(T) - Ft)
                     d = trial - Si
-                    model = g0[idx] + per_item_dot(gi, d) + 0.5 * Li * per_item_sq(d)
-                    obj1 = g1 + self._c(trial, P[idx], a[idx], lam[idx])
-                    tol = 1e-12 * obj0[idx].abs()
-                    ok = (g1 <= model + tol) & (obj1 <= obj0[idx])
+                    model = take(g0) + per_item_dot(gi, d) + 0.5 * Li * per_item_sq(d)
+                    obj1 = g1 + self._c(trial, take(P), take(a), take(lam))
+                    o0 = take(obj0)
+                    ok = (g1 <= model + 1e-12 * o0.abs()) & (obj1 <= o0)
+                    if full and bool(ok.all()):          # the common case: every step taken
+                        S, F, L = trial, Ft, L * 0.5
+                        break
                     # a step below rounding level: the block is stationary, stop trying
                     settled = ~ok & (per_item_sq(d).sqrt() <= eps * per_item_sq(Si).sqrt())
                     todo[idx[settled]] = False

@@ -40,8 +40,9 @@ and otherwise by ``cg_iters`` conjugate-gradient steps on
 
 Initialisation (as in the paper): start at :math:`t_0 > 0` from
 :math:`x_{t_0} = t_0\,\mathrm{to\_model}(x_{\text{init}}) + (1 - t_0)\varepsilon`, with
-:math:`x_{\text{init}}` = ``x_init`` if given, else ``init_iterations`` CGLS steps clipped to
-[0, 1] (``init="cgls"``, default) or zeros (``init="zeros"``). Then ``steps`` Euler steps of size
+:math:`x_{\text{init}}` = ``x_init`` if given, else the image ``init`` names (default
+``"auto"``: FBP for CT operators, else the least-squares scaled :math:`A^Ty`; see
+:func:`ctflow.solvers.common.initial_image`), clipped to [0, 1]. Then ``steps`` Euler steps of size
 :math:`h = (1 - t_0)/\text{steps}` reach :math:`t = 1`.
 
 Cost: ``steps`` forward and ``steps`` backward (VJP) velocity evaluations.
@@ -57,7 +58,8 @@ from ..flow.integrate import CountingVelocity
 from .classical import (_cg, _check_bool, _check_choice, _check_float, _check_int,
                         _check_problem, _check_seed, _check_x_init, _finish, _operator_norm,
                         _progress, _rel_residual)
-from .pnpflow import INIT_CHOICES, _check_prior, _generator, _randn_like, _start_image, _times
+from .pnpflow import (_check_init, _check_prior, _generator, _randn_like, _start_image,
+                      _times)
 from .result import Reconstruction, SolveMeter
 
 __all__ = ["OTODE"]
@@ -84,9 +86,13 @@ class OTODE:
         cg_iters (int >= 1, default 10): CG iterations for the ΠGDM inverse when the operator
             has no closed form.
         cg_tol (float >= 0, default 1e-6): relative CG tolerance.
-        init ("cgls" | "zeros", default "cgls"): ``x_init`` when none is given.
+        init ("auto" | "fbp" | "adjoint" | "cgls" | "zeros" | tensor | callable, default
+            "auto"): ``x_init`` when none is given, through
+            :func:`ctflow.solvers.common.initial_image` ("auto": FBP for CT operators, else
+            the least-squares scaled :math:`A^Ty`; "zeros" is mid-grey 0.5).
         init_iterations (int >= 1, default 10): CGLS iterations for ``init="cgls"``.
-        x_init (tensor or None, default None): explicit public starting image.
+        x_init (tensor or None, default None): explicit public starting image (wins over
+            ``init``).
         seed (int >= 0, default 0): seeds the initial noise :math:`\varepsilon`.
         progress (bool, default False): show a tqdm bar.
 
@@ -101,7 +107,7 @@ class OTODE:
 
     def __init__(self, *, steps: int = 50, t0: float = 0.2,
                  gamma: Union[str, float] = "gamma_t", cg_iters: int = 10,
-                 cg_tol: float = 1e-6, init: str = "cgls", init_iterations: int = 10,
+                 cg_tol: float = 1e-6, init: Any = "auto", init_iterations: int = 10,
                  x_init: Optional[torch.Tensor] = None, seed: int = 0,
                  progress: bool = False):
         o = type(self).__name__
@@ -119,7 +125,7 @@ class OTODE:
             "gamma": gamma,
             "cg_iters": _check_int(o, "cg_iters", cg_iters, minimum=1),
             "cg_tol": _check_float(o, "cg_tol", cg_tol, minimum=0.0),
-            "init": _check_choice(o, "init", init, INIT_CHOICES),
+            "init": _check_init(o, init),
             "init_iterations": _check_int(o, "init_iterations", init_iterations, minimum=1),
             "x_init": _check_x_init(o, x_init),
             "seed": _check_seed(o, seed),

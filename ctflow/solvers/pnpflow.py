@@ -32,9 +32,9 @@ i.e. :math:`\gamma` is relative to :math:`1/\|A_m\|^2` (the Lipschitz constant o
 the prior's normalisation. :math:`\alpha = 0` gives a constant step.
 
 Initialisation: with ``t_start = 0`` the first re-noising discards the starting image
-(:math:`\tilde z = \varepsilon`), so the start only matters for ``t_start > 0``; ``init``
-``"zeros"`` (default) or ``"cgls"`` (``init_iterations`` CGLS steps, clipped to [0, 1]), or an
-explicit ``x_init`` image.
+(:math:`\tilde z = \varepsilon`), so the start only matters for ``t_start > 0``. It is an
+explicit ``x_init`` image, or ``init`` as in :func:`ctflow.solvers.common.initial_image`
+(clipped to [0, 1]).
 
 Cost: :math:`N \cdot D` forward velocity evaluations, no backward ones.
 """
@@ -45,14 +45,12 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..flow.integrate import CountingVelocity
-from .classical import (_check_bool, _check_choice, _check_float, _check_int, _check_problem,
-                        _check_seed, _check_x_init, _finish, _initial_image, _operator_norm,
-                        _progress, _rel_residual, cgls)
+from .classical import (_check_bool, _check_float, _check_int, _check_problem, _check_seed,
+                        _check_x_init, _finish, _operator_norm, _progress, _rel_residual)
+from .common import INIT_CHOICES, initial_image
 from .result import Reconstruction, SolveMeter
 
 __all__ = ["PnPFlow"]
-
-INIT_CHOICES = ("zeros", "cgls")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,13 +84,36 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
 
 
-def _start_image(owner: str, operator, y: torch.Tensor, init: str,
+def _check_init(owner: str, init):
+    """``init``: a name in ``INIT_CHOICES``, a tensor or a callable ``y -> image``."""
+    if isinstance(init, str):
+        if init not in INIT_CHOICES:
+            raise ValueError(f"{owner}: option 'init' must be one of "
+                             f"{', '.join(repr(c) for c in INIT_CHOICES)}, a tensor or a "
+                             f"callable y -> image, got {init!r}")
+    elif not (isinstance(init, torch.Tensor) or callable(init)):
+        raise ValueError(f"{owner}: option 'init' must be one of "
+                         f"{', '.join(repr(c) for c in INIT_CHOICES)}, a tensor or a callable "
+                         f"y -> image, got {type(init).__name__}")
+    return init
+
+
+def _start_image(owner: str, operator, y: torch.Tensor, init,
                  x_init: Optional[torch.Tensor], init_iterations: int) -> torch.Tensor:
-    """The public starting image: ``x_init`` if given, else zeros or clipped CGLS."""
-    if x_init is not None or init == "zeros":
-        return _initial_image(owner, operator, y, x_init)
-    x, _ = cgls(operator, y, iterations=init_iterations, tol=0.0)
-    return x.clamp(0.0, 1.0)
+    """The public starting image in [0, 1]: ``x_init`` if given, else from ``init`` through
+    :func:`ctflow.solvers.common.initial_image` (``"auto"``: FBP for CT operators, else the
+    least-squares scaled :math:`A^Ty`; ``"fbp"``; ``"adjoint"``; ``"cgls"``: CGLS steps;
+    ``"zeros"``: a constant mid-grey 0.5 image)."""
+    start = x_init if x_init is not None else init
+    if isinstance(start, torch.Tensor):
+        want = (int(y.shape[1]), *operator.domain_shape)
+        if tuple(start.shape[1:]) != want or start.shape[0] not in (1, y.shape[0]):
+            name = "x_init" if x_init is not None else "init"
+            raise ValueError(f"{owner}: option {name!r} shape mismatch: expected "
+                             f"({y.shape[0]} or 1, {', '.join(map(str, want))}), "
+                             f"got {tuple(start.shape)}")
+    x, _ = initial_image(start, operator, y, owner=owner, cgls_iterations=init_iterations)
+    return x
 
 
 def _times(t: float, x: torch.Tensor) -> torch.Tensor:
@@ -111,9 +132,12 @@ class PnPFlow:
             keeps the final iterate closest to the data).
         draws (int >= 1, default 2): noise draws :math:`D` averaged by the denoiser.
         t_start (float in [0, 1), default 0.0): the first time :math:`t_0`.
-        init ("zeros" | "cgls", default "zeros"): the starting image when ``x_init`` is None.
+        init ("auto" | "fbp" | "adjoint" | "cgls" | "zeros" | tensor | callable, default
+            "zeros"): the starting image when ``x_init`` is None (see
+            :func:`ctflow.solvers.common.initial_image`; "zeros" is mid-grey 0.5).
         init_iterations (int >= 1, default 10): CGLS iterations for ``init="cgls"``.
-        x_init (tensor or None, default None): explicit public starting image.
+        x_init (tensor or None, default None): explicit public starting image (wins over
+            ``init``).
         seed (int >= 0, default 0): seeds the re-noising draws.
         progress (bool, default False): show a tqdm bar.
 
@@ -126,7 +150,7 @@ class PnPFlow:
     method = "pnpflow"
 
     def __init__(self, *, steps: int = 100, gamma: float = 1.0, alpha: float = 0.0,
-                 draws: int = 2, t_start: float = 0.0, init: str = "zeros",
+                 draws: int = 2, t_start: float = 0.0, init: Any = "zeros",
                  init_iterations: int = 10, x_init: Optional[torch.Tensor] = None,
                  seed: int = 0, progress: bool = False):
         o = type(self).__name__
@@ -137,7 +161,7 @@ class PnPFlow:
             "draws": _check_int(o, "draws", draws, minimum=1),
             "t_start": _check_float(o, "t_start", t_start, minimum=0.0, maximum=1.0,
                                     max_open=True),
-            "init": _check_choice(o, "init", init, INIT_CHOICES),
+            "init": _check_init(o, init),
             "init_iterations": _check_int(o, "init_iterations", init_iterations, minimum=1),
             "x_init": _check_x_init(o, x_init),
             "seed": _check_seed(o, seed),
@@ -161,11 +185,11 @@ class PnPFlow:
                                      opt["init_iterations"])
                 lip = (_operator_norm(o, operator, y) / abs(a)) ** 2  # ||A_m||^2
                 x = prior.to_model(x_pub)
+                ax = operator.forward(prior.from_model(x))
                 for n in _progress(range(n_steps), opt["progress"], "pnp-flow"):
                     t = ts + (1.0 - ts) * n / n_steps
                     eta = opt["gamma"] * (1.0 - t) ** opt["alpha"] / lip
-                    r = operator.forward(prior.from_model(x)) - y
-                    z = x - (eta / a) * operator.adjoint(r)
+                    z = x - (eta / a) * operator.adjoint(ax - y)
                     acc = torch.zeros_like(z)
                     tt = _times(t, z)
                     for _ in range(draws):

@@ -353,8 +353,15 @@ class SystemMatrix:
         self.geometry = geometry
         self.kind = kind
         self.plan = symmetry_plan(geometry, mode=symmetry)
-        (crow, col, val), (crow_t, col_t, val_t) = _build(
-            geometry, self.plan.canonical, weighted=(kind == "fan_fbp"), dtype=dtype)
+        # The build works on small blocks: extra intra-op threads only add overhead (and spin
+        # badly on a loaded machine), so it runs single-threaded and restores the setting.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            (crow, col, val), (crow_t, col_t, val_t) = _build(
+                geometry, self.plan.canonical, weighted=(kind == "fan_fbp"), dtype=dtype)
+        finally:
+            torch.set_num_threads(threads)
         device = torch.device(device)
         n = geometry.image_size
         rows = len(self.plan.canonical) * geometry.detectors

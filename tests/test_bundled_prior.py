@@ -1,0 +1,57 @@
+"""The bundled CT prior: loads offline by name, declares its preparation, samples finitely,
+and was trained on patients disjoint from the held-out ones."""
+import json
+
+import pytest
+import torch
+
+import ctflow.priors as P
+from ctflow.priors.registry import bundled_dir
+
+NAME = "ct64"
+TEST_PATIENTS = {"A058062", "A062055", "A067967", "A072894", "A098752"}
+VALIDATION_PATIENTS = {"A048383", "A056642"}
+
+bundled = pytest.mark.skipif(
+    not (bundled_dir() / f"{NAME}.json").is_file(),
+    reason=f"prior {NAME!r} not bundled yet (python -m ctflow.flow.train bundle runs/ct64 "
+           f"--name {NAME})")
+
+
+@bundled
+def test_loads_by_name_and_samples():
+    assert NAME in P.list_priors()
+    prior = P.load_prior(NAME)
+    assert prior.image_size == 64 and prior.channels == 1
+    assert prior.hu_window == (-1024.0, 1024.0)
+    assert (prior.scale, prior.shift) == (2.0, -1.0)
+    assert not prior.velocity.training
+    x = prior.sample(2, steps=3, method="euler", generator=torch.Generator().manual_seed(0))
+    assert x.shape == (2, 1, 64, 64) and bool(torch.isfinite(x).all())
+    # a trained prior lands in (roughly) the public range, not at the noise scale
+    assert float(x.abs().max()) < 3.0
+
+
+@bundled
+def test_training_split_is_disjoint_from_heldout_patients():
+    meta = json.loads((bundled_dir() / f"{NAME}.json").read_text())
+    data = meta["data"]
+    excluded = set(data["exclude_patients"])
+    assert TEST_PATIENTS | VALIDATION_PATIENTS <= excluded
+    used = set()
+    for src in data["sources"]:
+        used |= set(src.get("patients", []))
+    assert used, "no per-source patient record"
+    assert not used & (TEST_PATIENTS | VALIDATION_PATIENTS)
+    assert meta["training"]["steps"] > 0 and meta["training"]["loss_curve"]
+    assert meta["hu_window"] == [-1024.0, 1024.0] and meta["image_size"] == 64
+
+
+@bundled
+def test_bundle_size_and_notices():
+    w = bundled_dir() / f"{NAME}.safetensors"
+    assert w.stat().st_size < 20 * 1024 * 1024
+    for f in ("LICENSE.md", "PROVENANCE.md", "TCIA-LICENSE.txt", "LICENSE-Apache-2.0.txt"):
+        assert (bundled_dir() / f).is_file(), f
+    text = (bundled_dir() / "PROVENANCE.md").read_text()
+    assert "10.7937/TCIA.2020.NNC20461" in text and "10.7937/TCIA.BBAG-2923" in text

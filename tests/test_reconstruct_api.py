@@ -1,0 +1,184 @@
+"""ctflow.solvers.reconstruct: dispatch, validation before any work, layouts, seeding; and
+acceptance (c): every flow solver reduces the data residual on a small CT problem."""
+import pytest
+import torch
+
+from ctflow.flow import GaussianVelocity
+from ctflow.operators import LinearOperator
+from ctflow.priors import FlowPrior
+from ctflow.solvers import METHODS, DFlow, MSFlow, reconstruct
+
+DT = torch.float64
+
+
+class Dense(LinearOperator):
+    name = "Dense"
+
+    def __init__(self, W, n):
+        super().__init__((n, n), (W.shape[0],))
+        self.W, self.n = W, n
+
+    def _forward(self, x):
+        return x.reshape(*x.shape[:2], -1) @ self.W.T.to(x)
+
+    def _adjoint(self, y):
+        return (y @ self.W.to(y)).reshape(*y.shape[:2], self.n, self.n)
+
+
+class Mask(LinearOperator):
+    name = "Mask"
+
+    def __init__(self, mask):
+        super().__init__(mask.shape[-2:], mask.shape[-2:])
+        self.mask = mask
+
+    def _forward(self, x):
+        return x * self.mask.to(x)
+
+    def _adjoint(self, y):
+        return y * self.mask.to(y)
+
+    def solve_shifted_normal(self, b, shift):
+        return b / (self.mask.to(b) ** 2 + shift)
+
+
+class Exploding:
+    """A velocity field that must never be called (validation happens before any work)."""
+
+    def __call__(self, x, t):
+        raise AssertionError("the velocity field was evaluated before validation")
+
+
+def gauss_prior(n, *, seed=0, dtype=DT):
+    g = torch.Generator().manual_seed(seed)
+    mu = 0.6 * (torch.rand(1, n, n, generator=g, dtype=dtype) - 0.5)
+    sig = 0.5 + 0.3 * torch.rand(1, n, n, generator=g, dtype=dtype)
+    return FlowPrior(GaussianVelocity(mu, sig), image_size=n, scale=4.0, shift=-2.0)
+
+
+def ct_problem(n=16, sigma=0.01):
+    """A tiny parallel-beam CT problem (RayTransform when available, else a random matrix)."""
+    g = torch.Generator().manual_seed(0)
+    try:
+        from ctflow.operators import ParallelBeam2D, RayTransform
+        A = RayTransform(ParallelBeam2D(image_size=n, angles=10))
+    except (ImportError, AttributeError, TypeError):
+        A = Dense(torch.randn(10 * 23, n * n, generator=g, dtype=DT) / n, n)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, n, dtype=DT), torch.linspace(-1, 1, n,
+                                                                             dtype=DT),
+                            indexing="ij")
+    x = ((xx ** 2 + yy ** 2 < 0.6).to(DT) * 0.6 + 0.2 * ((xx - 0.2) ** 2 + yy ** 2 < 0.1)
+         ).reshape(1, 1, n, n)
+    clean = A(x)
+    y = clean + sigma * float(clean.abs().mean()) * torch.randn(clean.shape, generator=g,
+                                                                dtype=DT)
+    return A, y, x
+
+
+# --------------------------------------------------------------------------------------------
+# acceptance (c)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method, options", [
+    ("msflow", dict(K=4, M=2, sweeps=8)),
+    ("msflow", dict(K=4, M=2, sweeps=8, sweep="jacobi")),
+    ("msflow", dict(K=4, M=2, sweeps=4, update="exact", inner_iters=2)),
+    ("msflow", dict(K=4, M=2, sweeps=8, schedule="continuation")),
+    ("msflow", dict(K=4, M=2, sweeps=8, schedule="adaptive")),
+    ("msflow", dict(K=4, M=2, sweeps=8, update="joint")),
+    ("dflow", dict(N=8, iterations=3, max_iter=5)),
+])
+def test_flow_solvers_reduce_the_data_residual_on_ct(method, options):
+    A, y, x = ct_problem()
+    prior = gauss_prior(16)
+    sigma = 0.01 * float(y.abs().mean())
+    res = reconstruct(y, A, prior, method=method, noise_level=sigma, **options)
+    r = [h["residual"] for h in res.history]
+    assert r[-1] < 0.8 * r[0], r
+    assert res.image.shape == x.shape and res.nfe["forward"] > 0
+    assert 0 <= float(res.image.min()) and float(res.image.max()) <= 1
+
+
+# --------------------------------------------------------------------------------------------
+# dispatcher behaviour
+# --------------------------------------------------------------------------------------------
+def test_reconstruct_matches_the_solver_class_and_is_seeded():
+    A = Mask((torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(0)) > 0.3).to(DT))
+    prior = gauss_prior(8)
+    y = A(torch.rand(1, 1, 8, 8, dtype=DT, generator=torch.Generator().manual_seed(1)))
+    a = reconstruct(y, A, prior, method="msflow", noise_level=0.05, K=2, M=2, sweeps=3, seed=4)
+    b = MSFlow(K=2, M=2, sweeps=3, seed=4).solve(A, y, prior, 0.05)
+    assert torch.equal(a.image, b.image) and a.method == "msflow"
+    c = reconstruct(y, A, prior, method="msflow", noise_level=0.05, K=2, M=2, sweeps=3, seed=5)
+    assert not torch.equal(a.image, c.image)
+    d = reconstruct(y, A, prior, method="dflow", noise_level=0.05, N=4, iterations=1)
+    assert torch.equal(d.image, DFlow(N=4, iterations=1).solve(A, y, prior, 0.05).image)
+
+
+def test_layouts_come_back_as_given():
+    A = Mask(torch.ones(1, 8, 8, dtype=DT))
+    prior = gauss_prior(8)
+    y = torch.full((1, 1, 8, 8), 0.4, dtype=DT)
+    opts = dict(method="msflow", noise_level=0.05, K=2, M=1, sweeps=2)
+    batched = reconstruct(y, A, prior, **opts).image
+    assert batched.shape == (1, 1, 8, 8)
+    assert reconstruct(y[0], A, prior, **opts).image.shape == (1, 8, 8)
+    bare = reconstruct(y[0, 0], A, prior, **opts).image
+    assert bare.shape == (8, 8) and torch.equal(bare, batched[0, 0])
+    two = reconstruct(y.repeat(2, 1, 1, 1), A, prior, **opts).image
+    assert two.shape == (2, 1, 8, 8)
+
+
+def test_progress_bar_only_when_asked(capsys):
+    A = Mask(torch.ones(1, 8, 8, dtype=DT))
+    y = torch.full((1, 1, 8, 8), 0.4, dtype=DT)
+    reconstruct(y, A, gauss_prior(8), K=2, M=1, sweeps=2)
+    assert "MS-Flow" not in capsys.readouterr().err
+    reconstruct(y, A, gauss_prior(8), K=2, M=1, sweeps=2, progress=True)
+    assert "MS-Flow" in capsys.readouterr().err
+
+
+def test_validation_happens_before_any_work():
+    A = Mask(torch.ones(1, 8, 8, dtype=DT))
+    prior = FlowPrior(Exploding(), image_size=8, scale=2.0, shift=-1.0)
+    y = torch.zeros(1, 1, 8, 8, dtype=DT)
+    with pytest.raises(ValueError, match="method must be one of"):
+        reconstruct(y, A, prior, method="sart")
+    with pytest.raises(ValueError, match="unknown option.*'step_size'"):
+        reconstruct(y, A, prior, method="msflow", step_size=0.1)
+    with pytest.raises(ValueError, match="option update must be one of"):
+        reconstruct(y, A, prior, method="msflow", update="newton")
+    with pytest.raises(ValueError, match="unknown option.*'sweeps'"):
+        reconstruct(y, A, prior, method="dflow", iterations=2, sweeps=3)
+    bad = y.clone()
+    bad[0, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        reconstruct(bad, A, prior)
+    bad[0, 0, 3, 3] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        reconstruct(bad, A, prior, method="dflow")
+    with pytest.raises(ValueError, match="shape mismatch"):
+        reconstruct(torch.zeros(1, 1, 8, 9, dtype=DT), A, prior)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        reconstruct(torch.zeros(1, 1, 1, 8, 8, dtype=DT), A, prior)
+    with pytest.raises(ValueError, match="channel"):
+        reconstruct(torch.zeros(1, 3, 8, 8, dtype=DT), A, prior)
+    with pytest.raises(ValueError, match="noise_level"):
+        reconstruct(y, A, prior, noise_level=0.0)
+    with pytest.raises(ValueError, match="noise_level"):
+        reconstruct(y, A, prior, noise_level=float("nan"))
+    with pytest.raises(ValueError, match="needs a prior"):
+        reconstruct(y, A, None, method="msflow")
+    small = FlowPrior(Exploding(), image_size=4)
+    with pytest.raises(ValueError, match="4x4 images but the operator's domain shape is"):
+        reconstruct(y, A, small, method="dflow")
+    with pytest.raises(ValueError, match="y must be a torch.Tensor"):
+        reconstruct(y.numpy(), A, prior)
+
+
+def test_method_table_and_classical_dispatch():
+    assert set(METHODS) == {"msflow", "dflow", "pnpflow", "otode", "fbp", "tv", "cgls"}
+    pytest.importorskip("ctflow.solvers.classical")
+    A, y, x = ct_problem()
+    res = reconstruct(y, A, None, method="cgls", noise_level=0.01)
+    assert res.image.shape == x.shape
+    assert float((A(res.image) - y).norm()) < float(y.norm())
