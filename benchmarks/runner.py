@@ -137,7 +137,6 @@ class ResultStore:
 
     def __init__(self, path):
         self.path = Path(path)
-        self._repaired = False
 
     # reading ---------------------------------------------------------------------------------
     def rows(self) -> List[dict]:
@@ -178,15 +177,16 @@ class ResultStore:
 
     # writing ---------------------------------------------------------------------------------
     def _repair_tail(self) -> None:
-        """Cut a trailing partial line (a run killed while writing) so appends stay valid."""
-        if self._repaired or not self.path.exists():
-            self._repaired = True
+        """Cut a trailing partial line (a run killed while writing) so appends stay valid.
+
+        Checked before every append (one byte read), so a torn line left by any earlier
+        writer is removed whatever this object has seen before."""
+        if not self.path.exists():
             return
         with open(self.path, "rb+") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
             if size == 0:
-                self._repaired = True
                 return
             f.seek(size - 1)
             if f.read(1) != b"\n":
@@ -196,7 +196,6 @@ class ResultStore:
                 f.truncate(keep)
                 f.flush()
                 os.fsync(f.fileno())
-        self._repaired = True
 
     def append(self, row: dict) -> None:
         """Append ``row`` as one line; flush and fsync before returning."""

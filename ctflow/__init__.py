@@ -3,10 +3,20 @@
 The centre is MS-Flow (trajectory stitching): the generative ODE trajectory is split into
 segments whose end states are free variables coupled by soft penalties, so each update needs
 forward evaluations over one short segment only and memory stays constant in the ODE steps.
+
+>>> import ctflow
+>>> from ctflow.operators import ParallelBeam2D, RayTransform
+>>> A = RayTransform(ParallelBeam2D(64, angles=60))
+>>> prior = ctflow.load_prior("ct64")
+>>> result = ctflow.reconstruct(y, A, prior, method="msflow", noise_level=0.01)  # doctest: +SKIP
 """
 __version__ = "0.1.0"
 
 from .flow import integrate
-from .priors import FlowPrior, gaussian_prior
+from .metrics import psnr, relative_error, ssim
+from .priors import FlowPrior, gaussian_prior, list_priors, load_prior, save_prior
+from .solvers import DFlow, MSFlow, Reconstruction, reconstruct
 
-__all__ = ["__version__", "integrate", "FlowPrior", "gaussian_prior"]
+__all__ = ["__version__", "integrate", "FlowPrior", "gaussian_prior", "load_prior", "list_priors",
+           "save_prior", "reconstruct", "MSFlow", "DFlow", "Reconstruction", "psnr", "ssim",
+           "relative_error"]

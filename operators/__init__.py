@@ -12,3 +12,8 @@ __all__ = ["LinearOperator", "AdjointOperator", "ComposedOperator", "ScaledOpera
 from .restoration import Denoising, GaussianBlur, Inpainting, SuperResolution  # noqa: E402
 
 __all__ += ["GaussianBlur", "Inpainting", "SuperResolution", "Denoising"]
+
+# CT: geometries, ray transform (torch / odl / tomosipo backends), filtered back-projection.
+from .ct import FBP, FanBeam2D, ParallelBeam2D, RayTransform, available_backends  # noqa: E402
+
+__all__ += ["ParallelBeam2D", "FanBeam2D", "RayTransform", "FBP", "available_backends"]

@@ -182,3 +182,40 @@ def test_method_table_and_classical_dispatch():
     res = reconstruct(y, A, None, method="cgls", noise_level=0.01)
     assert res.image.shape == x.shape
     assert float((A(res.image) - y).norm()) < float(y.norm())
+
+
+def test_integrator_alias_and_init_checks():
+    A = Mask(torch.ones(1, 8, 8, dtype=DT))
+    y = torch.full((1, 1, 8, 8), 0.4, dtype=DT)
+    prior = gauss_prior(8)
+    res = reconstruct(y, A, prior, method="msflow", K=2, M=1, sweeps=1, integrator="heun")
+    assert res.options["method"] == "heun" and res.nfe["forward"] == 2 * (2 + 2 + 2)
+    res = reconstruct(y, A, prior, method="dflow", N=2, iterations=1, integrator="midpoint")
+    assert res.options["method"] == "midpoint"
+    with pytest.raises(ValueError, match="disagree"):
+        MSFlow(method="euler", integrator="heun")
+    with pytest.raises(ValueError, match="init image shape mismatch"):
+        reconstruct(y, A, prior, K=2, M=1, sweeps=1, init=torch.zeros(1, 1, 4, 4, dtype=DT))
+    called = []
+
+    def fbp_like(meas):
+        called.append(meas.shape)
+        return torch.full((1, 1, 8, 8), 0.4, dtype=DT)
+
+    res = reconstruct(y, A, prior, K=2, M=1, sweeps=1, init=fbp_like)
+    assert called == [(1, 1, 8, 8)] and res.options["init"] == "fbp_like"
+    with pytest.raises(ValueError, match="init='fbp' needs a CT operator"):
+        reconstruct(y, A, prior, K=2, M=1, sweeps=1, init="fbp")
+
+
+def test_interpolated_initial_trajectory_starts_with_gaps():
+    A, y, _ = ct_problem()
+    prior = gauss_prior(16)
+    sigma = 0.01 * float(y.abs().mean())
+    res = reconstruct(y, A, prior, noise_level=sigma, K=4, M=2, sweeps=6,
+                      trajectory="interpolate")
+    traj = [h["trajectory_loss"] for h in res.history]
+    assert traj[0] > 0 and traj[-1] < traj[0]
+    # rollout (default) starts on an exact ODE trajectory
+    res = reconstruct(y, A, prior, noise_level=sigma, K=4, M=2, sweeps=1)
+    assert res.history[0]["trajectory_loss"] == 0.0

@@ -112,7 +112,7 @@ def _item_times(t, x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _integrate_per_item(v, x, t0, t1, steps, method, ctx, return_path):
-    """:func:`integrate` with one uniform time grid per batch item (``t0``, ``t1`` of shape (B,))."""
+    """:func:`integrate` with one uniform time grid per item (``t0``, ``t1`` of shape (B,))."""
     a0 = _item_times(t0, x, "t0")
     a1 = _item_times(t1, x, "t1")
     h64 = (a1 - a0) / max(steps, 1)

@@ -131,7 +131,8 @@ def loss_curve_png(loss_log, path, *, smooth: int = 20) -> Path:
     ax.plot(steps, loss, lw=0.6, alpha=0.4, label="logged mean loss")
     if len(loss) > smooth:
         k = np.ones(smooth) / smooth
-        ax.plot(steps[smooth - 1:], np.convolve(loss, k, mode="valid"), lw=1.4,
+        avg = np.convolve(loss, k, mode="valid")
+        ax.plot(steps[smooth // 2: smooth // 2 + len(avg)], avg, lw=1.4,
                 label=f"moving average ({smooth} points)")
     ax.set_xlabel("step")
     ax.set_ylabel("flow-matching loss")
@@ -167,7 +168,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          split=args.split)
     numbers = {k: v for k, v in res.items() if not isinstance(v, torch.Tensor)}
     numbers["prior"] = args.prior
-    numbers["prior_steps_trained"] = prior.config.get("training", {}).get("steps")
+    numbers["prior_steps_trained"] = (prior.config.get("training", {}).get("steps")
+                                      or prior.config.get("step"))
     print(json.dumps(numbers, indent=2))
     if args.png:
         win = prior.hu_window or (-1024.0, 1024.0)

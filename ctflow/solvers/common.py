@@ -457,7 +457,8 @@ def initial_image(init: Any, operator, y: torch.Tensor, *, owner: str,
         want = (y.shape[0], y.shape[1], *operator.domain_shape)
         if x.ndim == len(want) - 1 and y.shape[0] == 1:
             x = x.unsqueeze(0)
-        if tuple(x.shape) != want and x.ndim == len(want) and x.shape[0] == 1:
+        if (tuple(x.shape) != want and x.ndim == len(want) and x.shape[0] == 1
+                and tuple(x.shape[1:]) == tuple(want[1:])):
             x = x.expand(want)
         if tuple(x.shape) != want:
             raise ValueError(f"{owner}: init image shape mismatch: expected {want}, got "

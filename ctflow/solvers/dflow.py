@@ -43,7 +43,8 @@ class DFlow:
     r"""D-Flow solver (see the module docstring).
 
     Keyword-only options (defaults in :attr:`DEFAULTS`): ``N`` ODE steps, ``method``
-    (``"euler"``, ``"midpoint"``, ``"heun"``), ``lam`` :math:`\lambda`, ``alpha`` (blend),
+    (``"euler"``, ``"midpoint"``, ``"heun"``; alias ``integrator`` for ``ctflow.reconstruct``),
+    ``lam`` :math:`\lambda`, ``alpha`` (blend),
     ``init`` (``"auto"``, ``"fbp"``, ``"adjoint"``, ``"cgls"``, ``"zeros"``, a tensor or a
     callable ``y -> image``), ``iterations`` (outer L-BFGS steps), ``max_iter`` (L-BFGS
     iterations per step), ``history_size`` (L-BFGS memory), ``lr`` (L-BFGS initial step),
@@ -57,9 +58,9 @@ class DFlow:
 
     name = "dflow"
     DEFAULTS: Dict[str, Any] = dict(
-        N=16, method="euler", lam=1.0, alpha=0.1, init="auto", iterations=10, max_iter=5,
-        history_size=20, lr=1.0, tolerance_grad=1e-9, tolerance_change=1e-12, cgls_iters=10,
-        seed=0, progress=False,
+        N=16, method="euler", integrator=None, lam=1.0, alpha=0.1, init="auto", iterations=10,
+        max_iter=5, history_size=20, lr=1.0, tolerance_grad=1e-9, tolerance_change=1e-12,
+        cgls_iters=10, seed=0, progress=False,
     )
 
     def __init__(self, **options: Any):
@@ -71,6 +72,13 @@ class DFlow:
         check_options(options, cls.DEFAULTS, owner=own)
         o = dict(cls.DEFAULTS)
         o.update(options)
+        # ``integrator`` is an alias of ``method`` (reconstruct() uses ``method`` for the solver)
+        if o["integrator"] is not None:
+            if "method" in options and options["method"] != o["integrator"]:
+                raise ValueError(f"{own}: options method={options['method']!r} and "
+                                 f"integrator={o['integrator']!r} disagree; give one of them")
+            o["method"] = o["integrator"]
+        o["integrator"] = None
         o["N"] = check_int("N", o["N"], owner=own)
         check_choice("method", o["method"], DFLOW_METHODS, owner=own)
         o["lam"] = check_positive("lam", o["lam"], owner=own, allow_zero=True)

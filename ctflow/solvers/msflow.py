@@ -18,7 +18,10 @@ Everything is summed over the batch; batch items never interact.
 
 **Initialisation.** :math:`s_0 = \sqrt\alpha\,\Psi^{-1}(x_\text{init}) + \sqrt{1-\alpha}\,
 \varepsilon` (:math:`\Psi^{-1}` the backward ODE with :math:`N` steps, :math:`x_\text{init}`
-from ``init``), then :math:`s_{k+1} = \Phi_k(s_k)`, so every stitching gap starts at zero.
+from ``init``), then (``trajectory="rollout"``, the default) :math:`s_{k+1} = \Phi_k(s_k)`, so
+every stitching gap starts at zero; ``trajectory="interpolate"`` instead puts the states on
+the straight line :math:`s_k = (1-t_k)s_0 + t_k\,s_K` to :math:`s_K =` the model-space
+:math:`x_\text{init}` (the rectified-flow training interpolant; the gaps start non-zero).
 
 **Block updates** (``update``), each involving one or two segments only:
 
@@ -28,7 +31,8 @@ from ``init``), then :math:`s_{k+1} = \Phi_k(s_k)`, so every stitching gap start
   space (:math:`A_m = A/a`, see :mod:`ctflow.solvers.common`), in closed form through
   ``operator.solve_shifted_normal`` where available, else by ``cg_iters`` warm-started CG steps;
 * block :math:`k < K` minimises :math:`c_k(s_k) + \tfrac{\rho_k}2\|s_{k+1} - \Phi_k(s_k)\|^2`
-  with :math:`c_0 = \lambda R` and :math:`c_k = \tfrac{\rho_{k-1}}2\|\cdot - \Phi_{k-1}(s_{k-1})\|^2`.
+  with :math:`c_0 = \lambda R` and
+  :math:`c_k = \tfrac{\rho_{k-1}}2\|\cdot - \Phi_{k-1}(s_{k-1})\|^2`.
 
   - ``"jacobian-free"``: the Jacobian of :math:`\Phi_k` is replaced by the identity, so the
     block problem becomes :math:`\min c_k(s) + \tfrac{\rho_k}2\|s - z\|^2` with
@@ -104,6 +108,7 @@ SWEEPS = ("gauss-seidel", "jacobi")
 ORDERS = ("forward", "backward")
 SCHEDULES = ("constant", "continuation", "adaptive")
 JOINT_OPTIMIZERS = ("gd", "adam")
+TRAJECTORIES = ("rollout", "interpolate")
 
 
 def _bc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -116,13 +121,15 @@ class MSFlow:
     Keyword-only options (defaults in :attr:`DEFAULTS`):
 
     ``K`` segments, ``M`` steps per segment, ``method`` (``"euler"``, ``"heun"``,
-    ``"midpoint"``), ``lam`` :math:`\lambda`, ``rho`` (number or per-segment list),
+    ``"midpoint"``; ``integrator`` is an alias, for ``ctflow.reconstruct`` where ``method``
+    names the solver), ``lam`` :math:`\lambda`, ``rho`` (number or per-segment list),
     ``schedule`` (``"constant"``, ``"continuation"``, ``"adaptive"``), ``rho_growth``,
     ``rho_max``, ``rho_min``, ``adapt_factor``, ``sweeps`` (outer iterations), ``alpha``
     (blend), ``init`` (``"auto"``, ``"fbp"``, ``"adjoint"``, ``"cgls"``, ``"zeros"``, a tensor
     or a callable ``y -> image``), ``update`` (``"jacobian-free"``, ``"exact"``, ``"joint"``),
     ``sweep`` (``"gauss-seidel"``, ``"jacobi"``), ``order`` (``"forward"``, ``"backward"``),
-    ``relaxation`` :math:`\omega \in (0, 1]` (Jacobian-free steps), ``inner_iters`` and
+    ``relaxation`` :math:`\omega \in (0, 1]` (Jacobian-free steps), ``trajectory``
+    (``"rollout"``, ``"interpolate"``: the initial states), ``inner_iters`` and
     ``max_backtracks`` (exact and joint updates), ``cg_iters``/``cg_tol`` (data step),
     ``cgls_iters`` (``init="cgls"``), ``joint_optimizer`` (``"gd"``, ``"adam"``), ``lr``
     (Adam), ``seed``, ``progress`` (tqdm over sweeps).
@@ -135,10 +142,11 @@ class MSFlow:
 
     name = "msflow"
     DEFAULTS: Dict[str, Any] = dict(
-        K=8, M=2, method="euler", lam=1.0, rho=100.0, schedule="constant", rho_growth=1.5,
-        rho_max=1e8, rho_min=1e-8, adapt_factor=2.0, sweeps=20, alpha=0.1, init="auto",
-        update="jacobian-free", sweep="gauss-seidel", order="forward", relaxation=1.0,
+        K=8, M=2, method="euler", integrator=None, lam=1.0, rho=100.0, schedule="constant",
+        rho_growth=1.5, rho_max=1e8, rho_min=1e-8, adapt_factor=2.0, sweeps=20, alpha=0.1,
+        init="auto", update="jacobian-free", sweep="gauss-seidel", order="forward", relaxation=1.0,
         inner_iters=3, max_backtracks=20, cg_iters=10, cg_tol=1e-6, cgls_iters=10,
+        trajectory="rollout",
         joint_optimizer="gd", lr=1e-2, seed=0, progress=False,
     )
 
@@ -153,6 +161,13 @@ class MSFlow:
         check_options(options, cls.DEFAULTS, owner=own)
         o = dict(cls.DEFAULTS)
         o.update(options)
+        # ``integrator`` is an alias of ``method`` (reconstruct() uses ``method`` for the solver)
+        if o["integrator"] is not None:
+            if "method" in options and options["method"] != o["integrator"]:
+                raise ValueError(f"{own}: options method={options['method']!r} and "
+                                 f"integrator={o['integrator']!r} disagree; give one of them")
+            o["method"] = o["integrator"]
+        o["integrator"] = None
         o["K"] = check_int("K", o["K"], owner=own)
         o["M"] = check_int("M", o["M"], owner=own)
         check_choice("method", o["method"], tuple(METHODS), owner=own)
@@ -186,6 +201,7 @@ class MSFlow:
         check_choice("update", o["update"], UPDATES, owner=own)
         check_choice("sweep", o["sweep"], SWEEPS, owner=own)
         check_choice("order", o["order"], ORDERS, owner=own)
+        check_choice("trajectory", o["trajectory"], TRAJECTORIES, owner=own)
         o["relaxation"] = check_probability("relaxation", o["relaxation"], owner=own,
                                             open_low=True)
         o["inner_iters"] = check_int("inner_iters", o["inner_iters"], owner=own)
@@ -256,10 +272,18 @@ class _Run:
         self.s: List[torch.Tensor] = [s0]
         self.phi: List[torch.Tensor] = []
         with torch.no_grad():
-            for k in range(self.K):
-                nxt = self.segment(self.s[k], k)
-                self.phi.append(nxt)
-                self.s.append(nxt.clone())
+            if o["trajectory"] == "rollout":
+                for k in range(self.K):
+                    nxt = self.segment(self.s[k], k)
+                    self.phi.append(nxt)
+                    self.s.append(nxt.clone())
+            else:   # straight line from s_0 to the initial image (the training interpolant)
+                sK = prior.to_model(x0)
+                self.s = [s0 if k == 0 else (1 - t) * s0 + t * sK
+                          for k, t in enumerate(self.nodes)]
+                kk = torch.arange(self.K).repeat_interleave(self.B)
+                F = self.segments(torch.cat(self.s[:-1]), kk)
+                self.phi = [F[k * self.B:(k + 1) * self.B].clone() for k in range(self.K)]
 
     # --- flows -----------------------------------------------------------------------
     def segment(self, x: torch.Tensor, k: int, grad: bool = False) -> torch.Tensor:

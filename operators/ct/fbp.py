@@ -10,10 +10,11 @@ where :math:`\hat k(\nu) = |\nu|` (ν in cycles per length unit). Discretely,
 where :math:`F` is the ramp filter along the detector (the band-limited spatial kernel of Kak &
 Slaney, :math:`k_0 = 1/(4\Delta^2)`, :math:`k_n = -1/(\pi^2 n^2 \Delta^2)` for odd ``n``, 0 for
 even ``n``, applied as :math:`q = \Delta\,(k * p)` with zero-padding to at least twice the
-detector count so the FFT convolution is linear, optionally multiplied by a window), :math:`w_i`
-are angle weights (:math:`\pi/n` for uniform angles), and :math:`\frac{\Delta}{h^2}A^T` is the
-back-projection :math:`\sum_i q_i(x\cdot u(\theta_i))` because a column of :math:`A` sums to
-:math:`h^2/\Delta` over each projection.
+detector count so the FFT convolution is linear, optionally multiplied by a window and divided
+by :math:`\mathrm{sinc}(\nu\Delta)`, the transfer function of the detector-bin averaging),
+:math:`w_i` are angle weights (:math:`\pi/n` for uniform angles), and
+:math:`\frac{\Delta}{h^2}A^T` is the back-projection :math:`\sum_i q_i(x\cdot u(\theta_i))`
+because a column of :math:`A` sums to :math:`h^2/\Delta` over each projection.
 
 Fan beam, flat detector
 -----------------------
@@ -85,7 +86,8 @@ def angle_weights(angles: torch.Tensor, period: float) -> torch.Tensor:
 
 
 def ramp_filter_response(num_detectors: int, spacing: float, filter: str = "ramp",
-                         frequency_scaling: float = 1.0) -> Tuple[torch.Tensor, int]:
+                         frequency_scaling: float = 1.0,
+                         aperture_correction: bool = True) -> Tuple[torch.Tensor, int]:
     r"""Real frequency response (``rfft`` layout) of the windowed ramp filter and the padded
     length ``L`` (a power of two, at least twice ``num_detectors``).
 
@@ -94,7 +96,10 @@ def ramp_filter_response(num_detectors: int, spacing: float, filter: str = "ramp
     frequency :math:`\nu/\nu_{\mathrm{Nyquist}} \in [0, 1]`, zero above ``frequency_scaling``:
     ramp 1, Shepp–Logan :math:`\mathrm{sinc}(\nu/(2f))`, cosine :math:`\cos(\pi\nu/(2f))`,
     Hann :math:`\cos^2(\pi\nu/(2f))`, Hamming :math:`0.54 + 0.46\cos(\pi\nu/f)` (``f`` the
-    frequency scaling; the same windows as ODL's ``fbp_op``).
+    frequency scaling; the same windows as ODL's ``fbp_op``). With ``aperture_correction`` the
+    response is divided by :math:`\mathrm{sinc}(\nu\Delta)` (:math:`\ge 2/\pi` below Nyquist),
+    the transfer function of the detector-bin averaging in the data, which sharpens the
+    reconstruction of bin-averaged sinograms (those of the torch backend, and of real detectors).
     """
     name = _check_filter(filter)
     fs = _check_scaling(frequency_scaling)
@@ -118,6 +123,8 @@ def ramp_filter_response(num_detectors: int, spacing: float, filter: str = "ramp
     else:  # hamming
         window = 0.54 + 0.46 * torch.cos(nf * math.pi / fs)
     window = torch.where(nf <= fs + 1e-12, window, torch.zeros_like(window))
+    if aperture_correction:
+        window = window / torch.sinc(0.5 * nf)
     return response * window, length
 
 
@@ -149,6 +156,9 @@ class FBP(LinearOperator):
     frequency_scaling:
         Relative cut-off in ``(0, 1]``: frequencies above ``frequency_scaling`` × Nyquist are
         removed and the window is stretched to the cut-off.
+    aperture_correction:
+        Divide the filter by :math:`\mathrm{sinc}(\nu\Delta)` to undo the detector-bin
+        averaging of the data (default ``True``; ``False`` gives the textbook filter).
 
     Scaling: the result is in the units of the image (FBP of the sinogram of a disk of value 1
     is ≈ 1 inside). Runs on the input's device and dtype with the torch backend's matrices.
@@ -158,7 +168,7 @@ class FBP(LinearOperator):
     name = "FBP"
 
     def __init__(self, geometry: Geometry2D, filter: str = "ramp", *,
-                 frequency_scaling: float = 1.0):
+                 frequency_scaling: float = 1.0, aperture_correction: bool = True):
         if not isinstance(geometry, (ParallelBeam2D, FanBeam2D)):
             raise ValueError(f"FBP: `geometry` must be a ParallelBeam2D or FanBeam2D, "
                              f"got {type(geometry).__name__}")
@@ -166,6 +176,7 @@ class FBP(LinearOperator):
         self.geometry = geometry
         self.filter = _check_filter(filter)
         self.frequency_scaling = _check_scaling(frequency_scaling)
+        self.aperture_correction = bool(aperture_correction)
         g = geometry
         h2 = g.pixel_size ** 2
         ds = g.detector_spacing
@@ -185,7 +196,7 @@ class FBP(LinearOperator):
             post = (0.5 * w.view(-1, 1)) * (rs * ds / (h2 * (rs + rd))) * cos_gamma.view(1, -1)
             spacing = ds * rs / (rs + rd)
         self._response, self._length = ramp_filter_response(
-            g.detectors, spacing, self.filter, self.frequency_scaling)
+            g.detectors, spacing, self.filter, self.frequency_scaling, self.aperture_correction)
         self._pre64 = pre
         self._post64 = post
         self._consts: Dict[tuple, tuple] = {}
@@ -225,4 +236,5 @@ class FBP(LinearOperator):
 
     def __repr__(self) -> str:
         return (f"FBP({self.geometry!r}, filter={self.filter!r}, "
-                f"frequency_scaling={self.frequency_scaling:g})")
+                f"frequency_scaling={self.frequency_scaling:g}, "
+                f"aperture_correction={self.aperture_correction})")

@@ -73,7 +73,8 @@ def _check_positive(value, name: str, owner: str, *, allow_zero: bool = False) -
 
 def _normalise_angles(angles: AnglesLike, full_turn: float, owner: str) -> Tuple[float, ...]:
     if isinstance(angles, bool):
-        raise ValueError(f"{owner}: `angles` must be an int or a 1D sequence of floats, got {angles!r}")
+        raise ValueError(f"{owner}: `angles` must be an int or a 1D sequence of floats, "
+                         f"got {angles!r}")
     if isinstance(angles, (numbers.Integral, np.integer)):
         n = _check_int(angles, "angles", owner)
         return tuple(float(k) * full_turn / n for k in range(n))

@@ -68,7 +68,8 @@ class SymmetryPlan:
     """How the requested angles map to canonical angles and image transforms.
 
     ``canonical``: float64 array of canonical angles (the matrix rows are built for these);
-    ``groups``: list of ``(m, mirror)`` image transforms :math:`f \\mapsto f\\circ R^m\\circ M^{mirror}`;
+    ``groups``: list of ``(m, mirror)`` image transforms
+    :math:`f \\mapsto f\\circ R^m\\circ M^{mirror}`;
     ``row_index``: for each requested (angle, detector), the row of the stacked product
     ``(canonical·detector, group)`` flattened as ``row * G + group``;
     ``mode``: ``"dihedral"``, ``"rotation"`` or ``"none"``.
@@ -114,14 +115,15 @@ def symmetry_plan(geometry: Geometry2D, *, mode: str = "auto") -> SymmetryPlan:
     """Choose the reduction for ``geometry``'s angles (see the module docstring).
 
     ``mode="auto"`` takes the reduction with the fewest canonical angles among those whose
-    arithmetic (canonical angles × transforms) stays within 10 % of the plain matrix.
+    arithmetic (canonical angles × transforms) stays within 10 % of the plain matrix (the
+    plain matrix on ties).
     """
     angles = geometry.angles.numpy()
     nd = geometry.detectors
     if mode not in ("auto", "dihedral", "rotation", "none"):
         raise ValueError(f"symmetry mode must be 'auto', 'dihedral', 'rotation' or 'none', "
                          f"got {mode!r}")
-    candidates = ["dihedral", "rotation", "none"] if mode == "auto" else [mode]
+    candidates = ["none", "rotation", "dihedral"] if mode == "auto" else [mode]
     best = None
     for cand in candidates:
         alpha, m, mirror = _reduce(angles, cand)
@@ -144,16 +146,18 @@ def symmetry_plan(geometry: Geometry2D, *, mode: str = "auto") -> SymmetryPlan:
                         row_index=row_index, mode=cand)
 
 
-def _transform(x: torch.Tensor, group: Tuple[int, bool]) -> torch.Tensor:
+def _transform(x: torch.Tensor, group: Tuple[int, bool], dims=(-2, -1)) -> torch.Tensor:
+    """Image of :math:`f \circ R^m \circ M^{mirror}` on the (row, column) axes ``dims``."""
     m, mirror = group
-    y = torch.rot90(x, -m, dims=(-2, -1)) if m else x
-    return y.flip(-1) if mirror else y
+    y = torch.rot90(x, -m, dims=dims) if m else x
+    return y.flip(dims[1]) if mirror else y
 
 
-def _inverse_transform(x: torch.Tensor, group: Tuple[int, bool]) -> torch.Tensor:
+def _inverse_transform(x: torch.Tensor, group: Tuple[int, bool], dims=(-2, -1)) -> torch.Tensor:
+    """Inverse (= adjoint, a permutation) of :func:`_transform`."""
     m, mirror = group
-    y = x.flip(-1) if mirror else x
-    return torch.rot90(y, m, dims=(-2, -1)) if m else y
+    y = x.flip(dims[1]) if mirror else x
+    return torch.rot90(y, m, dims=dims) if m else y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,8 +194,8 @@ def _trapezoids(geometry: Geometry2D, cos_a, sin_a, px, py, weighted: bool, e0: 
             across = xx * cos_a + yy * sin_a
             corners.append(((rs + rd) * across / along - e0) / ds)
     t = torch.stack(corners, 0).sort(dim=0).values
-    vx = px + rs * sin_a  # pixel centre minus source position
-    vy = py - rs * cos_a
+    vx = px - rs * sin_a  # pixel centre minus the source position R_s (sin, -cos)
+    vy = py + rs * cos_a
     height = h * torch.sqrt(vx * vx + vy * vy) / torch.maximum(vx.abs(), vy.abs())
     if weighted:
         centre_along = rs + (py * cos_a - px * sin_a)
@@ -384,11 +388,26 @@ class SystemMatrix:
         return total + self.row_index.numel() * self.row_index.element_size()
 
     def _stack(self, x: torch.Tensor) -> torch.Tensor:
-        k = x.shape[0]
+        """``(k, N, N)`` images -> ``(N², G·k)`` columns, column ``g·k + i`` = group ``g`` of
+        image ``i`` (one strided copy per group)."""
+        k, n = x.shape[0], x.shape[-1]
+        xt = x.permute(1, 2, 0).contiguous()  # (N, N, k): pixels major, batch minor
         if len(self.groups) == 1 and self.groups[0] == (0, False):
-            return x.reshape(k, -1).t().contiguous()
-        parts = [_transform(x, g) for g in self.groups]
-        return torch.cat(parts, 0).reshape(len(self.groups) * k, -1).t().contiguous()
+            return xt.reshape(n * n, k)
+        buf = torch.empty(n, n, len(self.groups), k, dtype=x.dtype, device=x.device)
+        for i, g in enumerate(self.groups):
+            buf[:, :, i, :] = _transform(xt, g, dims=(0, 1))
+        return buf.reshape(n * n, len(self.groups) * k)
+
+    def _unstack(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Adjoint of :meth:`_stack`: ``(N², G·k)`` -> ``(k, N, N)``."""
+        n = self.geometry.image_size
+        ng = len(self.groups)
+        x = x.reshape(n, n, ng, k)
+        out = _inverse_transform(x[:, :, 0, :], self.groups[0], dims=(0, 1))
+        for i in range(1, ng):
+            out = out + _inverse_transform(x[:, :, i, :], self.groups[i], dims=(0, 1))
+        return out.permute(2, 0, 1).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = x.shape[0]
@@ -399,17 +418,11 @@ class SystemMatrix:
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         k = y.shape[0]
-        n = self.geometry.image_size
         ng = len(self.groups)
         rows = len(self.plan.canonical) * self.geometry.detectors
         z = torch.zeros(rows * ng, k, dtype=y.dtype, device=y.device)
         z.index_add_(0, self.row_index, y.reshape(k, -1).t())
-        x = self.matrix_t @ z.reshape(rows, ng * k)  # (N², G*k)
-        x = x.t().reshape(ng, k, n, n)
-        out = _inverse_transform(x[0], self.groups[0])
-        for i in range(1, ng):
-            out = out + _inverse_transform(x[i], self.groups[i])
-        return out.contiguous()
+        return self._unstack(self.matrix_t @ z.reshape(rows, ng * k), k)
 
 
 def system_matrix(geometry: Geometry2D, *, device="cpu", dtype=torch.float32,

@@ -1,0 +1,366 @@
+r"""Peak memory against the number of ODE steps (the paper's Figure 1).
+
+MS-Flow (Jacobian-free and exact block updates) and D-Flow reconstruct the same small CT
+problem (64×64 image, batch 1, a parallel-beam ray transform with 30 angles, or a Gaussian
+blur if the ray transform is unavailable) with a real U-Net velocity field: the bundled
+``ct64`` prior where it exists, else a U-Net of the default configuration with random weights
+(peak memory does not depend on the weights). For every N in {8, 16, 32, 64, 128, 256}
+Euler steps:
+
+* MS-Flow: ``K = N / M`` segments of fixed length ``M`` (default 4), one sweep (the exact
+  variant with one inner iteration): each update integrates one segment, so the autograd
+  graph of the exact update holds M velocity evaluations whatever N is;
+* D-Flow: one L-BFGS step (``max_iter=1``); every function evaluation back-propagates
+  through all N steps, so its graph grows linearly in N.
+
+Each configuration runs in a FRESH process (this script re-invoked with ``--single``), so the
+allocator state of one run never leaks into the next; peak memory is measured by
+:class:`ctflow.solvers.result.SolveMeter` (CUDA: ``max_memory_allocated``; CPU: the resident
+set high-water mark), both relative to the memory in use when the solve starts (the prior's
+weights excluded). The blend initialisation is skipped (``alpha=0``, pure-noise start): it
+runs without gradients and does not change the peak, only the run time.
+
+On a CPU, D-Flow configurations whose memory, extrapolated linearly from the largest measured
+N, would exceed ``--dflow-max-gib`` are skipped and reported as such.
+
+Outputs (in ``--out``, default ``benchmarks/results``): ``memory.json`` (rows + metadata +
+acceptance checks), ``memory.md`` (table) and ``memory.png`` (memory against N, log-x).
+
+    python benchmarks/memory.py            # full
+    python benchmarks/memory.py --quick    # N in {8, 16}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+STEPS = (8, 16, 32, 64, 128, 256)
+QUICK_STEPS = (8, 16)
+SOLVERS = ("msflow-jf", "msflow-exact", "dflow")
+SEGMENT_STEPS = 4
+IMAGE_SIZE = 64
+ANGLES = 30
+SEED = 0
+RESULT_TAG = "MEMORY-RESULT "
+
+
+# ---------------------------------------------------------------------------------------------
+# the problem (shared with benchmarks/convergence.py)
+# ---------------------------------------------------------------------------------------------
+def load_velocity_prior(device: str, *, allow_bundled: bool = True):
+    """``(prior, label)``: the bundled ``ct64`` prior if available, else a default U-Net with
+    random weights (seeded)."""
+    import torch
+
+    import ctflow
+    from ctflow.priors import FlowPrior
+    if allow_bundled:
+        try:
+            from ctflow.priors import list_priors, load_prior
+            if "ct64" in list_priors():
+                prior = load_prior("ct64", device=device)
+                return prior.eval(), "bundled prior ct64 (trained weights)"
+        except (ImportError, ValueError, FileNotFoundError, OSError):
+            pass
+    from ctflow.flow.unet import UNet
+    torch.manual_seed(SEED)
+    net = UNet(image_size=IMAGE_SIZE).to(device)
+    prior = FlowPrior(net, image_size=IMAGE_SIZE, channels=1, name="unet-random")
+    del ctflow
+    return prior.eval(), "UNet default config, random weights (no bundled ct64 prior found)"
+
+
+def build_problem(device: str, *, noise: float = 0.01, angles: int = ANGLES):
+    """``(operator, y, x, noise_level, label)``: a 64×64 Shepp–Logan CT problem."""
+    import torch
+    g = torch.Generator().manual_seed(SEED)
+    try:
+        from ctflow.data import shepp_logan
+        x = shepp_logan(IMAGE_SIZE).reshape(1, 1, IMAGE_SIZE, IMAGE_SIZE)
+    except ImportError:
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, IMAGE_SIZE),
+                                torch.linspace(-1, 1, IMAGE_SIZE), indexing="ij")
+        x = ((xx ** 2 + yy ** 2) < 0.5).float().reshape(1, 1, IMAGE_SIZE, IMAGE_SIZE) * 0.8
+    x = x.to(device)
+    try:
+        from ctflow.operators import ParallelBeam2D, RayTransform
+        A = RayTransform(ParallelBeam2D(image_size=IMAGE_SIZE, angles=angles))
+        label = f"RayTransform(ParallelBeam2D({IMAGE_SIZE}, angles={angles}))"
+    except (ImportError, AttributeError):
+        from ctflow.operators.restoration import GaussianBlur
+        A = GaussianBlur(IMAGE_SIZE, sigma=1.5)
+        label = f"GaussianBlur({IMAGE_SIZE}, sigma=1.5) (no RayTransform available)"
+    with torch.no_grad():
+        clean = A(x)
+    sigma = noise * float(clean.abs().mean())
+    y = clean + sigma * torch.randn(clean.shape, generator=g).to(clean)
+    return A, y, x, sigma, label
+
+
+def solver_options(solver: str, N: int, *, M: int = SEGMENT_STEPS) -> Dict:
+    if solver == "dflow":
+        return dict(N=N, iterations=1, max_iter=1, alpha=0.0, init="adjoint", seed=SEED)
+    if N % M:
+        raise ValueError(f"N={N} is not a multiple of the segment length M={M}")
+    update = "exact" if solver == "msflow-exact" else "jacobian-free"
+    return dict(K=N // M, M=M, sweeps=1, update=update, inner_iters=1, alpha=0.0,
+                init="adjoint", seed=SEED, cg_iters=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# one configuration (in a fresh process)
+# ---------------------------------------------------------------------------------------------
+def measure_one(solver: str, N: int, device: str, *, M: int = SEGMENT_STEPS) -> Dict:
+    import torch
+
+    from ctflow.solvers import DFlow, MSFlow
+    prior, prior_label = load_velocity_prior(device)
+    A, y, x, sigma, op_label = build_problem(device)
+    opts = solver_options(solver, N, M=M)
+    cls = DFlow if solver == "dflow" else MSFlow
+    res = cls(**opts).solve(A, y, prior, sigma)
+    peak = res.peak_memory_bytes
+    return {"solver": solver, "N": N, "K": opts.get("K"), "M": opts.get("M"),
+            "peak_memory_bytes": peak,
+            "peak_memory_mib": None if peak is None else peak / 2 ** 20,
+            "seconds": res.seconds, "nfe_forward": res.nfe["forward"],
+            "nfe_backward": res.nfe["backward"], "device": device,
+            "residual": res.history[-1]["residual"], "prior": prior_label,
+            "operator": op_label, "seed": SEED, "status": "ok",
+            "torch": torch.__version__, "options": {k: v for k, v in opts.items()}}
+
+
+def _child(solver: str, N: int, device: str, M: int, timeout: Optional[float]) -> Dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--single", solver, "--steps", str(N),
+           "--device", device, "--segment-steps", str(M)]
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"solver": solver, "N": N, "status": f"timeout after {timeout:.0f} s",
+                "peak_memory_bytes": None, "peak_memory_mib": None, "device": device}
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    tail = (proc.stderr or proc.stdout)[-2000:]
+    return {"solver": solver, "N": N, "status": f"failed (exit {proc.returncode}): {tail}",
+            "peak_memory_bytes": None, "peak_memory_mib": None, "device": device}
+
+
+# ---------------------------------------------------------------------------------------------
+# acceptance checks, table, plot
+# ---------------------------------------------------------------------------------------------
+def _peak(rows, solver, N) -> Optional[float]:
+    for r in rows:
+        if r["solver"] == solver and r["N"] == N and r.get("peak_memory_bytes") is not None:
+            return float(r["peak_memory_bytes"])
+    return None
+
+
+def acceptance(rows: List[Dict]) -> Dict:
+    """The issue's memory criteria, evaluated on the measured rows (``None`` if unmeasured)."""
+    import numpy as np
+    out: Dict = {}
+    Ns = sorted({r["N"] for r in rows})
+    lo, hi = (Ns[0], Ns[-1]) if Ns else (None, None)
+    for s in ("msflow-jf", "msflow-exact"):
+        a, b = _peak(rows, s, lo), _peak(rows, s, hi)
+        out[f"{s}_ratio_N{hi}_over_N{lo}"] = None if not (a and b) else b / a
+        out[f"{s}_constant_within_10pct"] = None if not (a and b) else b <= 1.1 * a
+    d = [(N, _peak(rows, "dflow", N)) for N in Ns if _peak(rows, "dflow", N)]
+    if len(d) >= 3:
+        n_, m_ = np.array([p[0] for p in d], float), np.array([p[1] for p in d], float)
+        slope, icpt = np.polyfit(n_, m_, 1)
+        r2 = 1 - np.sum((m_ - (slope * n_ + icpt)) ** 2) / np.sum((m_ - m_.mean()) ** 2)
+        out["dflow_linear_fit"] = {"bytes_per_step": slope, "intercept_bytes": icpt,
+                                   "r2": r2, "points": len(d)}
+        out["dflow_roughly_linear"] = bool(r2 > 0.98 and slope > 0)
+    d16 = _peak(rows, "dflow", 16)
+    for s in ("msflow-jf", "msflow-exact"):
+        b = _peak(rows, s, hi)
+        out[f"{s}_N{hi}_below_dflow_N16"] = None if not (b and d16) else b < d16
+    return out
+
+
+def _fmt_mib(b) -> str:
+    return "—" if b is None else f"{b / 2 ** 20:.1f}"
+
+
+def write_outputs(rows: List[Dict], meta: Dict, out: Path) -> Dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    checks = acceptance(rows)
+    payload = {"meta": meta, "rows": rows, "acceptance": checks}
+    paths = {"json": out / "memory.json", "md": out / "memory.md", "png": out / "memory.png"}
+    _atomic_write(paths["json"], json.dumps(payload, indent=2, default=float))
+    Ns = sorted({r["N"] for r in rows})
+    lines = [f"# Peak memory against ODE steps (Figure 1)", "",
+             f"device: {meta['device']}; prior: {meta['prior']}; operator: {meta['operator']}; "
+             f"image {IMAGE_SIZE}×{IMAGE_SIZE}, batch 1, Euler steps, MS-Flow segment length "
+             f"M = {meta['segment_steps']}; each configuration in a fresh process; peak memory "
+             f"in MiB above the memory in use at the start of the solve ({meta['measure']}).", "",
+             "| solver | " + " | ".join(f"N={N}" for N in Ns) + " |",
+             "|---|" + "---|" * len(Ns)]
+    for s in SOLVERS:
+        cells = []
+        for N in Ns:
+            r = next((r for r in rows if r["solver"] == s and r["N"] == N), None)
+            if r is None:
+                cells.append("—")
+            elif r.get("peak_memory_bytes") is None:
+                cells.append(f"({r.get('status', 'n/a').split(':')[0]})")
+            else:
+                cells.append(_fmt_mib(r["peak_memory_bytes"]))
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    lines += ["", "Seconds per solve:", "",
+              "| solver | " + " | ".join(f"N={N}" for N in Ns) + " |",
+              "|---|" + "---|" * len(Ns)]
+    for s in SOLVERS:
+        cells = []
+        for N in Ns:
+            r = next((r for r in rows if r["solver"] == s and r["N"] == N), None)
+            cells.append("—" if r is None or r.get("seconds") is None else f"{r['seconds']:.1f}")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    lines += ["", "Acceptance checks:", ""]
+    for k, v in checks.items():
+        lines.append(f"- {k}: {v}")
+    _atomic_write(paths["md"], "\n".join(lines) + "\n")
+    _plot(rows, meta, paths["png"])
+    return paths
+
+
+def _plot(rows, meta, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    labels = {"msflow-jf": "MS-Flow (Jacobian-free)", "msflow-exact": "MS-Flow (exact, 1 VJP)",
+              "dflow": "D-Flow"}
+    for ax, logy in zip(axes, (False, True)):
+        for s in SOLVERS:
+            pts = sorted((r["N"], r["peak_memory_bytes"] / 2 ** 20) for r in rows
+                         if r["solver"] == s and r.get("peak_memory_bytes") is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=labels[s])
+        ax.set_xscale("log", base=2)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel("ODE steps N")
+        ax.set_ylabel("peak memory (MiB)" + (", log scale" if logy else ""))
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"Peak memory vs N ({meta['device']}, {IMAGE_SIZE}×{IMAGE_SIZE}, batch 1)")
+    fig.tight_layout()
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as tmp:
+        fig.savefig(tmp.name, dpi=120)
+    plt.close(fig)
+    os.replace(tmp.name, path)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------
+def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str = "cpu", *,
+        steps: Optional[Sequence[int]] = None, solvers: Sequence[str] = SOLVERS,
+        segment_steps: int = SEGMENT_STEPS, dflow_max_gib: Optional[float] = None,
+        timeout: Optional[float] = None, verbose: bool = True) -> Dict:
+    """Measure every configuration in a fresh process and write table, JSON and plot.
+
+    Args:
+        quick: N in {8, 16} only.
+        out: output folder.
+        device: ``"cpu"`` or ``"cuda"``.
+        steps: override the list of N.
+        dflow_max_gib: skip D-Flow runs whose linear extrapolation exceeds this (default: 6
+            GiB on a CPU, no limit on CUDA).
+        timeout: seconds per configuration (``None``: no limit).
+
+    Returns the JSON payload (meta, rows, acceptance).
+    """
+    import torch
+    out = Path(out)
+    steps = tuple(steps) if steps else (QUICK_STEPS if quick else STEPS)
+    if dflow_max_gib is None and device == "cpu":
+        dflow_max_gib = 6.0
+    rows: List[Dict] = []
+    for solver in solvers:
+        for N in steps:
+            if solver == "dflow" and dflow_max_gib is not None:
+                prev = [(r["N"], r["peak_memory_bytes"]) for r in rows
+                        if r["solver"] == "dflow" and r.get("peak_memory_bytes")]
+                if prev:
+                    n0, b0 = max(prev)
+                    projected = b0 * N / n0
+                    if projected > dflow_max_gib * 2 ** 30:
+                        rows.append({"solver": solver, "N": N, "status":
+                                     f"skipped: projected {projected / 2 ** 30:.1f} GiB exceeds "
+                                     f"the {dflow_max_gib} GiB budget on {device}",
+                                     "peak_memory_bytes": None, "peak_memory_mib": None,
+                                     "device": device})
+                        if verbose:
+                            print(f"{solver:13s} N={N:4d} {rows[-1]['status']}", flush=True)
+                        continue
+            t0 = time.perf_counter()
+            row = _child(solver, N, device, segment_steps, timeout)
+            rows.append(row)
+            if verbose:
+                print(f"{solver:13s} N={N:4d} peak={_fmt_mib(row.get('peak_memory_bytes'))} MiB "
+                      f"({time.perf_counter() - t0:.0f} s) {row.get('status', '')[:80]}",
+                      flush=True)
+    ok = next((r for r in rows if r.get("status") == "ok"), {})
+    meta = {"benchmark": "memory", "device": device,
+            "device_name": (torch.cuda.get_device_name() if device.startswith("cuda")
+                            else platform.processor() or platform.machine()),
+            "prior": ok.get("prior", "n/a"), "operator": ok.get("operator", "n/a"),
+            "segment_steps": segment_steps, "steps": list(steps), "seed": SEED,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "quick": quick, "dflow_max_gib": dflow_max_gib,
+            "measure": ("torch.cuda.max_memory_allocated" if device.startswith("cuda")
+                        else "resident-set high-water mark (VmHWM), reset per solve"),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    write_outputs(rows, meta, out)
+    return {"meta": meta, "rows": rows, "acceptance": acceptance(rows)}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="N in {8, 16} only")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=int, nargs="*", help="override the N values")
+    p.add_argument("--solvers", nargs="*", default=list(SOLVERS), choices=SOLVERS)
+    p.add_argument("--segment-steps", type=int, default=SEGMENT_STEPS)
+    p.add_argument("--dflow-max-gib", type=float, default=None)
+    p.add_argument("--timeout", type=float, default=None)
+    p.add_argument("--single", choices=SOLVERS, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.single:
+        if not a.steps or len(a.steps) != 1:
+            p.error("--single needs exactly one --steps value")
+        row = measure_one(a.single, a.steps[0], a.device, M=a.segment_steps)
+        print(RESULT_TAG + json.dumps(row, default=float), flush=True)
+        return 0
+    res = run(a.quick, a.out, a.device, steps=a.steps, solvers=a.solvers,
+              segment_steps=a.segment_steps, dflow_max_gib=a.dflow_max_gib, timeout=a.timeout)
+    for k, v in res["acceptance"].items():
+        print(f"{k}: {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
