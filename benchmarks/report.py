@@ -79,8 +79,16 @@ def _fmt(v, digits: int = 2) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
     if isinstance(v, float):
+        if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-2):
+            return f"{v:.3g}"
         return f"{v:.{digits}f}"
     return str(v)
+
+
+def _fixed(v, digits: int) -> str:
+    if v is None or not math.isfinite(float(v)):
+        return "–"
+    return f"{float(v):.{digits}f}"
 
 
 def _label_keys(suite: str, rows: Sequence[dict]) -> List[str]:
@@ -141,17 +149,33 @@ def aggregate(rows: Sequence[dict], keys: Sequence[str]) -> List[dict]:
     return out
 
 
-def _md_table(recs: Sequence[dict], keys: Sequence[str], *, extra: Sequence[str] = ()) -> str:
+def _sweep_ratios(recs: Sequence[dict]) -> str:
+    """Gauss-Seidel over Jacobi time per sweep and the PSNR difference, per K."""
+    lines = []
+    for k in sorted({r.get("K") for r in recs if r.get("K") is not None}):
+        gs = next((r for r in recs if r.get("K") == k and r.get("value") == "gauss-seidel"), None)
+        ja = next((r for r in recs if r.get("K") == k and r.get("value") == "jacobi"), None)
+        if gs and ja and ja["sec_per_iter_mean"] and math.isfinite(ja["sec_per_iter_mean"]):
+            lines.append(f"- K = {k}: Gauss-Seidel / Jacobi time per sweep = "
+                         f"{gs['sec_per_iter_mean'] / ja['sec_per_iter_mean']:.2f}x; "
+                         f"PSNR(Jacobi) - PSNR(Gauss-Seidel) = "
+                         f"{ja['psnr_mean'] - gs['psnr_mean']:+.2f} dB")
+    return "\n".join(lines)
+
+
+def _md_table(recs: Sequence[dict], keys: Sequence[str], *, extra: Sequence = ()) -> str:
+    """``extra``: further columns, each a record key or a ``(title, key)`` pair."""
+    extra = [(e, e) if isinstance(e, str) else tuple(e) for e in extra]
     head = list(keys) + ["n", "PSNR (dB)", "SSIM", "time (s)", "NFE (fwd+bwd)",
-                         "peak mem (MB)"] + list(extra)
+                         "peak mem (MB)"] + [t for t, _ in extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in recs:
         cells = [_fmt(r[k]) for k in keys]
         cells += [str(r["n"]), fmt_mean_std(r["psnr_mean"], r["psnr_std"]),
-                  fmt_mean_std(r["ssim_mean"], r["ssim_std"], 3), _fmt(r["seconds_mean"], 2),
-                  _fmt(r["nfe_mean"], 0), _fmt(r["peak_mb_mean"], 1)]
-        for e in extra:
-            cells.append(_fmt(r.get(e), 4))
+                  fmt_mean_std(r["ssim_mean"], r["ssim_std"], 3), _fixed(r["seconds_mean"], 2),
+                  _fixed(r["nfe_mean"], 0), _fixed(r["peak_mb_mean"], 1)]
+        for _, e in extra:
+            cells.append(_fmt(r.get(e), 3))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -244,6 +268,10 @@ def _plot_ct_sparse(rows: Sequence[dict], out: Path, stem: str) -> List[Path]:
                         if flat and math.isfinite(flat[0][m + "_mean"]) and m in ("psnr", "ssim"):
                             ax.axhline(flat[0][m + "_mean"], ls="--", lw=1, color=c, label=var)
                 ax.set_xscale("log", base=2)
+                ns = sorted({r["N"] for r in sub if r["N"] is not None})
+                if ns:
+                    ax.set_xticks(ns)
+                    ax.get_xaxis().set_major_formatter(_int_formatter())
                 ax.set_xlabel("ODE steps N")
                 ax.set_ylabel(ylabel)
                 ax.set_title(f"{v} views: {ylabel.split(' (')[0]}")
@@ -268,8 +296,12 @@ def _plot_ablation(rows: Sequence[dict], out: Path, stem: str) -> List[Path]:
             e = [r["psnr_std"] for r in recs]
             if numeric:
                 ax.errorbar(vals, y, yerr=e, marker="o", capsize=3)
-                if f in ("rho", "lambda") and min(vals) > 0:
+                if f == "rho" and min(vals) > 0:
                     ax.set_xscale("log")
+                if f == "K":
+                    ax.set_xscale("log", base=2)
+                    ax.set_xticks(vals)
+                    ax.get_xaxis().set_major_formatter(_int_formatter())
             else:
                 ax.bar([str(v) for v in vals], y, yerr=e, capsize=3, color="C0")
                 lo = min(v - s for v, s in zip(y, e)) if y else 0
@@ -281,7 +313,8 @@ def _plot_ablation(rows: Sequence[dict], out: Path, stem: str) -> List[Path]:
         written.append(_save(fig, out / f"{stem}_factors.png"))
 
     sweep = [r for r in rows if (r.get("labels") or {}).get("factor") == "sweep"]
-    traced = [r for r in rows if (r.get("trace") or {}).get("gap")]
+    traced = [r for r in rows if (r.get("labels") or {}).get("factor") == "schedule"
+              and _trajectory_loss(r)]
     if sweep or traced:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
         ax = axes[0][0]
@@ -292,6 +325,9 @@ def _plot_ablation(rows: Sequence[dict], out: Path, stem: str) -> List[Path]:
                 ax.errorbar([r["K"] for r in pts], [r["sec_per_iter_mean"] for r in pts],
                             yerr=[r["sec_per_iter_std"] for r in pts], marker="o", capsize=3,
                             label=str(var))
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted({r["K"] for r in recs}))
+            ax.get_xaxis().set_major_formatter(_int_formatter())
             ax.set_xlabel("segments K")
             ax.set_ylabel("seconds per sweep")
             ax.set_title("Jacobi vs Gauss-Seidel")
@@ -301,23 +337,36 @@ def _plot_ablation(rows: Sequence[dict], out: Path, stem: str) -> List[Path]:
         if traced:
             by: Dict[str, List[List[float]]] = defaultdict(list)
             for r in traced:
-                lab = r["labels"]
-                by[f"{lab.get('factor')}={lab.get('value')}"].append(r["trace"]["gap"])
+                by[str(r["labels"].get("value"))].append(_trajectory_loss(r))
             for name in sorted(by):
                 curves = by[name]
                 n = min(len(c) for c in curves)
-                if n == 0:
+                if n < 2:
                     continue
-                mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
-                ax.plot(range(1, n + 1), [max(m, 1e-12) for m in mean], label=name)
-            ax.set_yscale("log")
+                # entry 0 is the initial (gap-free) trajectory: plot sweeps 1 .. n-1
+                mean = [sum(c[i] for c in curves) / len(curves) for i in range(1, n)]
+                ax.plot(range(1, n), mean, marker=".", label=f"{name} (n={len(curves)})")
+            if any(v > 0 for line in ax.get_lines() for v in line.get_ydata()):
+                ax.set_yscale("log")
+            from matplotlib.ticker import MaxNLocator
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("sweep")
-            ax.set_ylabel("trajectory loss  Σ_k ‖s_{k+1} − Φ_k(s_k)‖²")
-            ax.set_title("trajectory loss vs sweeps")
+            ax.set_ylabel("trajectory loss  Σₖ ½‖sₖ₊₁ − Φₖ(sₖ)‖²")
+            ax.set_title("MS-Flow trajectory loss vs sweeps, by ρ schedule")
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
         written.append(_save(fig, out / f"{stem}_sweeps.png"))
     return written
+
+
+def _trajectory_loss(r: dict) -> List[float]:
+    t = r.get("trace") or {}
+    return list(t.get("trajectory_loss") or t.get("gap") or [])
+
+
+def _int_formatter():
+    from matplotlib.ticker import FuncFormatter
+    return FuncFormatter(lambda v, _: f"{int(round(v))}")
 
 
 def _plot_restoration(rows: Sequence[dict], out: Path, stem: str) -> List[Path]:
@@ -370,8 +419,19 @@ def _tables(suite: str, rows: Sequence[dict]) -> str:
         for f in sorted({(r.get("labels") or {}).get("factor") for r in rows}, key=str):
             sub = [r for r in rows if (r.get("labels") or {}).get("factor") == f]
             k2 = [k for k in keys if k != "factor" and any(k in r["labels"] for r in sub)]
-            extra = ["sec_per_iter_mean"] if f == "sweep" else []
-            parts.append(f"### factor: {f}\n\n" + _md_table(aggregate(sub, k2), k2, extra=extra))
+            const = {k: sub[0]["labels"].get(k) for k in k2
+                     if len({str(r["labels"].get(k)) for r in sub}) == 1
+                     and k not in ("value", "K")}
+            k2 = [k for k in k2 if k not in const]
+            head = ", ".join(f"{k} = {v}" for k, v in const.items())
+            recs = aggregate(sub, k2)
+            text = f"### factor: {f}" + (f" ({head})" if head else "") + "\n\n"
+            if f == "sweep":
+                text += _md_table(recs, k2, extra=[("s / sweep", "sec_per_iter_mean")])
+                text += "\n\n" + _sweep_ratios(recs)
+            else:
+                text += _md_table(recs, k2)
+            parts.append(text)
         return "\n\n".join(parts)
     return _md_table(aggregate(rows, keys), keys)
 

@@ -55,3 +55,18 @@ def test_bundle_size_and_notices():
         assert (bundled_dir() / f).is_file(), f
     text = (bundled_dir() / "PROVENANCE.md").read_text()
     assert "10.7937/TCIA.2020.NNC20461" in text and "10.7937/TCIA.BBAG-2923" in text
+
+
+def test_pixel_w1_and_heldout_images():
+    from ctflow.priors.evaluate import heldout_images, pixel_w1
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert pixel_w1(x, x + 0.1) == pytest.approx(0.1, abs=1e-6)
+    assert pixel_w1(x, x.flip(0)) == pytest.approx(0.0, abs=1e-12)  # same values, reordered
+    try:
+        ref = heldout_images(64, (-1024.0, 1024.0), split="test")
+    except FileNotFoundError:
+        pytest.skip("bundled held-out DICOM sample not present")
+    assert ref.shape == (10, 1, 64, 64)
+    assert float(ref.min()) == 0.0 and float(ref.max()) <= 1.0
+    # HU window: the body's soft tissue (~0 HU) sits near 0.5
+    assert 0.1 < float(ref.mean()) < 0.6

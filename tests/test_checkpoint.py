@@ -144,3 +144,19 @@ def test_no_pickle_and_bare_module(tmp_path):
     assert json.loads(raw[8:8 + n])
     with pytest.raises(ValueError, match="nn.Module"):
         save_prior(FlowPrior(lambda x, t: x, image_size=4), tmp_path / "g")
+
+
+def test_weights_name_must_stay_beside_description(saved):
+    _, stem, json_path = saved
+    meta = json.loads(json_path.read_text())
+    meta["weights"] = "../elsewhere.safetensors"
+    json_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="file name beside"):
+        load_prior(stem)
+
+
+def test_plain_name_in_working_folder(saved, monkeypatch):
+    prior, stem, _ = saved
+    monkeypatch.chdir(stem.parent)
+    q = load_prior("tiny")  # not a bundled name, but tiny.json is here
+    assert q.name == "tiny"

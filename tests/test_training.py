@@ -180,3 +180,20 @@ def test_cli_train_and_bundle(tmp_path, capsys):
     assert len(prior.config["training"]["loss_curve"]) == 3
     x = prior.sample(2, steps=2, method="euler")
     assert x.shape == (2, 1, 16, 16) and torch.isfinite(x).all()
+
+
+def test_medmnist_npz_dataset_and_cli(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "organamnist.npz", train_images=imgs,
+             train_labels=np.zeros((6, 1), dtype=np.int64))
+    from ctflow.flow.datasets import medmnist_dataset
+    ds = medmnist_dataset("organamnist", split="train", size=28, root=tmp_path, image_size=16)
+    assert len(ds) == 6 and ds[0].shape == (1, 16, 16)
+    full = medmnist_dataset("organamnist", split="train", size=28, root=tmp_path)
+    assert torch.allclose(full[2][0], torch.from_numpy(imgs[2] / 255.0).float())
+    argv = ["medmnist", str(tmp_path / "organamnist.npz"), "--image-size", "16", "--steps", "2",
+            "--base", "8", "--channel-mults", "1,2", "--num-res-blocks", "1",
+            "--attention-levels", "1", "--batch-size", "2", "--out", str(tmp_path / "run")]
+    assert train_main(argv) == 0
+    assert latest_checkpoint(tmp_path / "run").name == "ckpt-00000002.json"

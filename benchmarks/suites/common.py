@@ -235,8 +235,12 @@ class SuiteContext:
         return self._config
 
     def config_label(self) -> str:
-        """Short hash of the methods' options in force (recorded in every row)."""
-        return hashlib.sha1(_canonical(self.config().get("methods", {})).encode()).hexdigest()[:10]
+        """Short hash of the config file(s) in force (recorded in every row); the ablation
+        suite also depends on ``ct-sparse.json`` (its MS-Flow base options)."""
+        parts = [self.config()]
+        if self.suite == "ablation":
+            parts.append(self.config("ct-sparse"))
+        return hashlib.sha1(_canonical(parts).encode()).hexdigest()[:10]
 
     # data ------------------------------------------------------------------------------------
     def image(self, image_id: str) -> torch.Tensor:

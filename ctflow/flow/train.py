@@ -518,8 +518,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--count", type=int, default=1024)
     common(e)
 
-    m = sub.add_parser("medmnist", help="train on a MedMNIST .npz file")
-    m.add_argument("npz")
+    m = sub.add_parser("medmnist", help="train on a local MedMNIST .npz file")
+    m.add_argument("npz", help="<flag>_<size>.npz (or <flag>.npz for size 28), e.g. "
+                               "organamnist_64.npz")
     m.add_argument("--split", default="train")
     common(m)
 
@@ -568,7 +569,12 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     elif args.cmd == "ellipses":
         ds = D.ellipses_dataset(args.count, image_size=args.image_size, seed=args.seed)
     else:
-        ds = D.medmnist_dataset(args.npz, split=args.split, image_size=args.image_size)
+        npz = Path(args.npz)
+        if not npz.is_file():
+            raise FileNotFoundError(f"MedMNIST file not found: {npz}")
+        flag, _, size = npz.stem.partition("_")
+        ds = D.medmnist_dataset(flag, split=args.split, size=int(size or 28), root=npz.parent,
+                                image_size=args.image_size)
     model = UNet(channels=int(ds.sample(1, torch.Generator().manual_seed(0)).shape[1]),
                  base=args.base, channel_mults=_ints(args.channel_mults),
                  num_res_blocks=args.num_res_blocks,

@@ -178,7 +178,11 @@ def read_checkpoint(path: PathLike, *, verify: bool = True) -> Tuple[Dict[str, t
         raise CheckpointError(f"{json_path}: not a ctflow checkpoint description (format "
                               f"{meta.get('format') if isinstance(meta, dict) else None!r})")
     if "weights" in meta:
-        w_path = json_path.with_name(meta["weights"])
+        name = meta["weights"]
+        if not isinstance(name, str) or not name or Path(name).name != name:
+            raise CheckpointError(f"{json_path}: 'weights' must be a file name beside the "
+                                  f"description, got {name!r}")
+        w_path = json_path.with_name(name)
     check_safetensors_file(w_path)
     if verify and meta.get("sha256"):
         digest = sha256_file(w_path)

@@ -38,9 +38,8 @@ def bundled_path(name: str) -> Path:
     return bundled_dir() / f"{name}.json"
 
 
-def _looks_like_path(s: str) -> bool:
-    return (os.sep in s or "/" in s or s.endswith((".json", ".safetensors"))
-            or Path(s).with_suffix(".json").exists() or Path(s + ".json").exists())
+def _is_plain_name(s: str) -> bool:
+    return not (os.sep in s or "/" in s or s.endswith((".json", ".safetensors")))
 
 
 def load_prior(name_or_path: Union[str, os.PathLike], *, device=None, verify: bool = True):
@@ -54,8 +53,10 @@ def load_prior(name_or_path: Union[str, os.PathLike], *, device=None, verify: bo
     truncated or mismatched one; messages name the file.
     """
     s = os.fspath(name_or_path)
-    if not isinstance(name_or_path, os.PathLike) and not _looks_like_path(s):
-        return load_prior_file(bundled_path(s), device=device, verify=verify)
+    if not isinstance(name_or_path, os.PathLike) and _is_plain_name(s):
+        # a plain name: a bundled prior first, else a checkpoint stem in the working folder
+        if s in list_priors() or not Path(s + ".json").is_file():
+            return load_prior_file(bundled_path(s), device=device, verify=verify)
     json_path, _ = resolve_checkpoint(s)
     if not json_path.is_file():
         raise FileNotFoundError(f"prior not found: {json_path} (bundled priors: "

@@ -13,7 +13,10 @@ this is exact (the projection of a square is the convolution of two boxes of wid
 :math:`h|\cos\theta|` and :math:`h|\sin\theta|`); for fan beams it is the separable-footprint
 (SF-TR) approximation, accurate to second order in :math:`h/R_s`. The bin integral uses the
 antiderivative of the trapezoid (piecewise quadratic), so a sinogram ``A x`` is the exact
-bin-averaged line integral of the pixelised image ``x`` (parallel beam).
+bin-averaged line integral of the pixelised image ``x`` (parallel beam; it agrees with ASTRA's
+``strip`` kernel to float32 accuracy). ``kind="fan_fbp"`` builds the same matrix with every
+entry weighted by :math:`R_s/L` (``L`` the source distance of the pixel centre along the central
+ray) for the distance-weighted fan-beam back-projection of :class:`~ctflow.operators.ct.FBP`.
 
 Symmetry
 --------
@@ -33,7 +36,9 @@ that undoes the reduction is a permutation, so the adjoint stays exact.
 The forward is ``A @ X`` with ``X`` the flattened images as an ``(N², G·B·C)`` matrix; the
 adjoint is a second CSR matrix holding :math:`A^T` (bit-identical values), so
 :math:`\langle Ax, y\rangle = \langle x, A^Ty\rangle` up to rounding. Matrices are cached in a
-module-level dict per (geometry, kind, device, dtype); :func:`clear_cache` empties it.
+module-level dict per (geometry, kind, device, dtype); :func:`clear_cache` empties it. Sizes
+(float32, both matrices): 105 MB at 256² × 180 angles (built in ~3 s), 1.6 GB at 512² × 720
+angles (~20 s of CPU time, 2.1 GB peak).
 """
 from __future__ import annotations
 
