@@ -85,7 +85,8 @@ def _psnr(a, b) -> float:
 def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str = "cpu", *,
         prior: str = "auto", K: int = 4, M: int = 2, sweeps: Optional[int] = None,
         rho: float = 100.0, trajectory: str = "interpolate",
-        variants: Sequence[str] = tuple(VARIANTS), verbose: bool = True) -> Dict:
+        variants: Sequence[str] = tuple(VARIANTS), threads: Optional[int] = None,
+        verbose: bool = True) -> Dict:
     """Run every variant on the same problem and write JSON, table and plot.
 
     Args:
@@ -99,13 +100,27 @@ def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str
             the initial image: the gaps start non-zero, so the plot shows them converge) or
             ``"rollout"`` (rolled forward: the gaps start at zero and first grow as the data
             step pulls the image away).
+        threads: torch intra-op threads during the run (default 1 on a CPU, restored after).
 
     Returns the JSON payload.
     """
     import torch
+    if threads is None and device == "cpu":
+        threads = 1
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run(quick, Path(out), device, prior=prior, K=K, M=M, sweeps=sweeps, rho=rho,
+                    trajectory=trajectory, variants=variants, verbose=verbose)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(quick, out, device, *, prior, K, M, sweeps, rho, trajectory, variants, verbose):
+    import torch
 
     from ctflow.solvers import MSFlow
-    out = Path(out)
     sweeps = sweeps if sweeps is not None else (4 if quick else 15)
     A, y, x, sigma, op_label = build_problem(device)
     if prior == "gaussian":
@@ -245,9 +260,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--sweeps", type=int, default=None)
     p.add_argument("--trajectory", choices=("interpolate", "rollout"), default="interpolate")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
     run(a.quick, a.out, a.device, prior=a.prior, K=a.K, M=a.M, sweeps=a.sweeps, rho=a.rho,
-        trajectory=a.trajectory, variants=a.variants)
+        trajectory=a.trajectory, variants=a.variants, threads=a.threads)
     return 0
 
 

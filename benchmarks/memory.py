@@ -21,7 +21,8 @@ weights excluded). The blend initialisation is skipped (``alpha=0``, pure-noise 
 runs without gradients and does not change the peak, only the run time.
 
 On a CPU, D-Flow configurations whose memory, extrapolated linearly from the largest measured
-N, would exceed ``--dflow-max-gib`` are skipped and reported as such.
+N, would exceed ``--dflow-max-gib`` (default 3 GiB) are skipped and reported as such, and each
+child runs torch with one intra-op thread (``--threads``).
 
 Outputs (in ``--out``, default ``benchmarks/results``): ``memory.json`` (rows + metadata +
 acceptance checks), ``memory.md`` (table) and ``memory.png`` (memory against N, log-x).
@@ -138,9 +139,12 @@ def measure_one(solver: str, N: int, device: str, *, M: int = SEGMENT_STEPS) -> 
             "torch": torch.__version__, "options": {k: v for k, v in opts.items()}}
 
 
-def _child(solver: str, N: int, device: str, M: int, timeout: Optional[float]) -> Dict:
+def _child(solver: str, N: int, device: str, M: int, timeout: Optional[float],
+           threads: Optional[int]) -> Dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--single", solver, "--steps", str(N),
            "--device", device, "--segment-steps", str(M)]
+    if threads:
+        cmd += ["--threads", str(threads)]
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -278,7 +282,8 @@ def _atomic_write(path: Path, text: str) -> None:
 def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str = "cpu", *,
         steps: Optional[Sequence[int]] = None, solvers: Sequence[str] = SOLVERS,
         segment_steps: int = SEGMENT_STEPS, dflow_max_gib: Optional[float] = None,
-        timeout: Optional[float] = None, verbose: bool = True) -> Dict:
+        timeout: Optional[float] = None, threads: Optional[int] = None,
+        verbose: bool = True) -> Dict:
     """Measure every configuration in a fresh process and write table, JSON and plot.
 
     Args:
@@ -286,9 +291,12 @@ def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str
         out: output folder.
         device: ``"cpu"`` or ``"cuda"``.
         steps: override the list of N.
-        dflow_max_gib: skip D-Flow runs whose linear extrapolation exceeds this (default: 6
+        dflow_max_gib: skip D-Flow runs whose linear extrapolation exceeds this (default: 3
             GiB on a CPU, no limit on CUDA).
         timeout: seconds per configuration (``None``: no limit).
+        threads: torch intra-op threads in each child (default: 1 on a CPU, where several
+            threads per process oversubscribe a busy machine badly; torch's default on CUDA).
+            Peak memory does not depend on it.
 
     Returns the JSON payload (meta, rows, acceptance).
     """
@@ -296,7 +304,9 @@ def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str
     out = Path(out)
     steps = tuple(steps) if steps else (QUICK_STEPS if quick else STEPS)
     if dflow_max_gib is None and device == "cpu":
-        dflow_max_gib = 6.0
+        dflow_max_gib = 3.0
+    if threads is None and device == "cpu":
+        threads = 1
     rows: List[Dict] = []
     for solver in solvers:
         for N in steps:
@@ -316,7 +326,7 @@ def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str
                             print(f"{solver:13s} N={N:4d} {rows[-1]['status']}", flush=True)
                         continue
             t0 = time.perf_counter()
-            row = _child(solver, N, device, segment_steps, timeout)
+            row = _child(solver, N, device, segment_steps, timeout, threads)
             rows.append(row)
             if verbose:
                 print(f"{solver:13s} N={N:4d} peak={_fmt_mib(row.get('peak_memory_bytes'))} MiB "
@@ -329,7 +339,7 @@ def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str
             "prior": ok.get("prior", "n/a"), "operator": ok.get("operator", "n/a"),
             "segment_steps": segment_steps, "steps": list(steps), "seed": SEED,
             "torch": torch.__version__, "python": platform.python_version(),
-            "quick": quick, "dflow_max_gib": dflow_max_gib,
+            "quick": quick, "dflow_max_gib": dflow_max_gib, "threads": threads,
             "measure": ("torch.cuda.max_memory_allocated" if device.startswith("cuda")
                         else "resident-set high-water mark (VmHWM), reset per solve"),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -347,16 +357,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--segment-steps", type=int, default=SEGMENT_STEPS)
     p.add_argument("--dflow-max-gib", type=float, default=None)
     p.add_argument("--timeout", type=float, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads per child process")
     p.add_argument("--single", choices=SOLVERS, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.single:
         if not a.steps or len(a.steps) != 1:
             p.error("--single needs exactly one --steps value")
+        if a.threads:
+            import torch
+            torch.set_num_threads(a.threads)
         row = measure_one(a.single, a.steps[0], a.device, M=a.segment_steps)
         print(RESULT_TAG + json.dumps(row, default=float), flush=True)
         return 0
     res = run(a.quick, a.out, a.device, steps=a.steps, solvers=a.solvers,
-              segment_steps=a.segment_steps, dflow_max_gib=a.dflow_max_gib, timeout=a.timeout)
+              segment_steps=a.segment_steps, dflow_max_gib=a.dflow_max_gib, timeout=a.timeout,
+              threads=a.threads)
     for k, v in res["acceptance"].items():
         print(f"{k}: {v}")
     return 0

@@ -223,6 +223,11 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
+    for ax in fig.axes:                      # plain tick labels, no "+1.09e1" offsets
+        try:
+            ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+        except AttributeError:               # log axes have no scalar formatter
+            pass
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=120)

@@ -472,6 +472,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prior", default=None, help="bundled prior name or checkpoint path "
                    "(default: ct64)")
     p.add_argument("--limit", type=int, default=None, help="run only the first LIMIT cases")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (also passed to worker processes); default: torch's")
     p.add_argument("--list", action="store_true", help="list the cases and whether each is "
                    "stored, run nothing")
     p.add_argument("--progress", dest="progress", action="store_true", default=True,
@@ -493,6 +495,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(argv) if argv is not None else sys.argv[1:]
     args = _parser().parse_args(argv)
     command = "python -m benchmarks " + " ".join(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"--threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        import torch
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        os.environ["CTFLOW_BENCH_THREADS"] = str(args.threads)
     out = Path(args.out) if args.out else (DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT)
     from . import report as _report
 

@@ -393,7 +393,7 @@ def cmd_reconstruct_dicom(args) -> int:
         noise_level=args.noise_level, method=method, prior=_default_prior(method, args.prior),
         size=args.size, slices=parse_slices(args.slices), device=args.device,
         resume=args.resume, seed=args.seed, progress=not args.quiet, sinogram=args.sinogram,
-        backend=args.backend, verbose=not args.quiet, **parse_options(args.option))
+        backend=args.backend, **parse_options(args.option))
     m = summary.get("mean", {})
     done, skipped = summary.get("slices_reconstructed", 0), summary.get("slices_skipped", 0)
     line = f"{done} slice(s) reconstructed, {skipped} skipped (resume) -> {args.out_dir}"

@@ -134,8 +134,10 @@ def _figure(path: Path, truth: np.ndarray, sino: np.ndarray, rows: List[Dict[str
         ax.axis("off")
     axes[1, 0].text(0.0, 1.0, info_text, va="top", ha="left", fontsize=7, wrap=True,
                     transform=axes[1, 0].transAxes)
-    if im is not None:
-        fig.colorbar(im, ax=list(axes[1, 2:]), fraction=0.025, pad=0.02)
+    if im is not None:  # a colour bar beside the last error map, without shrinking panels
+        cax = axes[1, -1].inset_axes([1.05, 0.0, 0.06, 1.0])
+        fig.colorbar(im, cax=cax)
+        cax.tick_params(labelsize=7)
     fig.suptitle("ctflow demo: sparse-view CT with a flow-matching prior", fontsize=11)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")

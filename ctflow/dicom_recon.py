@@ -281,20 +281,36 @@ def slice_seed(seed: int, key: str) -> int:
 
 def to_working_size(x: Any, size: int, *, hu_window: Optional[Tuple[float, float]] = None
                     ) -> torch.Tensor:
-    """A 2-D slice → ``(size, size)`` float32 in [0, 1], prepared exactly as the priors'
-    training data (``ctflow.flow.datasets.CTSliceDataset`` without augmentation): values
-    mapped to [0, 1] by ``clip((v - lo)/(hi - lo), 0, 1)`` with ``hu_window=(lo, hi)``
-    (``None``: the input is already in [0, 1]), zero-padded to a centred square, then resized
-    with antialiased bilinear interpolation (through twice the size, as in training)."""
-    from .flow.datasets import CTSliceDataset
+    """A 2-D slice → ``(size, size)`` float32 in [0, 1].
 
+    * ``hu_window=(lo, hi)`` (HU slices): exactly the preparation of the priors' training data
+      (``ctflow.flow.datasets.CTSliceDataset`` without augmentation): ``clip((HU - lo)/(hi -
+      lo), 0, 1)``, zero-padded to a centred square, antialiased bilinear resize through twice
+      the working size.
+    * ``hu_window=None`` (images already in [0, 1]): clipped to [0, 1], zero-padded to a
+      centred square and resized once with antialiased bilinear interpolation; an image that
+      is already ``size × size`` is returned unchanged.
+    """
     arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     arr = np.asarray(arr, dtype=np.float32)
     if arr.ndim != 2:
         raise ValueError(f"expected a 2-D slice, got shape {arr.shape}")
-    window = (0.0, 1.0) if hu_window is None else (float(hu_window[0]), float(hu_window[1]))
-    ds = CTSliceDataset([arr], image_size=int(size), hu_window=window, augment=False)
-    return ds[0][0].to(torch.float32).clamp(0.0, 1.0).contiguous()
+    size = int(size)
+    if hu_window is not None:
+        from .flow.datasets import CTSliceDataset
+
+        window = (float(hu_window[0]), float(hu_window[1]))
+        ds = CTSliceDataset([arr], image_size=size, hu_window=window, augment=False)
+        return ds[0][0].to(torch.float32).clamp(0.0, 1.0).contiguous()
+    h, w = arr.shape
+    n = max(h, w)
+    sq = np.zeros((n, n), dtype=np.float32)
+    sq[(n - h) // 2:(n - h) // 2 + h, (n - w) // 2:(n - w) // 2 + w] = np.clip(arr, 0.0, 1.0)
+    t = torch.from_numpy(sq)
+    if n != size:
+        t = F.interpolate(t[None, None], size=(size, size), mode="bilinear",
+                          align_corners=False, antialias=True)[0, 0]
+    return t.clamp(0.0, 1.0).contiguous()
 
 
 def from_working_size(x: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
@@ -461,7 +477,8 @@ def _describe(method: str, settings: Dict[str, Any]) -> str:
     text = (f"ctflow {method}{prior} {settings['geometry']} {meas} {settings['size']}px "
             f"seed {settings['seed']}")
     if settings.get("options"):
-        text += " " + json.dumps(settings["options"], sort_keys=True, separators=(",", "="))
+        text += " " + " ".join(f"{k}={json.dumps(v)}" for k, v in
+                               sorted(settings["options"].items()))
     return text
 
 

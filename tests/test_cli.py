@@ -92,7 +92,7 @@ def test_info_text_and_json(cli):
     proc = cli("info")
     assert proc.returncode == 0, proc.stderr
     assert "torch" in proc.stdout and "CT backends" in proc.stdout and "CUDA" in proc.stdout
-    proc = run_cli("info", "--json")
+    proc = cli("info", "--json")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["torch"] == torch.__version__

@@ -207,6 +207,10 @@ def test_noise_convention_is_relative_rms():
 def test_working_size_round_trip():
     from ctflow.dicom_recon import from_working_size, to_working_size
 
+    # An image already at the working size is taken as it is.
+    img = torch.rand(16, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(to_working_size(img, 16), img)
+
     # A constant slice stays constant through the resize (in and back out).
     x = to_working_size(np.full((40, 40), 0.25, np.float32), 16)
     assert x.shape == (16, 16)

@@ -81,6 +81,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     _die_with_parent()
+    if os.environ.get("CTFLOW_BENCH_THREADS"):
+        import torch
+        torch.set_num_threads(int(os.environ["CTFLOW_BENCH_THREADS"]))
     req_path, res_path = Path(argv[0]), Path(argv[1])
     req = json.loads(req_path.read_text())
     try:

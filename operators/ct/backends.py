@@ -47,9 +47,9 @@ def _odl_factory(geometry: Geometry2D, **options):
 
 
 def _tomosipo_factory(geometry: Geometry2D, **options):
-    raise RuntimeError("backend='tomosipo' is not available in this ctflow version (the "
-                       "tomosipo wrapper is not shipped yet); use backend='torch' (CPU and CUDA) "
-                       "or backend='odl' (pip install 'ctflow[odl]')")
+    from .tomosipo_backend import TomosipoRayBackend
+
+    return TomosipoRayBackend(geometry, **options)
 
 
 _FACTORIES: Dict[str, Callable] = {
@@ -134,9 +134,10 @@ def available_backends() -> List[BackendInfo]:
     else:
         out.append(BackendInfo("odl/skimage", "odl", "skimage", True,
                                "parallel beam only; adjoint is approximate"))
-    out.append(BackendInfo("tomosipo", "tomosipo", "astra_cuda", False,
-                           "ctflow does not ship its tomosipo wrapper yet; use backend='torch' "
-                           "or backend='odl'"))
+    from .tomosipo_backend import status as tomosipo_status
+
+    ok, why = tomosipo_status()  # import, CUDA and NumPy checks only; no ASTRA 3D call
+    out.append(BackendInfo("tomosipo", "tomosipo", "astra_cuda", ok, why))
     return out
 
 

@@ -33,9 +33,11 @@ class RayTransform(LinearOperator):
     backend:
         ``"torch"`` (default; CPU and CUDA, sparse system matrix with an exactly matched
         adjoint), ``"odl"`` (wraps ``odl.applications.tomo.RayTransform``; pass ``impl=`` among
-        ``"astra_cpu"``, ``"astra_cuda"``, ``"skimage"``) or ``"tomosipo"`` (not shipped yet).
+        ``"astra_cpu"``, ``"astra_cuda"``, ``"skimage"``) or ``"tomosipo"`` (ASTRA 3D on CUDA
+        through tomosipo, zero-copy on CUDA tensors; optional install, see
+        :mod:`ctflow.operators.ct.tomosipo_backend`).
     **options:
-        Passed to the backend (e.g. ``impl`` for ODL).
+        Passed to the backend (e.g. ``impl`` for ODL; ``cpu_inputs``, ``stack`` for tomosipo).
 
     Inputs are ``(B, C, N, N)`` float32/float64 tensors; outputs follow the input's device and
     dtype. Autograd works through :meth:`forward` and :meth:`adjoint` (backward = the other one).
