@@ -95,11 +95,18 @@ def _nonneg_dot_test(op, device, seed: int = SEED) -> float:
     return abs(lhs - rhs) / abs(lhs)
 
 
-def contract(name: str, backend: str, options: dict, device: str) -> List[dict]:
-    """The backend contract for one backend on ``device``; one row per check."""
+def contract(name: str, backend: str, options: dict, device: str, *,
+             geometries: Optional[dict] = None, agreement: Optional[dict] = None) -> List[dict]:
+    """The backend contract for one backend on ``device``; one row per check.
+
+    ``geometries``/``agreement`` (name -> factory) replace :data:`CONTRACT_GEOMETRIES` and
+    :data:`AGREEMENT_GEOMETRIES` (the tests use tiny ones on the CPU).
+    """
     rows: List[dict] = []
     exact = backend == "torch"
-    for gname, make in CONTRACT_GEOMETRIES.items():
+    geometries = CONTRACT_GEOMETRIES if geometries is None else geometries
+    agreement = AGREEMENT_GEOMETRIES if agreement is None else agreement
+    for gname, make in geometries.items():
         g = make()
         try:
             op = RayTransform(g, backend=backend, **options)
@@ -134,58 +141,66 @@ def contract(name: str, backend: str, options: dict, device: str) -> List[dict]:
         (op(x) * w).sum().backward()
         with torch.no_grad():
             _check(rows, name, gname, "autograd = adjoint", _rel(x.grad, op.adjoint(w)), 1e-5)
-    for gname, make in AGREEMENT_GEOMETRIES.items():
+    for gname, make in agreement.items():
         g = make()
+        label = f"{gname} {g.image_size}²"
         x = shepp_logan(g.image_size, dtype=torch.float32, device=device)[None, None]
         try:
             op = RayTransform(g, backend=backend, **options)
         except Exception as exc:
-            _check(rows, name, gname + " 128²", f"construct ({type(exc).__name__}: {exc})",
-                   None, None, passed=False)
+            _check(rows, name, label, f"construct ({type(exc).__name__}: {exc})", None, None,
+                   passed=False)
             continue
         ref = RayTransform(g)
         with torch.no_grad():
             y_ref, y = ref(x), op(x)
-            _check(rows, name, gname + " 128²", "sinogram vs torch (Shepp-Logan)",
+            _check(rows, name, label, "sinogram vs torch (Shepp-Logan)",
                    _rel(y, y_ref), 0.02)
             rec_ref = FBP(g, "hann", frequency_scaling=0.8)(y_ref)
             rec = FBP(g, "hann", frequency_scaling=0.8, aperture_correction=exact)(y)
-            _check(rows, name, gname + " 128²", "Hann FBP vs torch (Shepp-Logan)",
+            _check(rows, name, label, "Hann FBP vs torch (Shepp-Logan)",
                    _rel(rec, rec_ref), 0.02)
     return rows
 
 
-def _time(fn: Callable[[], object], repeats: int) -> Dict[str, float]:
-    torch.cuda.synchronize()
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], object], repeats: int, device: str) -> Dict[str, float]:
+    """First-call and steady-state (min, median over ``repeats``) wall seconds of ``fn()``."""
+    _sync(device)
     t0 = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
+    _sync(device)
     first = time.perf_counter() - t0
     walls = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
+    for _ in range(max(1, repeats)):
+        _sync(device)
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync(device)
         walls.append(time.perf_counter() - t0)
     return {"first": first, "min": min(walls), "median": float(np.median(walls))}
 
 
 def timings(name: str, backend: str, options: dict, device: str, quick: bool,
-            repeats: int) -> List[dict]:
-    """Forward/adjoint timings of one backend, parallel beam, per size and batch."""
+            repeats: int, *, cases=None, batches=BATCHES) -> List[dict]:
+    """Forward/adjoint timings of one backend, parallel beam, per size and batch (``cases``:
+    ``(image size, angles)`` pairs, default :data:`TIMING_CASES`)."""
     rows = []
-    for n, angles in TIMING_CASES[bool(quick)]:
+    for n, angles in (TIMING_CASES[bool(quick)] if cases is None else cases):
         g = ParallelBeam2D(n, angles)
         t0 = time.perf_counter()
         op = RayTransform(g, backend=backend, **options)
         setup = time.perf_counter() - t0
-        for batch in BATCHES:
+        for batch in batches:
             x = torch.rand(batch, 1, n, n, generator=torch.Generator().manual_seed(SEED)).to(device)
             with torch.no_grad():
-                fwd = _time(lambda: op(x), repeats)
+                fwd = _time(lambda: op(x), repeats, device)
                 y = op(x)
-                adj = _time(lambda: op.adjoint(y), repeats)
+                adj = _time(lambda: op.adjoint(y), repeats, device)
             rows.append({"backend": name, "image_size": n, "angles": angles,
                          "detectors": g.detectors, "batch": batch, "dtype": "float32",
                          "device": device, "setup_s": setup, "forward_first_s": fwd["first"],
@@ -195,7 +210,8 @@ def timings(name: str, backend: str, options: dict, device: str, quick: bool,
             print(f"  {name:<15} {n}² x {angles} batch {batch:>2}: fwd "
                   f"{1e3 * fwd['min']:8.2f} ms  adj {1e3 * adj['min']:8.2f} ms", flush=True)
         del op
-        torch.cuda.empty_cache()
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
     return rows
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict, defaultdict
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .runner import CASE_SUITES, ResultStore
 
@@ -410,7 +410,7 @@ _PLOTS = {"ct-sparse": _plot_ct_sparse, "ablation": _plot_ablation,
 
 # ---------------------------------------------------------------------------------------------
 def _tables(suite: str, rows: Sequence[dict]) -> str:
-    keys = _label_keys(suite, rows)
+    keys = [k for k in _label_keys(suite, rows) if k != "tuned"]
     if suite == "ct-sparse" and "views" in keys:
         parts = []
         for v in sorted({(r.get("labels") or {}).get("views") for r in rows}, key=_sort_key):

@@ -33,9 +33,7 @@ import errno
 import fcntl
 import hashlib
 import importlib
-import inspect
 import json
-import math
 import os
 import platform
 import sys

@@ -378,3 +378,63 @@ def test_quick_external_suites(tmp_path, suite, module):
         pytest.skip(f"benchmarks/{module}.py is not present yet")
     assert main([suite, "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     assert any(tmp_path.iterdir())
+
+
+def test_quick_tuning_leaves_the_config_alone(tmp_path):
+    before = (common.CONFIG_DIR / "ct-sparse.json").read_bytes()
+    s = run_suite("ct-sparse", quick=True, out=tmp_path, prior=gaussian_ct_prior(), tune=True)
+    assert s.failed == [] and s.ran == s.total == 12         # 6 methods x 2 points x 1 slice
+    chosen = json.loads((tmp_path / "tune-ct-sparse.chosen.json").read_text())
+    assert set(chosen) == {"msflow", "dflow", "pnpflow", "otode", "tv", "fbp"}
+    rows = ResultStore(tmp_path / "tune-ct-sparse.jsonl").ok_rows()
+    assert all(r["image"].startswith("validation/") for r in rows)    # never the TEST split
+    assert (common.CONFIG_DIR / "ct-sparse.json").read_bytes() == before
+
+
+def test_tuning_writes_the_best_validation_point_into_the_config(tmp_path, monkeypatch):
+    cfg = json.loads((common.CONFIG_DIR / "ct-sparse.json").read_text())
+    cfg["methods"]["msflow"].update(sweeps=2)
+    cfg["tuning"]["grid"] = {"msflow": {"alpha": [0.5, 0.9]},
+                             "fbp": {"filter": ["ramp", "hann"]}}
+    cfg["tuning"]["problems"] = cfg["tuning"]["problems"][:1]
+    cfg["tuning"]["reference_steps"] = 8
+    cdir = tmp_path / "configs"
+    cdir.mkdir()
+    (cdir / "ct-sparse.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr(common, "CONFIG_DIR", cdir)
+    s = run_suite("ct-sparse", quick=False, out=tmp_path, prior=gaussian_ct_prior(), tune=True)
+    assert s.failed == [] and s.total == 16                 # 4 points x 4 validation slices
+    new = json.loads((cdir / "ct-sparse.json").read_text())
+    rows = ResultStore(tmp_path / "tune-ct-sparse.jsonl").ok_rows()
+    for method, key in (("msflow", "alpha"), ("fbp", "filter")):
+        res = new["tuning"]["result"][method]
+        means = {}
+        for r in rows:
+            if r["method"] == method:
+                means.setdefault(r["options"][key], []).append(r["metrics"]["psnr"])
+        best = max(means, key=lambda v: sum(means[v]) / len(means[v]))
+        assert res["chosen"] == {key: best} and new["methods"][method][key] == best
+        assert res["psnr"] == pytest.approx(sum(means[best]) / 4) and res["cases"] == 4
+        assert len(res["images"]) == 4
+    assert new["methods"]["msflow"]["sweeps"] == 2 and "tuned on the validation" in \
+        new["tuning"]["status"]
+
+
+def test_isolated_cases_run_in_fresh_worker_processes(tmp_path, micro_prior_path):
+    if not _have_ct():
+        pytest.skip("the CT operators (ParallelBeam2D, RayTransform) are not available")
+    s = run_suite("ct-sparse", quick=True, out=tmp_path, prior=micro_prior_path, isolate=True,
+                  limit=1)
+    assert s.failed == [] and s.ran == 1
+    rows = ResultStore(tmp_path / "ct-sparse.jsonl").ok_rows()
+    assert [r["method"] for r in rows] == ["fbp"] and all(r["isolated"] for r in rows)
+    # the same numbers as in-process (same data, same noise draw)
+    s2 = run_suite("ct-sparse", quick=True, out=tmp_path / "inproc", prior=micro_prior_path,
+                   isolate=False, limit=1)
+    rows2 = ResultStore(tmp_path / "inproc" / "ct-sparse.jsonl").ok_rows()
+    assert s2.ran == 1 and [r["id"] for r in rows2] == [r["id"] for r in rows]
+    for a, b in zip(rows, rows2):
+        assert a["metrics"]["psnr"] == pytest.approx(b["metrics"]["psnr"], abs=1e-6)
+        assert a["noise_sigma"] == b["noise_sigma"] and not b["isolated"]
+    with pytest.raises(ValueError, match="needs the prior as a bundled name"):
+        run_suite("ct-sparse", quick=True, out=tmp_path, prior=gaussian_ct_prior(), isolate=True)

@@ -13,6 +13,7 @@ import math
 import subprocess
 import sys
 import types
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 PARALLEL = ParallelBeam2D(64, 48)
 FAN = FanBeam2D(64, 60, source_origin=3.0, origin_detector=1.5)
 
+# imports odl/astra for real before any test puts stub modules into sys.modules
+_INFOS = {i.name: i for i in available_backends()}
 _USABLE, _REASON = tb.status()
 needs_tomosipo = pytest.mark.skipif(not _USABLE, reason=f"tomosipo backend unusable here: "
                                                         f"{_REASON}")
@@ -94,16 +97,18 @@ def test_broken_tomosipo_import_under_numpy2_is_explained(monkeypatch):
 
 def test_cuda_absent_fires_before_any_tomosipo_call(monkeypatch):
     monkeypatch.setitem(sys.modules, "tomosipo", _stub_tomosipo())
-    monkeypatch.setitem(sys.modules, "astra", _stub_astra(use_cuda=True))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for g in (PARALLEL, FAN):
-        with pytest.raises(RuntimeError) as err:
-            RayTransform(g, backend="tomosipo")
-        msg = str(err.value)
-        assert "needs CUDA" in msg and "torch.cuda.is_available() is False" in msg
-        assert "backend='torch'" in msg
-    ok, why = tb.status()
-    assert not ok and "torch.cuda.is_available() is False" in why
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "astra", _stub_astra(use_cuda=True))
+        for g in (PARALLEL, FAN):
+            with pytest.raises(RuntimeError) as err:
+                RayTransform(g, backend="tomosipo")
+            msg = str(err.value)
+            assert "needs CUDA" in msg and "torch.cuda.is_available() is False" in msg
+            assert "backend='torch'" in msg
+        ok, why = tb.status()
+        assert not ok and "torch.cuda.is_available() is False" in why
+    # (the real astra is back: available_backends also probes the odl rows)
     info = {i.name: i for i in available_backends()}["tomosipo"]
     assert not info.available and "CUDA" in info.reason
 
@@ -292,7 +297,8 @@ def test_fan_vectors_reproduce_ctflow_rays():
     theta = g.angles
     sx, sy = _to_ctflow(v["src_pos"])
     # S(theta) = R_s (sin, -cos)
-    assert torch.allclose(sx, 4.0 * torch.sin(theta)) and torch.allclose(sy, -4.0 * torch.cos(theta))
+    assert torch.allclose(sx, 4.0 * torch.sin(theta))
+    assert torch.allclose(sy, -4.0 * torch.cos(theta))
     j = torch.arange(11, dtype=torch.float64) - 5
     pix = v["det_pos"][:, None, :] + j[None, :, None] * v["det_u"][:, None, :]
     px, py = _to_ctflow(pix)
@@ -303,6 +309,34 @@ def test_fan_vectors_reproduce_ctflow_rays():
     ey = 2.5 * e[:, None, 1] + s[None, :] * u[:, None, 1]
     assert torch.allclose(px, ex, atol=1e-12) and torch.allclose(py, ey, atol=1e-12)
     assert torch.all(v["src_pos"][:, 0] == 0) and torch.all(pix[..., 0] == 0)
+
+
+def test_real_tomosipo_geometry_objects_without_cuda():
+    """Where tomosipo is installed (CUDA not needed: no ASTRA 3D call), its geometry objects
+    carry our vectors into ASTRA's ``(x, y, z)`` order with the ``(v, angle, u)`` data shape."""
+    try:
+        ts = tb._import_tomosipo()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    if tb._numpy_problem(ts) is not None:
+        pytest.skip(tb._numpy_problem(ts))
+    for g, k in ((ParallelBeam2D(8, 5, detectors=11), 3),
+                 (FanBeam2D(8, 4, source_origin=3.0, origin_detector=1.5), 1)):
+        vg, pg = tb.tomosipo_geometries(ts, g, k)
+        assert tuple(ts.links.geometry_shape(vg)) == (k, 8, 8)
+        assert tuple(ts.links.geometry_shape(pg)) == (k, *g.sinogram_shape)
+        astra_pg = pg.to_astra()
+        vec = tb.tomosipo_vectors(g, k)
+        first = vec["ray_dir"] if "ray_dir" in vec else vec["src_pos"]
+        expected = torch.cat([torch.as_tensor(a)[:, [2, 1, 0]] for a in
+                              (first, vec["det_pos"], vec["det_u"], vec["det_v"])], 1)
+        assert torch.allclose(torch.as_tensor(astra_pg["Vectors"]), expected)
+        astra_vg = vg.to_astra()
+        e = g.extent
+        assert (astra_vg["GridColCount"], astra_vg["GridRowCount"],
+                astra_vg["GridSliceCount"]) == (8, 8, k)
+        opt = astra_vg["option"]
+        assert math.isclose(opt["WindowMinX"], -e) and math.isclose(opt["WindowMaxY"], e)
 
 
 def _emulated_astra_forward(images, g, step_fraction=0.25):
@@ -380,6 +414,79 @@ def test_emulated_stacked_slices_project_independently():
     for k in range(3):
         single = _emulated_astra_forward(imgs[k:k + 1], g)[0]
         assert torch.allclose(stacked[k], single, rtol=1e-9, atol=1e-9)
+
+
+class _EmulatedOperator:
+    """Stands in for ``ts.operator`` on the CPU: the emulated ASTRA forward model on the
+    geometry objects it was built from, and its exact transpose (by autograd) as ``.T``."""
+
+    def __init__(self, g, vg, pg, log):
+        self.g, self.vg, self.pg, self.log = g, vg, pg, log
+        self.T = self._bp
+
+    def __call__(self, x, out):
+        assert tuple(x.shape) == self.vg["shape"] and x.is_contiguous()
+        self.log.append(("fp", x.shape[0]))
+        out.copy_(_emulated_astra_forward(x.double(), self.g).float())
+
+    def _bp(self, y, out):
+        k = y.shape[0]
+        assert tuple(y.shape) == (k, self.g.num_angles, self.g.detectors) == \
+            (self.pg["shape"][0], self.g.num_angles, self.pg["shape"][1])
+        self.log.append(("bp", k))
+        x = torch.zeros(self.vg["shape"], dtype=torch.float64, requires_grad=True)
+        (_emulated_astra_forward(x, self.g) * y.double()).sum().backward()
+        out.copy_(x.grad.float())
+
+
+def _cpu_backend(g, stack=True, max_slices=64):
+    """A TomosipoRayBackend whose tomosipo module is a CPU emulation (checks bypassed), to
+    exercise the batching code without CUDA."""
+    log = []
+    fake = types.SimpleNamespace(
+        volume=lambda **kw: dict(kw),
+        parallel_vec=lambda **kw: dict(kw, kind="parallel_vec"),
+        cone_vec=lambda **kw: dict(kw, kind="cone_vec"),
+        operator=lambda vg, pg: _EmulatedOperator(g, vg, pg, log))
+    be = object.__new__(tb.TomosipoRayBackend)
+    be.geometry, be._ts, be.cpu_inputs = g, fake, "move"
+    be.stack = stack and isinstance(g, ParallelBeam2D)
+    be.max_slices, be._ops = max_slices, OrderedDict()
+    return be, log
+
+
+def _project(be, t, forward):
+    g = be.geometry
+    shape = g.sinogram_shape if forward else g.image_shape
+    out = torch.full((t.shape[0], *shape), float("nan"))
+    be._project(t.float().contiguous(), out, forward)
+    return out
+
+
+@pytest.mark.parametrize("g", [ParallelBeam2D(16, 12), FanBeam2D(16, 12, source_origin=3.0,
+                                                                   origin_detector=1.5)],
+                         ids=["parallel", "fan"])
+def test_batching_code_with_emulated_tomosipo(g):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(5, *g.image_shape, generator=gen)
+    y = torch.rand(5, *g.sinogram_shape, generator=gen)
+    chunked, log = _cpu_backend(g, max_slices=2)
+    single, _ = _cpu_backend(g, stack=False)
+    fwd = _project(chunked, x, True)
+    assert not torch.isnan(fwd).any()
+    assert torch.allclose(fwd, _project(single, x, True), rtol=1e-5, atol=1e-5)
+    for k in range(5):  # every image lands in its own rows
+        assert torch.allclose(fwd[k], _emulated_astra_forward(x[k:k + 1].double(), g)[0].float(),
+                              rtol=1e-5, atol=1e-5)
+    back = _project(chunked, y, False)
+    assert torch.allclose(back, _project(single, y, False), rtol=1e-5, atol=1e-5)
+    # the emulated back-projection is the transpose: dot test through the chunked code
+    lhs = float((fwd.double() * y.double()).sum())
+    rhs = float((x.double() * back.double()).sum())
+    assert abs(lhs - rhs) <= 1e-5 * abs(lhs)
+    sizes = sorted({k for _, k in log})
+    assert sizes == ([1, 2] if isinstance(g, ParallelBeam2D) else [1])
+    assert len(chunked._ops) == len(sizes)  # one cached operator per slice count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,7 +576,7 @@ def test_real_autograd_is_the_adjoint():
 
 @needs_tomosipo
 def test_real_matches_odl_astra_cuda_when_available():
-    info = {i.name: i for i in available_backends()}["odl/astra_cuda"]
+    info = _INFOS["odl/astra_cuda"]
     if not info.available:
         pytest.skip(f"odl/astra_cuda: {info.reason}")
     for g in (PARALLEL, FAN):
@@ -497,3 +604,38 @@ def test_gpu_check_without_cuda_reports_and_exits_zero(tmp_path, capsys):
     assert gpu_check.main(["--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "tomosipo" in out and "unavailable" in out
+
+
+def test_gpu_check_contract_and_timing_code_on_cpu():
+    """The contract/timing functions of gpu_check, run on the CPU with tiny geometries (the
+    torch backend against itself, and odl/astra_cpu where usable): every check passes."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from benchmarks import gpu_check
+
+    tiny = {"parallel": lambda: ParallelBeam2D(16, 12),
+            "fan": lambda: FanBeam2D(16, 16, source_origin=3.0, origin_detector=1.5)}
+    agree = {"parallel": lambda: ParallelBeam2D(48, 40)}
+    rows = gpu_check.contract("torch-cpu", "torch", {}, "cpu", geometries=tiny, agreement=agree)
+    assert rows and all(r["passed"] for r in rows), [r for r in rows if not r["passed"]]
+    checks = {r["check"] for r in rows}
+    assert {"shapes/dtype/device", "dot test float64 (signed noise)", "autograd = adjoint",
+            "sinogram vs torch (Shepp-Logan)", "Hann FBP vs torch (Shepp-Logan)"} <= checks
+    if _INFOS["odl/astra_cpu"].available:
+        rows = gpu_check.contract("odl/astra_cpu", "odl", {"impl": "astra_cpu"}, "cpu",
+                                  geometries=tiny, agreement=agree)
+        assert all(r["passed"] for r in rows), [r for r in rows if not r["passed"]]
+    # a backend that cannot be built fails its contract instead of stopping the check
+    rows = gpu_check.contract("tomosipo", "tomosipo", {}, "cpu", geometries=tiny, agreement={})
+    assert rows and not any(r["passed"] for r in rows)
+    t = gpu_check.timings("torch-cpu", "torch", {}, "cpu", True, 1, cases=[(16, 8)],
+                          batches=(1, 2))
+    assert [(r["image_size"], r["batch"]) for r in t] == [(16, 1), (16, 2)]
+    assert all(r["forward_s"] > 0 and r["adjoint_s"] > 0 for r in t)
+    report = {"backends": [{"name": "torch-cpu", "available": True, "reason": ""}],
+              "contract": rows, "timings": t,
+              "meta": {"gpu": "none", "device": "cpu", "date": "today", "versions": {"x": "1"},
+                       "repeats": 1}}
+    md = gpu_check._md(report)
+    assert "| torch-cpu | 16² | 8 |" in md and f"0/{len(rows)} checks passed" in md
+

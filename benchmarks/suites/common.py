@@ -276,27 +276,32 @@ class SuiteContext:
         return self._problems[key]
 
     # execution -------------------------------------------------------------------------------
-    def warm_up(self) -> None:
-        """One-time costs outside every timed solve: the lazy imports behind
-        ``torch.optim`` (the first optimiser imports ``torch._dynamo``, seconds on a CPU) and
-        the first velocity call (kernel selection). Runs once per process."""
-        if getattr(self, "_warm", False):
-            return
-        p = torch.zeros(1, requires_grad=True)
-        torch.optim.LBFGS([p], line_search_fn="strong_wolfe")
-        torch.optim.Adam([p])
-        prior = self.prior
-        with torch.no_grad():
-            z = torch.zeros((1, *prior.shape), device=self.device)
-            prior.velocity(z, torch.full((1,), 0.5, device=self.device))
-        self._warm = True
+    def warm_up(self, case: Optional[Case] = None) -> None:
+        """One-time costs outside every timed solve, once per process: the first velocity
+        call (kernel selection) and, before the first solver that builds a ``torch.optim``
+        optimiser (D-Flow; MS-Flow ``update="joint"``), the lazy ``torch._dynamo`` import
+        that the first optimiser triggers (seconds on a CPU)."""
+        if not getattr(self, "_warm", False):
+            prior = self.prior
+            with torch.no_grad():
+                z = torch.zeros((1, *prior.shape), device=self.device)
+                prior.velocity(z, torch.full((1,), 0.5, device=self.device))
+            self._warm = True
+        uses_optim = case is not None and (
+            case.method == "dflow"
+            or (case.method == "msflow" and case.options.get("update") == "joint"))
+        if uses_optim and not getattr(self, "_warm_optim", False):
+            p = torch.zeros(1, requires_grad=True)
+            torch.optim.LBFGS([p], line_search_fn="strong_wolfe")
+            torch.optim.Adam([p])
+            self._warm_optim = True
 
     def execute(self, case: Case) -> dict:
         """Solve one case and measure it: the row's result fields."""
         api = require("ctflow.solvers.api", "the solvers (ctflow.reconstruct)")
         metrics = require("ctflow.metrics", "the image metrics")
         prob = self.problem(case.image, case.problem)
-        self.warm_up()
+        self.warm_up(case)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         extra = {"seed": prob.solver_seed} if accepts_seed(case.method) else {}

@@ -237,8 +237,9 @@ class MSFlow:
         meas = prepare_measurement(operator, y, owner=own, channels=prior.channels)
         yb = meas.y
         with SolveMeter(yb.device) as meter:
-            run = _Run(o, operator, yb, prior, sigma)
-            with run.v.evaluation_mode():
+            v = SolverVelocity(prior, yb.device)
+            with v.evaluation_mode():
+                run = _Run(o, operator, yb, prior, sigma, v)
                 history = run.solve()
             image = prior.from_model(run.s[-1]).clamp(0.0, 1.0)
         return Reconstruction(image=meas.restore(image.detach()), history=history,
@@ -250,15 +251,14 @@ class MSFlow:
 class _Run:
     """State of one MS-Flow solve (states, cached segment flows, penalties)."""
 
-    def __init__(self, o, operator, y, prior, sigma):
+    def __init__(self, o, operator, y, prior, sigma, velocity: SolverVelocity):
         self.o = o
         self.K, self.M, self.method = o["K"], o["M"], o["method"]
         self.N = self.K * self.M
         self.lam = o["lam"]
         self.prior = prior
-        self.y = y
         self.B = y.shape[0]
-        self.v = SolverVelocity(prior, y.device)
+        self.v = velocity
         self.problem = ModelSpaceProblem(operator, y, prior.scale, prior.shift, sigma)
         self.nodes = [k / self.K for k in range(self.K + 1)]
         rho = o["rho"]

@@ -17,9 +17,10 @@ Python process without an exception:
    import", with the cause) naming ``backend='torch'`` / ``backend='odl'``;
 2. ``torch.cuda.is_available()`` is False, or ``astra.use_cuda()`` is False: ``RuntimeError``
    saying which, and which backend to use instead;
-3. NumPy >= 2 with tomosipo < 0.7 (0.6.0 from the conda channel uses ``np.array(copy=False)``,
-   which NumPy 2 turns into a ``ValueError``), or a failing geometry probe (pure NumPy, no
-   ASTRA): ``RuntimeError`` explaining the NumPy incompatibility and the alternatives.
+3. NumPy >= 2 with tomosipo < 0.7 (0.6 uses ``np.array(..., copy=False)``, an error under
+   NumPy 2 as soon as a copy is needed: building any geometry fails), or a failing geometry
+   probe (pure NumPy, no ASTRA): ``RuntimeError`` explaining the NumPy incompatibility and the
+   alternatives.
 
 :func:`status` runs the same checks and returns ``(usable, reason)`` for
 :func:`~ctflow.operators.ct.available_backends`.
@@ -48,7 +49,8 @@ in ctflow's ``(x, y)`` plane (see :mod:`ctflow.operators.ct.geometry`), in ``(z,
 Detector pixel ``j`` of ``n`` lies at ``det_pos + (j - (n-1)/2) det_u``, i.e. at ctflow's
 :math:`s_j`. The volume is ``ts.volume(shape=(K, N, N), size=(K h, 2e, 2e))`` (cubic voxels of
 side :math:`h = 2e/N`). :func:`tomosipo_vectors` and :func:`volume_spec` return these numbers
-without importing tomosipo (the tests check them against the geometry on any machine).
+without importing tomosipo (the tests check them against the geometry on any machine);
+:func:`tomosipo_geometries` turns them into tomosipo objects.
 
 Scaling and accuracy
 --------------------
@@ -84,7 +86,7 @@ import torch
 from .geometry import FanBeam2D, Geometry2D, ParallelBeam2D
 
 __all__ = ["TomosipoRayBackend", "status", "check_usable", "tomosipo_vectors", "volume_spec",
-           "INSTALL", "ALTERNATIVES", "MIN_NUMPY2_VERSION"]
+           "tomosipo_geometries", "INSTALL", "ALTERNATIVES", "MIN_NUMPY2_VERSION"]
 
 #: How to install tomosipo (it is not on PyPI).
 INSTALL = ("tomosipo is not on PyPI: pip install git+https://github.com/cicwi/tomosipo "
@@ -177,7 +179,8 @@ def _numpy_problem(ts) -> Optional[str]:
     """Why this tomosipo cannot run under the installed NumPy (``None`` when it can).
 
     Checks the version pair first, then builds a tiny tomosipo geometry (pure NumPy, no ASTRA):
-    tomosipo 0.6 raises ``ValueError`` ("Unable to avoid copy") there under NumPy 2.
+    under NumPy 2, tomosipo 0.6 fails there (its ``np.array(..., copy=False)`` raises, which
+    tomosipo reports as a ``TypeError`` "Could not convert ... to np.array").
     """
     np_major = (_version_tuple(_numpy_version()) or (0,))[0]
     ts_version = _version_tuple(getattr(ts, "__version__", ""))
@@ -284,6 +287,22 @@ def tomosipo_vectors(geometry: Geometry2D, slices: int = 1) -> Dict[str, np.ndar
     raise ValueError(f"backend='tomosipo': unsupported geometry {type(geometry).__name__}")
 
 
+def tomosipo_geometries(ts, geometry: Geometry2D, slices: int = 1):
+    """``(volume geometry, projection geometry)`` as tomosipo objects (``ts`` the tomosipo
+    module) for ``slices`` stacked images; pure geometry, no ASTRA call. The projection data
+    shape is ``(slices, angles, detectors)`` (tomosipo's ``(v, angle, u)``)."""
+    spec = volume_spec(geometry, slices)
+    vg = ts.volume(shape=spec["shape"], size=spec["size"], pos=spec["pos"])
+    vec = tomosipo_vectors(geometry, slices)
+    if vec["kind"] == "parallel_vec":
+        pg = ts.parallel_vec(shape=vec["shape"], ray_dir=vec["ray_dir"], det_pos=vec["det_pos"],
+                             det_v=vec["det_v"], det_u=vec["det_u"])
+    else:
+        pg = ts.cone_vec(shape=vec["shape"], src_pos=vec["src_pos"], det_pos=vec["det_pos"],
+                         det_v=vec["det_v"], det_u=vec["det_u"])
+    return vg, pg
+
+
 # ---------------------------------------------------------------------------------------------
 # the backend
 # ---------------------------------------------------------------------------------------------
@@ -348,19 +367,8 @@ class TomosipoRayBackend:
             if op is not None:
                 self._ops.move_to_end(slices)
                 return op
-            ts = self._ts
-            spec = volume_spec(self.geometry, slices)
-            vg = ts.volume(shape=spec["shape"], size=spec["size"], pos=spec["pos"])
-            vec = tomosipo_vectors(self.geometry, slices)
-            if vec["kind"] == "parallel_vec":
-                pg = ts.parallel_vec(shape=vec["shape"], ray_dir=vec["ray_dir"],
-                                     det_pos=vec["det_pos"], det_v=vec["det_v"],
-                                     det_u=vec["det_u"])
-            else:
-                pg = ts.cone_vec(shape=vec["shape"], src_pos=vec["src_pos"],
-                                 det_pos=vec["det_pos"], det_v=vec["det_v"],
-                                 det_u=vec["det_u"])
-            op = ts.operator(vg, pg)
+            vg, pg = tomosipo_geometries(self._ts, self.geometry, slices)
+            op = self._ts.operator(vg, pg)
             self._ops[slices] = op
             while len(self._ops) > 4:
                 self._ops.popitem(last=False)
@@ -392,19 +400,26 @@ class TomosipoRayBackend:
         k = work.shape[0]
         out = torch.empty((k, *out_item), device=work.device, dtype=torch.float32)
         if k:
-            step = self.max_slices if self.stack else 1
             with _ASTRA_LOCK, torch.cuda.device(work.device):
                 self._select_gpu(work.device)
                 torch.cuda.current_stream(work.device).synchronize()
-                for start in range(0, k, step):
-                    stop = min(start + step, k)
-                    op = self._operator(stop - start)
-                    if forward:
-                        op(work[start:stop], out=out[start:stop])
-                    else:
-                        op.T(work[start:stop], out=out[start:stop])
+                self._project(work, out, forward)
                 torch.cuda.synchronize(work.device)
         return out.to(device=t.device, dtype=t.dtype)
+
+    def _project(self, work: torch.Tensor, out: torch.Tensor, forward: bool) -> None:
+        """Apply the tomosipo operator(s) to ``work`` (``(K, ...)`` float32, contiguous) and
+        write into ``out``: chunks of up to ``max_slices`` stacked slices (parallel beam), or one
+        image at a time. Each chunk is a contiguous view, handed to tomosipo as it is."""
+        k = work.shape[0]
+        step = self.max_slices if self.stack else 1
+        for start in range(0, k, step):
+            stop = min(start + step, k)
+            op = self._operator(stop - start)
+            if forward:
+                op(work[start:stop], out=out[start:stop])
+            else:
+                op.T(work[start:stop], out=out[start:stop])
 
     @staticmethod
     def _select_gpu(device: torch.device) -> None:
