@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 try:  # as part of the benchmarks package (python -m benchmarks convergence)
     from benchmarks.memory import IMAGE_SIZE, SEED, build_problem, load_velocity_prior

@@ -150,9 +150,17 @@ def _seed_everything(seed: int) -> None:
 
 
 # ---------------------------------------------------------------------- parser
-class _Formatter(argparse.RawDescriptionHelpFormatter,
-                 argparse.ArgumentDefaultsHelpFormatter):
-    """Keep the hand-made layout of descriptions/epilogs and show defaults."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the hand-made layout of descriptions/epilogs; show a default where there is a
+    meaningful one (not None, False or empty) and the help text does not state it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if (d is argparse.SUPPRESS or d is None or d is False or d == [] or d == ""
+                or "default" in text or not action.option_strings):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -350,7 +358,9 @@ def _solver_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--noise-level", type=float, default=0.01,
                    help="relative Gaussian noise: sigma = level * RMS(Ax) (0.01 = 1%%)")
     g.add_argument("--size", type=int, default=None,
-                   help="working image size (default: the prior's image_size)")
+                   help="working image size (default: the prior's image_size; for fbp/tv/cgls "
+                        "without a prior, an array image's own size or the size a sinogram's "
+                        "detector count implies)")
     g.add_argument("--backend", default="torch", help="CT backend: torch, odl or tomosipo")
     g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="solver option passed to ctflow.reconstruct (repeatable), "
@@ -388,12 +398,19 @@ def cmd_reconstruct_dicom(args) -> int:
     from .dicom_recon import reconstruct_dicom
 
     method = check_method(args.method)
+    options = parse_options(args.option)
+    import inspect
+    own = set(inspect.signature(reconstruct_dicom).parameters) - {"options"}
+    clash = sorted(set(options) & own)
+    if clash:
+        raise CLIError(f"--option {clash[0]}=...: set it with the command's own option "
+                       f"--{clash[0].replace('_', '-')}")
     summary = reconstruct_dicom(
         args.in_dir, args.out_dir, views=args.views, geometry=args.geometry,
         noise_level=args.noise_level, method=method, prior=_default_prior(method, args.prior),
         size=args.size, slices=parse_slices(args.slices), device=args.device,
         resume=args.resume, seed=args.seed, progress=not args.quiet, sinogram=args.sinogram,
-        backend=args.backend, **parse_options(args.option))
+        backend=args.backend, **options)
     m = summary.get("mean", {})
     done, skipped = summary.get("slices_reconstructed", 0), summary.get("slices_skipped", 0)
     line = f"{done} slice(s) reconstructed, {skipped} skipped (resume) -> {args.out_dir}"
@@ -537,9 +554,9 @@ def cmd_reconstruct(args) -> int:
     import numpy as np
     import torch
 
-    from .dicom_recon import (DEFAULT_HU_WINDOW, from_working_size, infer_size,
-                              make_ct_operator, relative_sigma, resolve_prior, run_solver,
-                              simulate_measurement, slice_seed, to_working_size)
+    from .dicom_recon import (DEFAULT_HU_WINDOW, infer_size, make_ct_operator, relative_sigma,
+                              resolve_prior, run_solver, simulate_measurement, slice_seed,
+                              to_working_size)
     from .metrics import psnr, ssim
 
     method = check_method(args.method)
@@ -573,8 +590,8 @@ def cmd_reconstruct(args) -> int:
             raise CLIError(f"--hu-window {lo} {hi}: needs LO < HI")
         if kind == "sinogram":
             raise CLIError("--hu-window applies to image inputs, not sinograms")
-        arr = np.clip((np.clip(arr, -1024.0, 3071.0) - lo) / (hi - lo), 0.0, 1.0) \
-            .astype(np.float32)  # the window, as the prior's training data
+        window = (lo, hi)
+        arr = np.clip(arr, -1024.0, 3071.0)  # scanner padding -> air; windowed per slice below
     elif kind == "image" and (arr.min() < -0.05 or arr.max() > 1.05):
         raise CLIError(f"{path}: image values span [{arr.min():.4g}, {arr.max():.4g}], but "
                        "images must lie in [0, 1]; pass --hu-window LO HI for HU images")
@@ -584,10 +601,12 @@ def cmd_reconstruct(args) -> int:
         n = int(args.size)
     elif flow and prior is not None:
         n = int(prior.image_size)
-    elif kind == "image":
-        n = int(max(arr.shape[-2:]))
-    else:
+    elif kind == "sinogram":
         n = infer_size(arr.shape[-2], arr.shape[-1], geometry=args.geometry)
+    elif source == "dicom" and prior is not None:
+        n = int(prior.image_size)  # as reconstruct-dicom: the prior's working size
+    else:
+        n = int(max(arr.shape[-2:]))
     if flow and prior is not None and n != prior.image_size:
         raise CLIError(f"working size {n} differs from the prior's image_size "
                        f"{prior.image_size}; flow priors reconstruct at their own size")
@@ -601,7 +620,8 @@ def cmd_reconstruct(args) -> int:
     recons, meas, truths, rows = [], [], [], []
     for z in range(arr.shape[0]):
         if kind == "image":
-            x = to_working_size(arr[z], n).to(device).reshape(1, 1, n, n)
+            # HU images: prepared exactly as the prior's training data (window, pad, resize).
+            x = to_working_size(arr[z], n, hu_window=window).to(device).reshape(1, 1, n, n)
             gen = torch.Generator().manual_seed(slice_seed(args.seed, f"{path.name}:{z}"))
             y, sigma = simulate_measurement(A, x, args.noise_level, generator=gen)
             truths.append(x.reshape(n, n).cpu().numpy())
@@ -609,8 +629,12 @@ def cmd_reconstruct(args) -> int:
             y = torch.from_numpy(arr[z]).to(device).reshape(1, 1, *arr.shape[-2:])
             sigma = relative_sigma(y, args.noise_level)
             x = None
-        torch.manual_seed(slice_seed(args.seed, f"solve:{z}"))
-        res = run_solver(y, A, prior, method=method, noise_level=float(sigma[0]), **options)
+        opts = dict(options)
+        solve_seed = int(opts.pop("seed", slice_seed(args.seed, f"solve:{z}") % 2**31))
+        show = bool(opts.pop("progress", not args.quiet))
+        torch.manual_seed(solve_seed)
+        res = run_solver(y, A, prior, method=method, noise_level=float(sigma[0]),
+                         seed=solve_seed, progress=show, **opts)
         img = res.image.detach().to("cpu", torch.float32).reshape(n, n).clamp(0, 1)
         row = {"index": z, "seconds": round(res.seconds, 3), "nfe": dict(res.nfe)}
         if x is not None:
@@ -664,7 +688,23 @@ def _call_entry(mod_names: Sequence[str], fn_names: Sequence[str], argv: List[st
     raise CLIError(f"{what} is not available here ({'; '.join(errors)}){hint}")
 
 
+def _check_passed_device(rest: Sequence[str]) -> None:
+    """Validate a ``--device`` given to a delegated runner (train, bench) before it starts, so
+    that CUDA requested but absent is a one-line error there too."""
+    from .info import resolve_device
+
+    for i, a in enumerate(rest):
+        value = None
+        if a == "--device" and i + 1 < len(rest):
+            value = rest[i + 1]
+        elif a.startswith("--device="):
+            value = a.split("=", 1)[1]
+        if value is not None:
+            resolve_device(value)
+
+
 def cmd_train(args) -> int:
+    _check_passed_device(args.rest)
     return _call_entry(["ctflow.flow.train", "ctflow.priors.train"],
                        ["train_main", "main", "cli"], list(args.rest), "ctflow train", "")
 
@@ -688,6 +728,7 @@ def cmd_bench(args) -> int:
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     rest = list(args.rest)
+    _check_passed_device(rest)
     # Global options given before 'bench' go on to the runner unless given after it too.
     help_only = any(a in ("-h", "--help") for a in rest)
     if not help_only and rest:

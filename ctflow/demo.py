@@ -19,8 +19,6 @@ asked for explicitly.
 from __future__ import annotations
 
 import io
-import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -50,7 +48,7 @@ DEMO_PROBLEM: Dict[str, Any] = {
 DEMO_SETTINGS: Dict[str, Dict[str, Any]] = {
     "fbp": {"filter": "ramp"},
     "tv": {"weight": 0.1, "iterations": 300},
-    "dflow": {"N": 8, "iterations": 2, "max_iter": 4, "init": "fbp"},
+    "dflow": {"N": 8, "iterations": 1, "max_iter": 5, "init": "fbp"},
     "msflow": {"K": 4, "M": 2, "sweeps": 10, "init": "fbp"},
 }
 
@@ -117,7 +115,7 @@ def _figure(path: Path, truth: np.ndarray, sino: np.ndarray, rows: List[Dict[str
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[0, 0].imshow(truth, cmap="gray", vmin=0, vmax=1)
+    axes[0, 0].imshow(truth, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     axes[0, 0].set_title("ground truth", fontsize=9)
     axes[0, 1].imshow(sino, cmap="gray", aspect="auto")
     axes[0, 1].set_title(f"sinogram ({sino.shape[0]} views)", fontsize=9)
@@ -129,7 +127,7 @@ def _figure(path: Path, truth: np.ndarray, sino: np.ndarray, rows: List[Dict[str
     im = None
     for j, r in enumerate(rows):
         a = axes[0, 2 + j]
-        a.imshow(r["image"], cmap="gray", vmin=0, vmax=1)
+        a.imshow(r["image"], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         a.set_title(f"{r['label']}\n{r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}", fontsize=9)
         b = axes[1, 2 + j]
         im = b.imshow(errs[j], cmap="inferno", vmin=0, vmax=emax)

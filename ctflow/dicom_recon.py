@@ -28,7 +28,8 @@ Per slice :math:`k` (HU image :math:`h_k` of the original matrix size):
    stable function of the input series and the settings, so a resumed run adds to the same
    series).
 
-Outputs in ``out_dir``: the derived slices, ``summary.json`` (settings, per-slice metrics,
+Outputs in ``out_dir``: the derived slices, ``summary.json`` (settings, per-slice metrics of
+every slice in the folder -- slices of earlier runs outside this run's range are kept --, their
 means, versions, timing; rewritten atomically after every slice, ``"status": "complete"`` at
 the end) and ``montage.png`` (input vs reconstruction of the slices in the range). With
 ``resume=True`` slices whose output file exists and is a valid DICOM of the derived series are
@@ -42,6 +43,7 @@ Also here, because the demo and ``ctflow reconstruct`` share them: :func:`make_c
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import importlib
@@ -60,15 +62,20 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["reconstruct_dicom", "make_ct_operator", "simulate_measurement", "resolve_prior",
-           "run_solver", "infer_size", "load_sinograms", "read_h5_array", "write_montage",
-           "to_working_size", "from_working_size", "slice_seed", "relative_sigma",
-           "atomic_write_bytes", "atomic_write_json", "versions", "DEFAULT_HU_WINDOW",
-           "DEFAULT_SIZE", "CLASSICAL"]
+           "run_solver", "release_memory", "infer_size", "load_sinograms", "read_h5_array",
+           "write_montage", "to_working_size", "from_working_size", "slice_seed",
+           "relative_sigma", "atomic_write_bytes", "atomic_write_json", "versions",
+           "DEFAULT_HU_WINDOW", "FAN_DISTANCES", "DEFAULT_SIZE", "CLASSICAL"]
 
 #: HU window used when no prior is given (``prior=None``): the full 12-bit CT range.
 DEFAULT_HU_WINDOW = (-1024.0, 3071.0)
 #: Working size used when neither ``size`` nor a prior gives one.
 DEFAULT_SIZE = 64
+#: Fan-beam distances used by ``geometry="fan"``, in units of the image half-width (the image
+#: covers [-1, 1]^2): source to rotation centre 4, rotation centre to detector 2
+#: (magnification 1.5, a full fan angle of about 41 degrees over the image's circumscribed
+#: circle; a clinical scanner's ratios are similar).
+FAN_DISTANCES = {"source_origin": 4.0, "origin_detector": 2.0}
 #: Methods of ``ctflow.reconstruct`` that ignore the prior.
 CLASSICAL = ("fbp", "tv", "cgls", "landweber")
 
@@ -97,8 +104,8 @@ def make_ct_operator(size: int, views: int, *, geometry: str = "parallel",
 
     ``geometry`` is ``"parallel"`` (:class:`ctflow.operators.ct.ParallelBeam2D`, angles
     uniform over :math:`[0, \\pi)`) or ``"fan"`` (:class:`ctflow.operators.ct.FanBeam2D` with
-    its default source/detector distances, angles uniform over :math:`[0, 2\\pi)`); both use
-    the default detector (covering the image diagonal). Returns
+    the distances :data:`FAN_DISTANCES`, angles uniform over :math:`[0, 2\\pi)`); both use the
+    geometry's default detector (covering the image). Returns
     ``RayTransform(geom, backend=backend)`` placed on ``device`` where the operator supports
     it (tensors passed to it decide the device for the torch backend).
     """
@@ -119,7 +126,8 @@ def make_ct_operator(size: int, views: int, *, geometry: str = "parallel",
         if not hasattr(ct, needed):
             raise ImportError(f"ctflow.operators.ct has no {needed} (the CT operators are not "
                               "installed in this checkout)")
-    geom = getattr(ct, names[geometry])(image_size=size, angles=views)
+    extra = FAN_DISTANCES if geometry == "fan" else {}
+    geom = getattr(ct, names[geometry])(image_size=size, angles=views, **extra)
     op = ct.RayTransform(geom, backend=backend)
     to = getattr(op, "to", None)
     if device is not None and callable(to):
@@ -145,13 +153,30 @@ def infer_size(views: int, detectors: int, *, geometry: str = "parallel",
     (parallel beam: :math:`\lceil\sqrt2 N\rceil`); ``ValueError`` if none does."""
     cls = _geometry_class(geometry)
     for n in range(8, max_size + 1):
-        d = cls(image_size=n, angles=int(views)).sinogram_shape[-1]
+        extra = FAN_DISTANCES if geometry == "fan" else {}
+        d = cls(image_size=n, angles=int(views), **extra).sinogram_shape[-1]
         if d == detectors:
             return n
         if d > detectors:
             break
     raise ValueError(f"no image size gives {detectors} detectors in the default {geometry} "
                      f"geometry; pass --size")
+
+
+def release_memory() -> None:
+    """Collect garbage and, on glibc, return free heap pages to the system (``malloc_trim``),
+    so that the next solve's CPU peak-memory reading (resident-set high-water mark, see
+    :mod:`ctflow.solvers.result`) starts from the memory actually in use rather than from
+    pages an earlier solve freed but the allocator kept."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def _solver_accepts(api, method: str, name: str) -> bool:
@@ -187,6 +212,7 @@ def run_solver(y: torch.Tensor, operator, prior, *, method: str, noise_level: fl
         if exc.name != "ctflow.solvers.api":
             raise
         api = None
+    release_memory()
     if api is not None:
         if seed is not None and "seed" not in options and _solver_accepts(api, method, "seed"):
             options["seed"] = int(seed) % 2**31
@@ -469,7 +495,10 @@ def _describe(method: str, settings: Dict[str, Any]) -> str:
     """The derived series' description: the method and its settings. The writer puts the first
     64 characters into SeriesDescription and the whole text into DerivationDescription; the
     derived SeriesInstanceUID is a function of it (same settings, same series)."""
-    prior = f" {settings['prior']}" if settings.get("prior") and method not in CLASSICAL else ""
+    prior = ""
+    if settings.get("prior") and method not in CLASSICAL:
+        p = str(settings["prior"])
+        prior = " " + (Path(p).stem if ("/" in p or os.sep in p) else p)
     if settings.get("sinogram"):
         meas = f"measured {Path(settings['sinogram']).name}"
     else:
@@ -548,6 +577,31 @@ def write_montage(path: PathLike, items: Sequence[Dict[str, Any]], *, title: str
 
 
 # ---------------------------------------------------------------------- the script
+@contextlib.contextmanager
+def _locked_out_dir(out_dir: Path):
+    """Hold an exclusive lock on ``OUT_DIR/.ctflow-reconstruct-dicom.lock`` (one writer per
+    folder), then remove temporary files an interrupted run of ours left behind (hidden
+    ``.<name>.<random>.tmp`` files of the atomic writes; never a finished output)."""
+    f = open(out_dir / ".ctflow-reconstruct-dicom.lock", "a+")
+    try:
+        import fcntl
+
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # pragma: no cover - not POSIX: no lock, still safe for one writer
+        pass
+    except OSError:
+        f.close()
+        raise FileExistsError(f"another reconstruct-dicom run is writing {out_dir}; wait for "
+                              "it to finish or choose another OUT_DIR") from None
+    try:
+        for tmp in out_dir.glob(".*.tmp"):
+            if tmp.is_file():
+                tmp.unlink()
+        yield
+    finally:
+        f.close()
+
+
 def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
                       geometry: str = "parallel", noise_level: float = 0.01,
                       method: str = "msflow", prior: Any = "ct64", size: Optional[int] = None,
@@ -695,107 +749,116 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
             raise FileExistsError(f"output file exists: {clash[0]} ({len(clash)} in all); pass "
                                   "--resume to keep them and continue, or choose another OUT_DIR")
     out_dir.mkdir(parents=True, exist_ok=True)
-    prev_records = {r["sop_instance_uid"]: r for r in previous.get("slices", [])
-                    if "sop_instance_uid" in r and not r.get("metrics_from")}
-    records: List[Dict[str, Any]] = []
-    montage_items: List[Dict[str, Any]] = []
-    done = skipped = 0
-    summary: Dict[str, Any] = {
-        "status": "running", "settings": settings, "versions": versions(),
-        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "derived_series_uid": derived_uid, "slices": records,
-    }
+    with _locked_out_dir(out_dir):
+        prev_records = {r["sop_instance_uid"]: r for r in previous.get("slices", [])
+                        if "sop_instance_uid" in r and not r.get("metrics_from")}
+        # Records of an earlier run outside this run's slice range stay in the summary.
+        current = {vol.slices[k].sop_instance_uid for k in indices}
+        others = [r for r in previous.get("slices", []) if r.get("sop_instance_uid") not in current
+                  and (out_dir / str(r.get("output_file", ""))).is_file()]
+        records: List[Dict[str, Any]] = []
+        montage_items: List[Dict[str, Any]] = []
+        done = skipped = 0
+        summary: Dict[str, Any] = {
+            "status": "running", "settings": settings, "versions": versions(),
+            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "derived_series_uid": derived_uid, "slices": [],
+        }
 
-    iterator = indices
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(indices, desc=f"reconstruct-dicom ({method})", unit="slice")
-        iterator = bar
-    try:
-        for pos, k in enumerate(iterator):
-            meta = vol.slices[k]
-            sop = meta.sop_instance_uid
-            hu = np.asarray(data.clip_hu(vol.hu[k], -1024.0, 3071.0), dtype=np.float32)
-            x = to_working_size(hu, n, hu_window=window)
-            target = out_dir / derived_file_name(sop)
+        iterator = indices
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(indices, desc=f"reconstruct-dicom ({method})", unit="slice")
+            iterator = bar
+        try:
+            for pos, k in enumerate(iterator):
+                meta = vol.slices[k]
+                sop = meta.sop_instance_uid
+                hu = np.asarray(data.clip_hu(vol.hu[k], -1024.0, 3071.0), dtype=np.float32)
+                x = to_working_size(hu, n, hu_window=window)
+                target = out_dir / derived_file_name(sop)
 
-            if target.exists() or target.is_symlink():
-                if not resume:
-                    raise FileExistsError(f"output file exists: {target}; pass --resume to "
-                                          "keep it and continue, or choose another OUT_DIR")
-                if _valid_output(target, derived_uid):
-                    rec = dict(prev_records.get(sop) or _record_from_file(
-                        target, x, k, sop, window, n, _psnr, _ssim))
-                    rec["resumed"] = True
-                    records.append(rec)
-                    recon_small = to_working_size(_read_output_hu(target), n,
-                                                  hu_window=window)
-                    montage_items.append({"index": k, "input": x.numpy(),
-                                          "recon": recon_small.numpy(), "psnr": rec.get("psnr"),
-                                          "ssim": rec.get("ssim")})
-                    skipped += 1
-                    continue
-                # An invalid leftover (not ours, or damaged): keep it aside, never delete it.
-                aside = target.with_name(target.name + f".invalid-{int(time.time())}")
-                os.replace(target, aside)
+                if target.exists() or target.is_symlink():
+                    if not resume:
+                        raise FileExistsError(f"output file exists: {target}; pass --resume to "
+                                              "keep it and continue, or choose another OUT_DIR")
+                    if _valid_output(target, derived_uid):
+                        rec = dict(prev_records.get(sop) or _record_from_file(
+                            target, x, k, sop, window, n, _psnr, _ssim))
+                        rec["resumed"] = True
+                        records.append(rec)
+                        recon_small = to_working_size(_read_output_hu(target), n,
+                                                      hu_window=window)
+                        montage_items.append({"index": k, "input": x.numpy(),
+                                              "recon": recon_small.numpy(), "psnr": rec.get("psnr"),
+                                              "ssim": rec.get("ssim")})
+                        skipped += 1
+                        continue
+                    # An invalid leftover (not ours, or damaged): keep it aside, never delete it.
+                    aside = target.with_name(target.name + f".invalid-{int(time.time())}")
+                    os.replace(target, aside)
 
-            # Measurement.
-            s_seed = slice_seed(seed, sop or f"slice-{k}")
-            xb = x.to(dev).reshape(1, 1, n, n)
-            if measured is None:
-                gen = torch.Generator().manual_seed(s_seed)
-                y, sigma = simulate_measurement(A, xb, noise_level, generator=gen)
-            else:
-                j = k if measured.shape[0] == nz else pos
-                y = torch.from_numpy(measured[j]).to(dev).reshape(1, 1, *measured.shape[1:])
-                sigma = relative_sigma(y, noise_level)
-            torch.manual_seed(s_seed)
-            t0 = time.perf_counter()
-            res = run_solver(y, A, prior_obj, method=method, noise_level=float(sigma[0]),
-                             seed=s_seed, **options)
-            seconds = time.perf_counter() - t0
-            rec_img = res.image.detach().to("cpu", torch.float32).reshape(n, n).clamp(0, 1)
-            p = _psnr(rec_img, x)
-            s = _ssim(rec_img, x)
+                # Measurement.
+                s_seed = slice_seed(seed, sop or f"slice-{k}")
+                xb = x.to(dev).reshape(1, 1, n, n)
+                if measured is None:
+                    gen = torch.Generator().manual_seed(s_seed)
+                    y, sigma = simulate_measurement(A, xb, noise_level, generator=gen)
+                else:
+                    j = k if measured.shape[0] == nz else pos
+                    y = torch.from_numpy(measured[j]).to(dev).reshape(1, 1, *measured.shape[1:])
+                    sigma = relative_sigma(y, noise_level)
+                torch.manual_seed(s_seed)
+                t0 = time.perf_counter()
+                res = run_solver(y, A, prior_obj, method=method, noise_level=float(sigma[0]),
+                                 seed=s_seed, **options)
+                seconds = time.perf_counter() - t0
+                rec_img = res.image.detach().to("cpu", torch.float32).reshape(n, n).clamp(0, 1)
+                p = _psnr(rec_img, x)
+                s = _ssim(rec_img, x)
 
-            # Back to HU at the original matrix size, then write (atomically, by the writer).
-            up = from_working_size(rec_img, hu.shape)
-            hu_out = (window[0] + up * (window[1] - window[0])).numpy().astype(np.float32)
-            written = Path(write_slice(hu_out, vol, k, out_dir, description=description,
-                                       series_uid=derived_uid))
-            rec = {"index": k, "sop_instance_uid": sop, "source_file": meta.path,
-                   "output_file": written.name, "psnr": _finite_or_none(p),
-                   "ssim": float(s), "seconds": seconds, "nfe": dict(res.nfe),
-                   "peak_memory_bytes": res.peak_memory_bytes, "noise_sigma": float(sigma[0]),
-                   "noise_seed": s_seed if measured is None else None, "resumed": False}
-            records.append(rec)
-            montage_items.append({"index": k, "input": x.numpy(), "recon": rec_img.numpy(),
-                                  "psnr": rec["psnr"], "ssim": rec["ssim"]})
-            done += 1
+                # Back to HU at the original matrix size, then write (atomically, by the writer).
+                up = from_working_size(rec_img, hu.shape)
+                hu_out = (window[0] + up * (window[1] - window[0])).numpy().astype(np.float32)
+                written = Path(write_slice(hu_out, vol, k, out_dir, description=description,
+                                           series_uid=derived_uid))
+                rec = {"index": k, "sop_instance_uid": sop, "source_file": meta.path,
+                       "output_file": written.name, "psnr": _finite_or_none(p),
+                       "ssim": float(s), "seconds": seconds, "nfe": dict(res.nfe),
+                       "peak_memory_bytes": res.peak_memory_bytes, "noise_sigma": float(sigma[0]),
+                       "noise_seed": s_seed if measured is None else None, "resumed": False}
+                records.append(rec)
+                montage_items.append({"index": k, "input": x.numpy(), "recon": rec_img.numpy(),
+                                      "psnr": rec["psnr"], "ssim": rec["ssim"]})
+                done += 1
+                if bar is not None:
+                    bar.set_postfix(psnr=f"{p:.2f}", ssim=f"{s:.3f}")
+                _fill_summary(summary, others, records, done, skipped, t_start)
+                atomic_write_json(summary_path, summary)
+        finally:
             if bar is not None:
-                bar.set_postfix(psnr=f"{p:.2f}", ssim=f"{s:.3f}")
-            _fill_summary(summary, records, done, skipped, t_start)
-            atomic_write_json(summary_path, summary)
-    finally:
-        if bar is not None:
-            bar.close()
+                bar.close()
 
-    summary["status"] = "complete"
-    _fill_summary(summary, records, done, skipped, t_start)
-    summary["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    summary["montage"] = "montage.png"
-    write_montage(out_dir / "montage.png", montage_items,
-                  title=f"{settings['series_description']}  (input | reconstruction)")
-    atomic_write_json(summary_path, summary)
-    if verbose:
-        print(f"wrote {done} slice(s) to {out_dir} (summary.json, montage.png)", file=sys.stderr)
-    return summary
+        summary["status"] = "complete"
+        _fill_summary(summary, others, records, done, skipped, t_start)
+        summary["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        summary["montage"] = "montage.png"
+        write_montage(out_dir / "montage.png", montage_items,
+                      title=f"{settings['series_description']}  (input | reconstruction)")
+        atomic_write_json(summary_path, summary)
+        if verbose:
+            print(f"wrote {done} slice(s) to {out_dir} (summary.json, montage.png)",
+                  file=sys.stderr)
+        return summary
 
 
-def _fill_summary(summary, records, done, skipped, t_start) -> None:
-    ps = [r["psnr"] for r in records if r.get("psnr") is not None]
-    ss = [r["ssim"] for r in records if r.get("ssim") is not None]
+def _fill_summary(summary, others, records, done, skipped, t_start) -> None:
+    """Per-slice records (earlier runs' slices outside this range included, by slice index);
+    means over every slice in the summary; seconds per slice over this run's solves."""
+    summary["slices"] = sorted(list(others) + list(records), key=lambda r: r.get("index", 0))
+    ps = [r["psnr"] for r in summary["slices"] if r.get("psnr") is not None]
+    ss = [r["ssim"] for r in summary["slices"] if r.get("ssim") is not None]
     summary["slices_reconstructed"] = done
     summary["slices_skipped"] = skipped
     summary["mean"] = {"psnr": float(np.mean(ps)) if ps else None,

@@ -24,8 +24,8 @@ __all__ = ["info", "format_info", "resolve_device", "DeviceError", "EXTRAS"]
 EXTRAS = {
     "odl": ("odl", "pip install 'ctflow[odl]'"),
     "astra": ("astra-toolbox", "pip install astra-toolbox"),
-    "tomosipo": ("tomosipo", "not on PyPI: pip install git+https://github.com/ahendriksen/tomosipo "
-                             "(CUDA only, NumPy < 2)"),
+    "tomosipo": ("tomosipo", "not on PyPI: pip install git+https://github.com/cicwi/tomosipo "
+                             "(needs CUDA)"),
     "medmnist": ("medmnist", "pip install 'ctflow[medmnist]'"),
     "ray": ("ray", "pip install ray"),
 }

@@ -264,16 +264,44 @@ def test_parse_helpers():
 
 
 # ---------------------------------------------------------------------- train, bench
-def test_train_delegates():
-    proc = run_cli("train", "--help")
+def test_train_delegates(tmp_path, cli):
+    proc = cli("train", "--help")
     assert proc.returncode == 0, proc.stderr
     assert "usage" in (proc.stdout + proc.stderr).lower()
+    # A two-step training run on 16x16 ellipses writes a checkpoint that loads as a prior.
+    out = tmp_path / "run"
+    proc = run_cli("train", "ellipses", "--count", "4", "--out", out, "--steps", "2",
+                   "--batch-size", "2", "--image-size", "16", "--base", "8",
+                   "--channel-mults", "1,2", "--num-res-blocks", "1", "--attention-levels", "",
+                   "--checkpoint-every", "2", "--log-every", "1")
+    assert proc.returncode == 0, proc.stderr
+    ckpts = sorted(out.glob("ckpt-*.json"))
+    assert ckpts
+    from ctflow.priors.registry import load_prior
+    prior = load_prior(ckpts[-1])
+    assert prior.image_size == 16
+    # CUDA requested but absent is checked before the trainer starts.
+    if not torch.cuda.is_available():
+        proc = cli("train", "ellipses", "--out", tmp_path / "r2", "--steps", "1",
+                   "--device", "cuda")
+        assert_user_error(proc, "CUDA")
+        assert not (tmp_path / "r2").exists()
+        proc = cli("bench", "ct-sparse", "--quick", "--device=cuda", "--out", tmp_path / "b")
+        assert_user_error(proc, "CUDA")
 
 
-def test_bench_delegates():
-    proc = run_cli("bench", "--help")
+def test_bench_delegates(tmp_path, cli):
+    proc = cli("bench", "--help")
     assert proc.returncode == 0, proc.stderr
     assert "usage" in (proc.stdout + proc.stderr).lower()
+    # One real case of the quick CT suite; the global --quiet reaches the runner.
+    proc = run_cli("--quiet", "bench", "ct-sparse", "--quick", "--limit", "1", "--out",
+                   tmp_path, "--no-report")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(ln) for ln in (tmp_path / "ct-sparse.jsonl").read_text().splitlines()
+            if ln.strip()]
+    assert len(rows) == 1 and rows[0]["status"] == "ok", rows
+    assert "psnr" in rows[0]["metrics"] and "--no-progress" in rows[0]["command"]
 
 
 def test_bench_outside_a_checkout_is_a_clear_error(tmp_path, cli, monkeypatch):
@@ -283,3 +311,24 @@ def test_bench_outside_a_checkout_is_a_clear_error(tmp_path, cli, monkeypatch):
     monkeypatch.setattr(cli_mod, "__file__", str(tmp_path / "site" / "ctflow" / "cli.py"))
     proc = cli("bench", "--help")
     assert_user_error(proc, "benchmarks/", "repository")
+
+
+def test_reconstruct_dicom_file_input_is_prepared_like_the_prior(tmp_path, cli):
+    """A DICOM input is windowed and resized exactly as reconstruct-dicom and the prior's
+    training data prepare a slice (the stored ground truth is that image)."""
+    import h5py
+
+    from ctflow.data import read_dicom_slices
+    from ctflow.dicom_recon import to_working_size
+
+    src = REPO / "data" / "samples" / "chest-subset" / "1-31.dcm"
+    out = tmp_path / "r.h5"
+    proc = cli("--quiet", "reconstruct", src, "-o", out, "--method", "fbp", "--prior", "none",
+               "--hu-window", "-1000", "1000", "--size", "32", "--views", "40")
+    assert proc.returncode == 0, proc.stderr
+    (sl,) = read_dicom_slices([src])
+    expected = to_working_size(np.clip(sl.hu, -1024, 3071), 32, hu_window=(-1000, 1000))
+    with h5py.File(out) as f:
+        np.testing.assert_allclose(f["ground_truth"][()], expected.numpy(), atol=1e-6)
+        assert f["reconstruction"].shape == (32, 32)
+        assert json.loads(f.attrs["hu_window"]) == [-1000.0, 1000.0]

@@ -105,10 +105,11 @@ def test_reconstruct_matches_the_solver_class_and_is_seeded():
     A = Mask((torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(0)) > 0.3).to(DT))
     prior = gauss_prior(8)
     y = A(torch.rand(1, 1, 8, 8, dtype=DT, generator=torch.Generator().manual_seed(1)))
-    a = reconstruct(y, A, prior, method="msflow", noise_level=0.05, K=2, M=2, sweeps=3, seed=4)
-    b = MSFlow(K=2, M=2, sweeps=3, seed=4).solve(A, y, prior, 0.05)
+    opts = dict(K=2, M=2, sweeps=3, alpha=0.5)
+    a = reconstruct(y, A, prior, method="msflow", noise_level=0.05, seed=4, **opts)
+    b = MSFlow(seed=4, **opts).solve(A, y, prior, 0.05)
     assert torch.equal(a.image, b.image) and a.method == "msflow"
-    c = reconstruct(y, A, prior, method="msflow", noise_level=0.05, K=2, M=2, sweeps=3, seed=5)
+    c = reconstruct(y, A, prior, method="msflow", noise_level=0.05, seed=5, **opts)
     assert not torch.equal(a.image, c.image)
     d = reconstruct(y, A, prior, method="dflow", noise_level=0.05, N=4, iterations=1)
     assert torch.equal(d.image, DFlow(N=4, iterations=1).solve(A, y, prior, 0.05).image)
@@ -219,3 +220,19 @@ def test_interpolated_initial_trajectory_starts_with_gaps():
     # rollout (default) starts on an exact ODE trajectory
     res = reconstruct(y, A, prior, noise_level=sigma, K=4, M=2, sweeps=1)
     assert res.history[0]["trajectory_loss"] == 0.0
+
+
+def test_prior_given_by_name():
+    from ctflow.priors import list_priors
+    A = Mask(torch.ones(1, 8, 8, dtype=DT))
+    y = torch.full((1, 1, 8, 8), 0.4, dtype=DT)
+    with pytest.raises(ValueError, match="no-such-prior"):
+        reconstruct(y, A, "no-such-prior")
+    if "ct64" not in list_priors():
+        pytest.skip("the bundled ct64 prior is not installed")
+    A64 = Mask((torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(0)) > 0.5).float())
+    y64 = A64(torch.full((1, 1, 64, 64), 0.3))
+    res = reconstruct(y64, A64, "ct64", noise_level=0.01, K=1, M=1, sweeps=1, alpha=0.0)
+    assert res.image.shape == (1, 1, 64, 64) and res.nfe["forward"] == 2
+    with pytest.raises(ValueError, match="64x64 images"):
+        reconstruct(y, A, "ct64")

@@ -58,7 +58,7 @@ class DFlow:
 
     name = "dflow"
     DEFAULTS: Dict[str, Any] = dict(
-        N=16, method="euler", integrator=None, lam=1.0, alpha=0.1, init="auto", iterations=10,
+        N=32, method="euler", integrator=None, lam=1.0, alpha=1.0, init="auto", iterations=10,
         max_iter=5, history_size=20, lr=1.0, tolerance_grad=1e-9, tolerance_change=1e-12,
         cgls_iters=10, seed=0, progress=False,
     )

@@ -40,7 +40,9 @@ the straight line :math:`s_k = (1-t_k)s_0 + t_k\,s_K` to :math:`s_K =` the model
     :math:`s_k = [\rho_{k-1}\Phi_{k-1}(s_{k-1}) + \rho_k z]/(\rho_{k-1} + \rho_k)` for interior
     blocks and the radial proximal map (:func:`~ctflow.solvers.common.radial_prox`) for
     :math:`s_0`. Forward evaluations only; ``relaxation`` :math:`\omega` damps the step,
-    :math:`s_k \leftarrow s_k^\text{old} + \omega(s_k - s_k^\text{old})`.
+    :math:`s_k \leftarrow s_k^\text{old} + \omega(s_k - s_k^\text{old})` (also applied after
+    exact updates when :math:`\omega \ne 1`; the monotone-descent guarantee below is for
+    :math:`\omega = 1`).
   - ``"exact"``: ``inner_iters`` proximal-gradient steps on the block problem with the exact
     vector-Jacobian product through the one segment :math:`\Phi_k`:
     :math:`s^+ = \operatorname{prox}_{c_k/L}\big(s - \tfrac1L\nabla_s\tfrac{\rho_k}2\|s_{k+1} -
@@ -59,6 +61,12 @@ the straight line :math:`s_k = (1-t_k)s_0 + t_k\,s_K` to :math:`s_K =` the model
 values; ``"jacobi"`` updates every block from the previous sweep's states, evaluating all
 :math:`K` segments in one batched velocity call (segments stacked along the batch dimension,
 one time grid per item), so a sweep costs :math:`M` batched calls instead of :math:`KM`.
+Undamped Jacobian-free Jacobi sweeps can diverge: for a linear flow with Jacobian :math:`j`
+(a scalar mode), the alternating error mode :math:`e_k = (-1)^k e` is multiplied by
+:math:`-j` per sweep, which grows wherever the flow expands (:math:`|j| > 1`, as U-Net
+velocity fields do in places); with relaxation :math:`\omega` the factor is
+:math:`1 - \omega(1 + j)`, stable for :math:`\omega < 2/(1+j)`, hence the Jacobi default
+:math:`\omega = 0.5` (stable up to :math:`j = 3`). Gauss–Seidel needs no damping.
 The flow :math:`\Phi_k(s_k)` of every current state is cached, so a Jacobian-free
 Gauss–Seidel sweep costs exactly one segment evaluation per block (:math:`N` steps).
 
@@ -81,6 +89,16 @@ per sweep with ``data`` :math:`\tfrac1{2\sigma^2}\|Ax-y\|^2`, ``prior`` :math:`\
 ``trajectory_loss`` (their sum), ``penalty`` :math:`\sum_k\rho_k\,\text{gaps}_k`, ``objective``
 :math:`J`, ``residual`` :math:`\|Ax-y\|/\|y\|`, ``rho`` (the penalties the entry was computed
 with), cumulative ``nfe_forward``/``nfe_backward`` and ``seconds``. All sums run over the batch.
+
+**Defaults** (``K=8, M=4, rho=1000, alpha=1, sweeps=20``, Jacobian-free Gauss–Seidel) were
+chosen on one validation CT slice with the bundled ``ct64`` prior (64×64, 30 parallel-beam
+views, 1 % noise; FBP 31.4 dB). With its 1000-step checkpoint, PSNR after 20 sweeps is
+33.4 dB at ``alpha=1`` (32.6 dB at 0.9, 31.8 dB at 0.5), 32.9 dB with Jacobi sweeps
+(:math:`\omega = 0.5`) and 33.5 dB with the adaptive schedule without growth; ``rho`` between
+100 and 1000 changes little (1000 keeps improving over the sweeps, 100 peaks early). An
+earlier checkpoint mapped real slices to latents far inside the typical noise shell, where any
+added noise dominated (19.5 dB at ``alpha=0.9`` against 33.0 dB at 1, where D-Flow with the
+same N = 32 reached 33.1 dB in 9× the wall time): hence ``alpha=1``.
 
 The result image is :math:`x(s_K)` clipped to :math:`[0, 1]`. NFE counts every velocity call
 (a batched call counts once), the initialisation's included.
@@ -128,7 +146,8 @@ class MSFlow:
     (blend), ``init`` (``"auto"``, ``"fbp"``, ``"adjoint"``, ``"cgls"``, ``"zeros"``, a tensor
     or a callable ``y -> image``), ``update`` (``"jacobian-free"``, ``"exact"``, ``"joint"``),
     ``sweep`` (``"gauss-seidel"``, ``"jacobi"``), ``order`` (``"forward"``, ``"backward"``),
-    ``relaxation`` :math:`\omega \in (0, 1]` (Jacobian-free steps), ``trajectory``
+    ``relaxation`` :math:`\omega \in (0, 1]` (Jacobian-free steps; default 1 for
+    Gauss–Seidel, 0.5 for Jacobi), ``trajectory``
     (``"rollout"``, ``"interpolate"``: the initial states), ``inner_iters`` and
     ``max_backtracks`` (exact and joint updates), ``cg_iters``/``cg_tol`` (data step),
     ``cgls_iters`` (``init="cgls"``), ``joint_optimizer`` (``"gd"``, ``"adam"``), ``lr``
@@ -142,9 +161,10 @@ class MSFlow:
 
     name = "msflow"
     DEFAULTS: Dict[str, Any] = dict(
-        K=8, M=2, method="euler", integrator=None, lam=1.0, rho=100.0, schedule="constant",
-        rho_growth=1.5, rho_max=1e8, rho_min=1e-8, adapt_factor=2.0, sweeps=20, alpha=0.1,
-        init="auto", update="jacobian-free", sweep="gauss-seidel", order="forward", relaxation=1.0,
+        K=8, M=4, method="euler", integrator=None, lam=1.0, rho=1000.0, schedule="constant",
+        rho_growth=1.5, rho_max=1e8, rho_min=1e-8, adapt_factor=2.0, sweeps=20, alpha=1.0,
+        init="auto", update="jacobian-free", sweep="gauss-seidel", order="forward",
+        relaxation=None,
         inner_iters=3, max_backtracks=20, cg_iters=10, cg_tol=1e-6, cgls_iters=10,
         trajectory="rollout",
         joint_optimizer="gd", lr=1e-2, seed=0, progress=False,
@@ -202,6 +222,8 @@ class MSFlow:
         check_choice("sweep", o["sweep"], SWEEPS, owner=own)
         check_choice("order", o["order"], ORDERS, owner=own)
         check_choice("trajectory", o["trajectory"], TRAJECTORIES, owner=own)
+        if o["relaxation"] is None:      # see the module docstring: Jacobi needs damping
+            o["relaxation"] = 0.5 if o["sweep"] == "jacobi" else 1.0
         o["relaxation"] = check_probability("relaxation", o["relaxation"], owner=own,
                                             open_low=True)
         o["inner_iters"] = check_int("inner_iters", o["inner_iters"], owner=own)
@@ -369,6 +391,7 @@ class _Run:
     def _update_blocks_exact(self, ks: Sequence[int]) -> None:
         """Proximal-gradient steps with exact VJPs through one segment per block."""
         S, T, F, P, r, a, lam, kk = self._block_data(ks)
+        S_old = S.clone()
         L = r.clone()
         n_bt = self.o["max_backtracks"]
         eps = 100.0 * torch.finfo(S.dtype).eps
@@ -419,6 +442,11 @@ class _Run:
                     todo[acc] = False
                 # items that never passed keep their state (no increase of J)
                 L[todo] = r[todo]
+        w = self.o["relaxation"]
+        if w != 1.0:
+            with torch.no_grad():
+                S = S_old + w * (S.detach() - S_old)
+                F = self.segments(S, kk)
         self._store(ks, S.detach(), F.detach())
 
     def _store(self, ks, S, F):
