@@ -83,18 +83,19 @@ def _psnr(a, b) -> float:
 
 
 def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str = "cpu", *,
-        prior: str = "auto", K: int = 4, M: int = 2, sweeps: Optional[int] = None,
-        rho: float = 100.0, trajectory: str = "interpolate",
+        prior: str = "auto", K: Optional[int] = None, M: Optional[int] = None,
+        sweeps: Optional[int] = None,
+        rho: float = 1000.0, trajectory: str = "interpolate",
         variants: Sequence[str] = tuple(VARIANTS), threads: Optional[int] = None,
         verbose: bool = True) -> Dict:
     """Run every variant on the same problem and write JSON, table and plot.
 
     Args:
-        quick: 4 sweeps instead of 15.
+        quick: K = 4, M = 2 and 4 sweeps instead of K = 8, M = 4 (the solver defaults) and 15.
         out: output folder.
         device: ``"cpu"`` or ``"cuda"``.
         prior: ``"bundled"`` (ct64), ``"gaussian"`` or ``"auto"`` (bundled if present).
-        K, M: segments and steps per segment (Euler).
+        K, M: segments and steps per segment (Euler); ``None``: see ``quick``.
         rho: the (initial) penalty.
         trajectory: the initial states, ``"interpolate"`` (straight line from the noise state to
             the initial image: the gaps start non-zero, so the plot shows them converge) or
@@ -122,6 +123,8 @@ def _run(quick, out, device, *, prior, K, M, sweeps, rho, trajectory, variants, 
 
     from ctflow.solvers import MSFlow
     sweeps = sweeps if sweeps is not None else (4 if quick else 15)
+    K = K if K is not None else (4 if quick else 8)
+    M = M if M is not None else (2 if quick else 4)
     A, y, x, sigma, op_label = build_problem(device)
     if prior == "gaussian":
         pr, prior_label = gaussian_ct_prior(x, device)
@@ -254,9 +257,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--prior", choices=("auto", "bundled", "gaussian"), default="auto")
-    p.add_argument("--K", type=int, default=4)
-    p.add_argument("--M", type=int, default=2)
-    p.add_argument("--rho", type=float, default=100.0)
+    p.add_argument("--K", type=int, default=None)
+    p.add_argument("--M", type=int, default=None)
+    p.add_argument("--rho", type=float, default=1000.0)
     p.add_argument("--sweeps", type=int, default=None)
     p.add_argument("--trajectory", choices=("interpolate", "rollout"), default="interpolate")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))

@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["reconstruct_dicom", "make_ct_operator", "simulate_measurement", "resolve_prior",
-           "run_solver", "release_memory", "infer_size", "load_sinograms", "read_h5_array",
+           "run_solver", "infer_size", "load_sinograms", "read_h5_array",
            "write_montage", "to_working_size", "from_working_size", "slice_seed",
            "relative_sigma", "atomic_write_bytes", "atomic_write_json", "versions",
            "DEFAULT_HU_WINDOW", "FAN_DISTANCES", "DEFAULT_SIZE", "CLASSICAL"]
@@ -163,22 +163,6 @@ def infer_size(views: int, detectors: int, *, geometry: str = "parallel",
                      f"geometry; pass --size")
 
 
-def release_memory() -> None:
-    """Collect garbage and, on glibc, return free heap pages to the system (``malloc_trim``),
-    so that the next solve's CPU peak-memory reading (resident-set high-water mark, see
-    :mod:`ctflow.solvers.result`) starts from the memory actually in use rather than from
-    pages an earlier solve freed but the allocator kept."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-
-
 def _solver_accepts(api, method: str, name: str) -> bool:
     """Does the solver class behind ``method`` take the option ``name``?"""
     import inspect
@@ -203,30 +187,16 @@ def run_solver(y: torch.Tensor, operator, prior, *, method: str, noise_level: fl
     **options)`` → a :class:`~ctflow.solvers.result.Reconstruction`.
 
     ``seed`` and ``progress`` are passed on to the solvers that take them (the flow solvers
-    and TV) unless ``options`` already set them. Where the dispatcher is not installed, the
-    classical methods run through :mod:`ctflow.solvers.classical` directly.
+    and TV) unless ``options`` already set them.
     """
-    try:
-        api = importlib.import_module("ctflow.solvers.api")
-    except ModuleNotFoundError as exc:
-        if exc.name != "ctflow.solvers.api":
-            raise
-        api = None
-    release_memory()
-    if api is not None:
-        if seed is not None and "seed" not in options and _solver_accepts(api, method, "seed"):
-            options["seed"] = int(seed) % 2**31
-        if progress and "progress" not in options and _solver_accepts(api, method, "progress"):
-            options["progress"] = True
-        return api.reconstruct(y, operator, prior, method=method, noise_level=noise_level,
-                               **options)
-    classical = importlib.import_module("ctflow.solvers.classical")
-    table = {"fbp": "FBPSolver", "tv": "TV", "cgls": "CGLS", "landweber": "Landweber"}
-    if method not in table:
-        raise ImportError(f"method {method!r} needs ctflow.solvers.api, which is not installed "
-                          f"here; available: {', '.join(table)}")
-    solver = getattr(classical, table[method])(**options)
-    return solver.solve(operator, y, prior, noise_level=noise_level)
+    from .solvers import api
+
+    if seed is not None and "seed" not in options and _solver_accepts(api, method, "seed"):
+        options["seed"] = int(seed) % 2**31
+    if progress and "progress" not in options and _solver_accepts(api, method, "progress"):
+        options["progress"] = True
+    return api.reconstruct(y, operator, prior, method=method, noise_level=noise_level,
+                           **options)
 
 
 def relative_sigma(values: torch.Tensor, level: float) -> torch.Tensor:

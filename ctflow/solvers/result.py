@@ -6,13 +6,17 @@ Peak memory is measured the same way for every solver:
   allocated at the start of the solve (so the prior's weights are not counted);
 * CPU (Linux): the process's resident-set high-water mark ``VmHWM`` from ``/proc/self/status``,
   reset at the start of the solve by writing ``5`` to ``/proc/self/clear_refs``, minus the
-  resident set size at the start. This counts every allocation the solve makes (tensors, autograd
+  resident set size at the start (freed heap pages are first returned to the OS with
+  ``malloc_trim``, so an earlier, larger solve in the same process does not hide this one's
+  peak). This counts every allocation the solve makes (tensors, autograd
   graph, workspace) at page granularity. Where ``/proc`` is unavailable the value is ``None``.
   For comparisons across settings, run each configuration in a fresh process (the allocator may
   keep freed pages mapped), as ``benchmarks/memory.py`` does.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -62,7 +66,17 @@ def _proc_status_kb(key: str) -> Optional[int]:
     return None
 
 
+def _release_freed_memory() -> None:
+    """Return freed heap pages to the OS so the next resident-set baseline is honest."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_cpu_peak() -> bool:
+    _release_freed_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
