@@ -133,7 +133,7 @@ def _run(quick, out, device, *, prior, K, M, sweeps, rho, trajectory, variants, 
         if prior == "bundled" and not prior_label.startswith("bundled"):
             raise ValueError("benchmarks/convergence.py: --prior bundled but no bundled ct64 "
                              "prior is installed; use --prior gaussian")
-    shared = dict(K=K, M=M, rho=rho, lam=1.0, sweeps=sweeps, alpha=0.1, init="auto",
+    shared = dict(K=K, M=M, rho=rho, lam=1.0, sweeps=sweeps, alpha=1.0, init="auto",
                   seed=SEED, cg_iters=10, trajectory=trajectory)
     results: Dict[str, Dict] = {}
     for name in variants:
@@ -242,12 +242,14 @@ def _plot(payload: Dict, path: Path) -> None:
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as tmp:
         fig.savefig(tmp.name, dpi=120)
     plt.close(fig)
+    os.chmod(tmp.name, 0o644)
     os.replace(tmp.name, path)
 
 
 def _atomic_write(path: Path, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as tmp:
         tmp.write(text)
+    os.chmod(tmp.name, 0o644)
     os.replace(tmp.name, path)
 
 

@@ -199,8 +199,9 @@ def acceptance(rows: List[Dict]) -> Dict:
         n_, m_ = np.array([p[0] for p in d], float), np.array([p[1] for p in d], float)
         slope, icpt = np.polyfit(n_, m_, 1)
         r2 = 1 - np.sum((m_ - (slope * n_ + icpt)) ** 2) / np.sum((m_ - m_.mean()) ** 2)
-        out["dflow_linear_fit"] = {"bytes_per_step": slope, "intercept_bytes": icpt,
-                                   "r2": r2, "points": len(d)}
+        out["dflow_linear_fit"] = {"bytes_per_step": float(slope),
+                                   "intercept_bytes": float(icpt), "r2": float(r2),
+                                   "points": len(d)}
         out["dflow_roughly_linear"] = bool(r2 > 0.98 and slope > 0)
     d16 = _peak(rows, "dflow", 16)
     for s in ("msflow-jf", "msflow-exact"):
@@ -280,12 +281,14 @@ def _plot(rows, meta, path: Path) -> None:
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as tmp:
         fig.savefig(tmp.name, dpi=120)
     plt.close(fig)
+    os.chmod(tmp.name, 0o644)
     os.replace(tmp.name, path)
 
 
 def _atomic_write(path: Path, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as tmp:
         tmp.write(text)
+    os.chmod(tmp.name, 0o644)
     os.replace(tmp.name, path)
 
 
