@@ -39,13 +39,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import shlex
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 

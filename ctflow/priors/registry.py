@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import List, Union
 
-from .checkpoint import PRIOR_FORMAT, load_prior_file, resolve_checkpoint
+from .checkpoint import load_prior_file, resolve_checkpoint
 
 __all__ = ["list_priors", "load_prior", "bundled_dir", "bundled_path"]
 
