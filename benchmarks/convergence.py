@@ -24,7 +24,8 @@ The trajectory loss is :math:`\sum_k \tfrac12\|s_{k+1} - \Phi_k(s_k)\|^2` (witho
 
 The prior is the bundled ``ct64`` U-Net where present (``--prior bundled``), else — or with
 ``--prior gaussian`` — the closed-form Gaussian flow whose mean is a smoothed phantom (fast,
-every flow map affine). The problem is 64×64 parallel-beam CT with 30 angles and 1 % noise.
+every flow map affine). The problem is 64×64 parallel-beam CT with 30 angles and 1 % noise,
+on the first held-out validation slice (with a trained prior) or Shepp–Logan (Gaussian prior).
 
     python benchmarks/convergence.py [--quick] [--device cpu] [--prior bundled|gaussian]
 """
@@ -125,14 +126,16 @@ def _run(quick, out, device, *, prior, K, M, sweeps, rho, trajectory, variants, 
     sweeps = sweeps if sweeps is not None else (4 if quick else 15)
     K = K if K is not None else (4 if quick else 8)
     M = M if M is not None else (2 if quick else 4)
-    A, y, x, sigma, op_label = build_problem(device)
     if prior == "gaussian":
+        A, y, x, sigma, op_label = build_problem(device)
         pr, prior_label = gaussian_ct_prior(x, device)
     else:
         pr, prior_label = load_velocity_prior(device)
         if prior == "bundled" and not prior_label.startswith("bundled"):
             raise ValueError("benchmarks/convergence.py: --prior bundled but no bundled ct64 "
                              "prior is installed; use --prior gaussian")
+        A, y, x, sigma, op_label = build_problem(
+            device, image="validation", hu_window=pr.hu_window or (-1024.0, 1024.0))
     shared = dict(K=K, M=M, rho=rho, lam=1.0, sweeps=sweeps, alpha=1.0, init="auto",
                   seed=SEED, cg_iters=10, trajectory=trajectory)
     results: Dict[str, Dict] = {}

@@ -87,17 +87,40 @@ def load_velocity_prior(device: str, *, allow_bundled: bool = True):
     return prior.eval(), "UNet default config, random weights (no bundled ct64 prior found)"
 
 
-def build_problem(device: str, *, noise: float = 0.01, angles: int = ANGLES):
-    """``(operator, y, x, noise_level, label)``: a 64×64 Shepp–Logan CT problem."""
+def _validation_slice(hu_window) -> "object":
+    """The first held-out VALIDATION slice, prepared exactly as the CT prior saw its data."""
+    from ctflow.data import samples
+    from ctflow.flow.datasets import CTSliceDataset
+    hu = samples.heldout_slices("validation")[0].hu
+    ds = CTSliceDataset([hu], image_size=IMAGE_SIZE, hu_window=tuple(hu_window), augment=False)
+    return ds[0][None].float().contiguous()
+
+
+def build_problem(device: str, *, noise: float = 0.01, angles: int = ANGLES,
+                  image: str = "shepp-logan", hu_window=(-1024.0, 1024.0)):
+    """``(operator, y, x, noise_level, label)``: a 64×64 CT problem with noise standard
+    deviation ``noise`` times the mean absolute clean measurement.
+
+    ``image``: ``"shepp-logan"`` or ``"validation"`` (the first held-out validation slice in
+    the prior's HU window; Shepp–Logan if the samples are unavailable).
+    """
     import torch
     g = torch.Generator().manual_seed(SEED)
-    try:
-        from ctflow.data import shepp_logan
-        x = shepp_logan(IMAGE_SIZE).reshape(1, 1, IMAGE_SIZE, IMAGE_SIZE)
-    except ImportError:
-        yy, xx = torch.meshgrid(torch.linspace(-1, 1, IMAGE_SIZE),
-                                torch.linspace(-1, 1, IMAGE_SIZE), indexing="ij")
-        x = ((xx ** 2 + yy ** 2) < 0.5).float().reshape(1, 1, IMAGE_SIZE, IMAGE_SIZE) * 0.8
+    x = None
+    if image == "validation":
+        try:
+            x = _validation_slice(hu_window)
+        except (ImportError, FileNotFoundError, ValueError, OSError):
+            x = None
+    if x is None:
+        try:
+            from ctflow.data import shepp_logan
+            x = shepp_logan(IMAGE_SIZE).reshape(1, 1, IMAGE_SIZE, IMAGE_SIZE)
+        except ImportError:
+            yy, xx = torch.meshgrid(torch.linspace(-1, 1, IMAGE_SIZE),
+                                    torch.linspace(-1, 1, IMAGE_SIZE), indexing="ij")
+            x = ((xx ** 2 + yy ** 2) < 0.5).float().reshape(1, 1, IMAGE_SIZE, IMAGE_SIZE) * 0.8
+        image = "shepp-logan"
     x = x.to(device)
     try:
         from ctflow.operators import ParallelBeam2D, RayTransform
@@ -111,7 +134,7 @@ def build_problem(device: str, *, noise: float = 0.01, angles: int = ANGLES):
         clean = A(x)
     sigma = noise * float(clean.abs().mean())
     y = clean + sigma * torch.randn(clean.shape, generator=g).to(clean)
-    return A, y, x, sigma, label
+    return A, y, x, sigma, f"{label}, image: {image}"
 
 
 def solver_options(solver: str, N: int, *, M: int = SEGMENT_STEPS) -> Dict:
