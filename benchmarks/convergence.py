@@ -229,11 +229,13 @@ def _plot(payload: Dict, path: Path) -> None:
         tl = [max(h["trajectory_loss"], 1e-300) for h in r["history"]]
         style = "-" if n in CONSTANT_RHO else "--"
         axes[0].plot(sw[1:], tl[1:], style, marker="o", ms=3, label=n)
-        if n in CONSTANT_RHO:
-            gap = [max(h["objective"] - best, 1e-12) for h in r["history"]]
-            axes[1].plot(sw[1:], gap[1:], style, marker="o", ms=3, label=n)
+        if n in CONSTANT_RHO:   # points at or below the best final J have no log value
+            pts = [(j, (h["objective"] - best) / abs(best)) for j, h in zip(sw, r["history"])
+                   if j > 0 and h["objective"] - best > 0]
+            axes[1].plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3,
+                         label=n)
     axes[0].set_ylabel("trajectory loss Σ ½‖s_{k+1} − Φ_k(s_k)‖²")
-    axes[1].set_ylabel("J − J_best (constant ρ)")
+    axes[1].set_ylabel("(J − J_best) / |J_best|  (constant ρ)")
     for ax in axes:
         ax.set_yscale("log")
         ax.set_xlabel("sweep (outer iteration)")
