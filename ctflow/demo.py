@@ -44,12 +44,14 @@ DEMO_PROBLEM: Dict[str, Any] = {
 #: FBP's filter and TV's weight were chosen on the four VALIDATION slices (60 views, 1 % noise:
 #: mean PSNR ramp 33.2 > Shepp-Logan 32.9 > cosine 31.3 > Hann 29.5 dB; TV weight 0.1: 36.5 dB
 #: > 0.03: 36.0 > 0.3: 34.3 > 1.0: 30.7 dB). The flow methods get the same number of ODE steps
-#: (N = 8) and a budget that keeps the whole demo under two minutes on two CPU cores.
+#: (N = 8) and a budget that keeps the whole demo under two minutes on two CPU cores. MS-Flow's
+#: K x M, rho, sweeps and init were chosen on the validation slices (mean PSNR: K=8, M=1,
+#: init cgls 35.3 dB > K=4, M=2, init cgls 35.0 > K=4, M=2, init fbp 33.8 dB).
 DEMO_SETTINGS: Dict[str, Dict[str, Any]] = {
     "fbp": {"filter": "ramp"},
     "tv": {"weight": 0.1, "iterations": 300},
     "dflow": {"N": 8, "iterations": 1, "max_iter": 5, "init": "fbp"},
-    "msflow": {"K": 4, "M": 2, "sweeps": 10, "init": "fbp"},
+    "msflow": {"K": 8, "M": 1, "sweeps": 10, "init": "cgls"},
 }
 
 #: ``--quick``: overrides that cut the iterations (a smoke test, not representative numbers).

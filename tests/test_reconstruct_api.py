@@ -177,7 +177,8 @@ def test_validation_happens_before_any_work():
 
 
 def test_method_table_and_classical_dispatch():
-    assert set(METHODS) == {"msflow", "dflow", "pnpflow", "otode", "fbp", "tv", "cgls"}
+    assert set(METHODS) == {"msflow", "dflow", "pnpflow", "otode", "fbp", "tv", "cgls",
+                            "landweber"}
     pytest.importorskip("ctflow.solvers.classical")
     A, y, x = ct_problem()
     res = reconstruct(y, A, None, method="cgls", noise_level=0.01)

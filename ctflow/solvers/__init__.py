@@ -1,24 +1,16 @@
 """Solvers for inverse problems with flow priors, and the ``reconstruct`` dispatcher.
 
-MS-Flow (trajectory stitching) and D-Flow live here; PnP-Flow, OT-ODE and the classical
-baselines (FBP, CGLS, TV) are imported on first access, so a missing optional module never
-breaks ``import ctflow.solvers``.
+Every solver takes ``(operator, y, prior, noise_level, options)`` and returns a
+:class:`Reconstruction`: MS-Flow (trajectory stitching), D-Flow, PnP-Flow, OT-ODE and the
+classical baselines FBP, CGLS, Landweber and TV.
 """
 from .api import METHODS, reconstruct, solver_class
+from .classical import CGLS, TV, FBPSolver, Landweber
 from .dflow import DFlow
 from .msflow import MSFlow
+from .otode import OTODE
+from .pnpflow import PnPFlow
 from .result import Reconstruction, SolveMeter
 
-_LAZY = {"PnPFlow": "pnpflow", "OTODE": "otode", "FBPSolver": "classical", "TV": "classical",
-         "CGLS": "classical"}
-
-__all__ = ["reconstruct", "METHODS", "solver_class", "MSFlow", "DFlow", "Reconstruction",
-           "SolveMeter", *_LAZY]
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-        module = importlib.import_module(f"{__name__}.{_LAZY[name]}")
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["reconstruct", "METHODS", "solver_class", "MSFlow", "DFlow", "PnPFlow", "OTODE",
+           "FBPSolver", "TV", "CGLS", "Landweber", "Reconstruction", "SolveMeter"]

@@ -59,6 +59,7 @@ METHODS: Dict[str, Tuple[str, str, bool]] = {
     "fbp": ("classical", "FBPSolver", False),
     "tv": ("classical", "TV", False),
     "cgls": ("classical", "CGLS", False),
+    "landweber": ("classical", "Landweber", False),
 }
 
 
