@@ -316,13 +316,13 @@ def run_cases(cases: Sequence[Case], execute: Callable[[Case], dict], store: Res
     t0 = time.perf_counter()
     with store.locked():
         done = store.done_ids()
-        todo = [c for c in cases if c.id not in done]
-        summary.skipped = len(cases) - len(todo)
+        pending = [c for c in cases if c.id not in done]
+        summary.skipped = len(cases) - len(pending)
         bar = None
-        if progress and todo:
+        if progress and pending:
             from tqdm import tqdm
-            bar = tqdm(total=len(todo), desc=store.path.stem, unit="case")
-        for case in todo:
+            bar = tqdm(total=len(pending), desc=store.path.stem, unit="case")
+        for case in pending:
             row = {"suite": case.suite, "id": case.id, "method": case.method,
                    "options": case.options, "problem": case.problem, "image": case.image,
                    "seed": case.seed, "prior": case.prior, "labels": case.labels}
@@ -572,6 +572,6 @@ def _list_cases(names: Iterable[str], args, out: Path) -> int:
         done = ResultStore(out / f"{n}.jsonl").done_ids()
         print(f"{n}: {len(cases)} cases, {sum(c.id in done for c in cases)} stored")
         for c in cases:
-            mark = "done" if c.id in done else "todo"
+            mark = "done" if c.id in done else "pending"
             print(f"  {mark} {c.id} {c.method:8s} {c.image} {_canonical(c.labels)}")
     return 0

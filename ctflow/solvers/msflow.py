@@ -405,10 +405,10 @@ class _Run:
             g0 = g_items.detach()
             with torch.no_grad():
                 obj0 = g0 + self._c(S, P, a, lam)
-                todo = torch.ones_like(r, dtype=torch.bool)
+                active = torch.ones_like(r, dtype=torch.bool)
                 n_items = r.shape[0]
                 for _bt in range(n_bt + 1):
-                    idx = todo.nonzero().flatten()
+                    idx = active.nonzero().flatten()
                     if idx.numel() == 0:
                         break
                     full = idx.numel() == n_items
@@ -431,7 +431,7 @@ class _Run:
                         break
                     # a step below rounding level: the block is stationary, stop trying
                     settled = ~ok & (per_item_sq(d).sqrt() <= eps * per_item_sq(Si).sqrt())
-                    todo[idx[settled]] = False
+                    active[idx[settled]] = False
                     acc = idx[ok]
                     if acc.numel():
                         S[acc] = trial[ok]
