@@ -439,9 +439,9 @@ class _Run:
                         L[acc] = L[acc] * 0.5
                     rej = idx[~ok]
                     L[rej] = L[rej] * 2.0
-                    todo[acc] = False
+                    active[acc] = False
                 # items that never passed keep their state (no increase of J)
-                L[todo] = r[todo]
+                L[active] = r[active]
         w = self.o["relaxation"]
         if w != 1.0:
             with torch.no_grad():
