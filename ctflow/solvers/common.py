@@ -39,7 +39,7 @@ __all__ = [
     "check_noise_level", "check_prior", "prepare_measurement", "Measurement",
     "ModelSpaceProblem", "radial_prior", "radial_prox", "per_item_norm", "per_item_sq",
     "conjugate_gradient", "data_step", "initial_image", "fbp_initialiser", "blend_init",
-    "SolverVelocity", "make_generator", "progress_bar", "INIT_CHOICES",
+    "SolverVelocity", "make_generator", "progress_bar", "INIT_CHOICES", "merge_flow_options",
 ]
 
 #: Named initial images (``init`` may also be a tensor or a callable ``y -> image``).
@@ -56,6 +56,27 @@ def check_options(given: Mapping[str, Any], allowed: Iterable[str], *, owner: st
     if bad:
         raise ValueError(f"{owner}: unknown option(s) {', '.join(map(repr, bad))}; allowed "
                          f"options are {', '.join(allowed)}")
+
+
+def merge_flow_options(given: Mapping[str, Any], defaults: Mapping[str, Any], *,
+                       owner: str) -> Dict[str, Any]:
+    """Defaults plus ``given`` for a flow solver, with the checks MS-Flow and D-Flow share:
+    unknown names refused; ``integrator`` folded into ``method`` (``reconstruct`` uses
+    ``method`` for the solver name); ``init`` a tensor, a callable or one of
+    :data:`INIT_CHOICES`."""
+    check_options(given, defaults, owner=owner)
+    o = dict(defaults)
+    o.update(given)
+    if o["integrator"] is not None:
+        if "method" in given and given["method"] != o["integrator"]:
+            raise ValueError(f"{owner}: options method={given['method']!r} and "
+                             f"integrator={o['integrator']!r} disagree; give one of them")
+        o["method"] = o["integrator"]
+    o["integrator"] = None
+    init = o["init"]
+    if not (isinstance(init, torch.Tensor) or (callable(init) and not isinstance(init, str))):
+        check_choice("init", init, INIT_CHOICES, owner=owner)
+    return o
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any], *, owner: str) -> Any:

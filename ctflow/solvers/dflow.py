@@ -29,9 +29,9 @@ import torch
 
 from ..flow.integrate import integrate
 from .common import (ModelSpaceProblem, SolverVelocity, blend_init, check_choice, check_int,
-                     check_noise_level, check_options, check_positive, check_prior,
+                     check_noise_level, check_positive, check_prior, merge_flow_options,
                      check_probability, initial_image, make_generator, prepare_measurement,
-                     progress_bar, radial_prior, INIT_CHOICES)
+                     progress_bar, radial_prior)
 from .result import Reconstruction, SolveMeter
 
 __all__ = ["DFlow"]
@@ -69,23 +69,11 @@ class DFlow:
     @classmethod
     def validate(cls, options: Dict[str, Any]) -> Dict[str, Any]:
         own = "DFlow"
-        check_options(options, cls.DEFAULTS, owner=own)
-        o = dict(cls.DEFAULTS)
-        o.update(options)
-        # ``integrator`` is an alias of ``method`` (reconstruct() uses ``method`` for the solver)
-        if o["integrator"] is not None:
-            if "method" in options and options["method"] != o["integrator"]:
-                raise ValueError(f"{own}: options method={options['method']!r} and "
-                                 f"integrator={o['integrator']!r} disagree; give one of them")
-            o["method"] = o["integrator"]
-        o["integrator"] = None
+        o = merge_flow_options(options, cls.DEFAULTS, owner=own)
         o["N"] = check_int("N", o["N"], owner=own)
         check_choice("method", o["method"], DFLOW_METHODS, owner=own)
         o["lam"] = check_positive("lam", o["lam"], owner=own, allow_zero=True)
         o["alpha"] = check_probability("alpha", o["alpha"], owner=own)
-        init = o["init"]
-        if not (isinstance(init, torch.Tensor) or (callable(init) and not isinstance(init, str))):
-            check_choice("init", init, INIT_CHOICES, owner=own)
         o["iterations"] = check_int("iterations", o["iterations"], owner=own, minimum=0)
         o["max_iter"] = check_int("max_iter", o["max_iter"], owner=own)
         o["history_size"] = check_int("history_size", o["history_size"], owner=own)

@@ -113,7 +113,7 @@ import torch
 
 from ..flow.integrate import METHODS, integrate
 from .common import (ModelSpaceProblem, SolverVelocity, blend_init, check_choice, check_int,
-                     check_noise_level, check_options, check_positive, check_prior,
+                     check_noise_level, check_positive, check_prior, merge_flow_options,
                      check_probability, data_step, initial_image, make_generator,
                      per_item_dot, per_item_sq, prepare_measurement, progress_bar,
                      radial_prior, radial_prox)
@@ -178,16 +178,7 @@ class MSFlow:
     def validate(cls, options: Dict[str, Any]) -> Dict[str, Any]:
         """Defaults plus ``options``, checked; ``ValueError`` names a bad option."""
         own = "MSFlow"
-        check_options(options, cls.DEFAULTS, owner=own)
-        o = dict(cls.DEFAULTS)
-        o.update(options)
-        # ``integrator`` is an alias of ``method`` (reconstruct() uses ``method`` for the solver)
-        if o["integrator"] is not None:
-            if "method" in options and options["method"] != o["integrator"]:
-                raise ValueError(f"{own}: options method={options['method']!r} and "
-                                 f"integrator={o['integrator']!r} disagree; give one of them")
-            o["method"] = o["integrator"]
-        o["integrator"] = None
+        o = merge_flow_options(options, cls.DEFAULTS, owner=own)
         o["K"] = check_int("K", o["K"], owner=own)
         o["M"] = check_int("M", o["M"], owner=own)
         check_choice("method", o["method"], tuple(METHODS), owner=own)
@@ -214,10 +205,6 @@ class MSFlow:
             raise ValueError(f"{own}: option adapt_factor must be >= 1, got {o['adapt_factor']}")
         o["sweeps"] = check_int("sweeps", o["sweeps"], owner=own, minimum=0)
         o["alpha"] = check_probability("alpha", o["alpha"], owner=own)
-        init = o["init"]
-        if not (isinstance(init, torch.Tensor) or (callable(init) and not isinstance(init, str))):
-            from .common import INIT_CHOICES
-            check_choice("init", init, INIT_CHOICES, owner=own)
         check_choice("update", o["update"], UPDATES, owner=own)
         check_choice("sweep", o["sweep"], SWEEPS, owner=own)
         check_choice("order", o["order"], ORDERS, owner=own)
