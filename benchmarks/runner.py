@@ -16,10 +16,22 @@ whose id is already stored with ``status == "ok"``; failed cases (``status == "e
 retried. Only one process may write a store at a time (an exclusive ``flock`` on
 ``<suite>.jsonl.lock``).
 
+With ``--ray [ADDRESS]`` the pending cases run as Ray tasks (:mod:`ctflow.distributed.cases`;
+one CPU each, a GPU each when the cluster has GPUs and ``--device`` is not ``cpu``, one torch
+thread per task). This process stays the only writer: it appends each case's row as its task
+finishes (completion order), so the store holds every case exactly once, with the same fields
+and numbers as an in-process run (same seeds); a task whose worker dies is re-run by Ray.
+
+``--settings FILE`` runs a case suite with tuned options from ``FILE`` laid over
+``configs/<suite>.json`` (``methods``): the file ``tune`` writes (``{method: {"chosen": {...},
+...}}``) or a config-like ``{"methods": {method: {...}}}``.
+
 Command line (also ``ctflow bench``, which calls :func:`main`)::
 
     python -m benchmarks <suite> [--quick] [--device cpu|cuda] [--out DIR] [--seed S]
+                                 [--ray [ADDRESS]] [--settings FILE]
     python -m benchmarks tune <suite> [--quick] ...     # hyper-parameters on the VALIDATION split
+    python -m benchmarks tune [<suite>] --search FILE [--ray [ADDRESS]] ...   # Ray Tune search
     python -m benchmarks report [--out DIR]
 
 Suites: ``operators``, ``memory``, ``convergence`` (modules with ``run(quick, out, device)``),
@@ -43,15 +55,19 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 __all__ = [
     "Case", "case_id", "ResultStore", "SUITES", "CASE_SUITES", "EXTERNAL_SUITES",
-    "DEFAULT_OUT", "environment", "run_cases", "run_suite", "main",
+    "DEFAULT_OUT", "environment", "run_cases", "run_suite", "main", "in_process",
+    "ray_outcomes", "execute_case_task", "case_to_dict", "case_from_dict", "load_settings",
+    "apply_settings", "REPO_ROOT",
 ]
 
 #: Where results go by default (``--quick`` runs go to ``<DEFAULT_OUT>/quick``).
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+#: The repository root (holds ``benchmarks/``); Ray tasks put it on ``sys.path``.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 #: Suites whose cases run through :func:`run_cases` (module under ``benchmarks.suites``).
 CASE_SUITES = {
@@ -297,9 +313,31 @@ class RunSummary:
                 f"{len(self.failed)} failed, {self.seconds:.1f} s")
 
 
-def run_cases(cases: Sequence[Case], execute: Callable[[Case], dict], store: ResultStore, *,
-              env: dict, extra: Optional[dict] = None, progress: bool = False,
-              after_case: Optional[Callable[[int], None]] = None) -> RunSummary:
+Outcome = Tuple[Case, Optional[dict], Optional[BaseException], Optional[str]]
+
+
+def in_process(execute: Callable[[Case], dict]) -> Callable[[Sequence[Case]], Iterator[Outcome]]:
+    """The default way to run cases: one after the other in this process. Returns a function
+    that maps the pending cases to ``(case, result, None, None)`` or ``(case, None, error,
+    traceback)`` in order."""
+    def outcomes(pending: Sequence[Case]) -> Iterator[Outcome]:
+        for case in pending:
+            try:
+                result = execute(case)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # a failing case must not stop the others
+                yield case, None, exc, traceback.format_exc(limit=6)
+                continue
+            yield case, result, None, None
+    return outcomes
+
+
+def run_cases(cases: Sequence[Case], execute: Optional[Callable[[Case], dict]],
+              store: ResultStore, *, env: dict, extra: Optional[dict] = None,
+              progress: bool = False, after_case: Optional[Callable[[int], None]] = None,
+              outcomes: Optional[Callable[[Sequence[Case]], Iterator[Outcome]]] = None
+              ) -> RunSummary:
     """Run every case of ``cases`` not yet in ``store``; append one row per finished case.
 
     ``execute(case)`` returns the measured part of the row (metrics, nfe, seconds, ...); this
@@ -307,7 +345,14 @@ def run_cases(cases: Sequence[Case], execute: Callable[[Case], dict], store: Res
     raises is stored with ``status="error"`` and the message (and retried by the next run);
     ``KeyboardInterrupt`` stops the run without a row for the case in flight.
     ``after_case(k)`` is called after the k-th appended row (used by tests).
+    ``outcomes`` replaces the in-process loop over ``execute``: it maps the pending cases to
+    ``(case, result, error, traceback)`` in any order (:func:`ray_outcomes` runs them as Ray
+    tasks); each case's row is appended once, as its outcome arrives.
     """
+    if outcomes is None:
+        if execute is None:
+            raise ValueError("run_cases needs execute or outcomes")
+        outcomes = in_process(execute)
     ids = [c.id for c in cases]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -322,19 +367,22 @@ def run_cases(cases: Sequence[Case], execute: Callable[[Case], dict], store: Res
         if progress and pending:
             from tqdm import tqdm
             bar = tqdm(total=len(pending), desc=store.path.stem, unit="case")
-        for case in pending:
+        written = set()
+        for case, result, error, tb in outcomes(pending):
+            if case.id in written:          # never two rows for one case
+                continue
+            written.add(case.id)
             row = {"suite": case.suite, "id": case.id, "method": case.method,
                    "options": case.options, "problem": case.problem, "image": case.image,
                    "seed": case.seed, "prior": case.prior, "labels": case.labels}
-            try:
-                row.update(execute(case))
+            if error is None:
+                row.update(result)
                 row["status"] = "ok"
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:  # a failing case must not stop the others
+            else:
                 row["status"] = "error"
-                row["error"] = f"{type(exc).__name__}: {exc}"
-                row["traceback"] = traceback.format_exc(limit=6)
+                row["error"] = f"{type(error).__name__}: {error}"
+                row["traceback"] = tb or "".join(traceback.format_exception(
+                    type(error), error, error.__traceback__, limit=6))
                 summary.failed.append(case.id)
             row.update(env)
             if extra:
@@ -350,6 +398,115 @@ def run_cases(cases: Sequence[Case], execute: Callable[[Case], dict], store: Res
             bar.close()
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# cases as Ray tasks
+def case_to_dict(case: Case) -> Dict[str, Any]:
+    """A case as plain data (what travels to a Ray task or a worker process)."""
+    return {"suite": case.suite, "method": case.method, "options": case.options,
+            "problem": case.problem, "image": case.image, "seed": case.seed,
+            "prior": case.prior, "labels": case.labels, "trace": case.trace}
+
+
+def case_from_dict(d: Dict[str, Any]) -> Case:
+    """Inverse of :func:`case_to_dict`."""
+    return Case(d["suite"], d["method"], d["options"], d["problem"], d["image"], d["seed"],
+                d.get("prior", ""), labels=d.get("labels", {}), trace=d.get("trace", False))
+
+
+#: Per Ray worker process: the suite contexts of the runs it serves (prior loaded once).
+_TASK_CONTEXTS: Dict[str, Any] = {}
+
+
+def _task_context(spec: Dict[str, Any]):
+    token = spec["token"]
+    if token not in _TASK_CONTEXTS:
+        from .suites.common import SuiteContext
+        while len(_TASK_CONTEXTS) >= 4:
+            _TASK_CONTEXTS.pop(next(iter(_TASK_CONTEXTS)))
+        device = spec["device"]
+        if device == "auto":
+            import torch
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        _TASK_CONTEXTS[token] = SuiteContext(suite=spec["suite"], quick=spec["quick"],
+                                             device=device, seed=spec["seed"],
+                                             prior=spec["prior"], progress=False)
+    return _TASK_CONTEXTS[token]
+
+
+def execute_case_task(spec: Dict[str, Any], case: Dict[str, Any]) -> dict:
+    """Inside a Ray task: execute one case with the (cached) suite context of ``spec``
+    (``token``, ``suite``, ``quick``, ``device``, ``seed``, ``prior``) -- the same
+    ``SuiteContext.execute`` as in-process, hence the same numbers."""
+    return _task_context(spec).execute(case_from_dict(case))
+
+
+def ray_outcomes(spec: Dict[str, Any], options) -> Callable[[Sequence[Case]], Iterator[Outcome]]:
+    """``outcomes`` for :func:`run_cases` that runs the pending cases as Ray tasks
+    (:func:`ctflow.distributed.cases.map_on_ray`), yielding them as they finish. ``spec``:
+    the suite context's settings (``suite``, ``quick``, ``device``, ``seed``, ``prior``: a
+    name/path or a ``FlowPrior``); ``options``: a ``ctflow.distributed.RayOptions``."""
+    import uuid
+
+    from ctflow.distributed.cases import map_on_ray
+
+    spec = dict(spec, token=uuid.uuid4().hex)
+
+    def outcomes(pending: Sequence[Case]) -> Iterator[Outcome]:
+        if not pending:
+            return
+        by_id = {c.id: c for c in pending}
+        items = [(c.id, case_to_dict(c)) for c in pending]
+        for key, value, error, tb in map_on_ray("benchmarks.runner:execute_case_task", items,
+                                                spec, options, paths=[str(REPO_ROOT)],
+                                                device=str(spec["device"])):
+            yield by_id[key], value, error, tb
+    return outcomes
+
+
+# ---------------------------------------------------------------------------------------------
+# tuned settings laid over a suite's config
+def load_settings(path) -> Dict[str, Dict[str, Any]]:
+    """Tuned options per method from a settings file: ``tune``'s output ``{method: {"chosen":
+    {...}, ...}}`` or a config-like ``{"methods": {method: {...}}}``. ``FileNotFoundError`` /
+    ``ValueError`` name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"settings file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    if isinstance(data.get("methods"), dict):
+        methods = data["methods"]
+    else:
+        methods = {m: v["chosen"] for m, v in data.items()
+                   if isinstance(v, dict) and isinstance(v.get("chosen"), dict)}
+    if not methods or not all(isinstance(v, dict) for v in methods.values()):
+        raise ValueError(f"{path}: no tuned settings found; expected {{method: {{\"chosen\": "
+                         f"{{...}}}}}} (written by tune) or {{\"methods\": {{method: {{...}}}}}}")
+    return {str(m): dict(v) for m, v in methods.items()}
+
+
+def apply_settings(ctx, path) -> Dict[str, Dict[str, Any]]:
+    """Lay the tuned options of ``path`` over the suite config of ``ctx`` (this run only;
+    the config file is not changed). The rows' ``config`` hash covers the result."""
+    import copy
+
+    settings = load_settings(path)
+    cfg = copy.deepcopy(ctx.config())
+    unknown = sorted(set(settings) - set(cfg["methods"]))
+    if unknown:
+        raise ValueError(f"{path}: settings for method(s) {unknown} that suite {ctx.suite!r} "
+                         f"does not run ({', '.join(cfg['methods'])})")
+    for method, opts in settings.items():
+        cfg["methods"][method].update(opts)
+    cfg["settings_file"] = {"path": str(Path(path).resolve()), "methods": settings}
+    ctx._config = cfg
+    return settings
 
 
 def _import_suite(name: str):
@@ -370,7 +527,8 @@ def run_suite(name: str, *, quick: bool = False, out=None, device: str = "cpu", 
               prior=None, progress: bool = False, tune: bool = False, limit: Optional[int] = None,
               after_case: Optional[Callable[[int], None]] = None,
               command: Optional[str] = None,
-              isolate: Optional[bool] = None) -> Optional[RunSummary]:
+              isolate: Optional[bool] = None, ray=None,
+              settings=None) -> Optional[RunSummary]:
     """Run one suite (a case suite through the store, or an external module's ``run``).
 
     ``prior`` is a ``FlowPrior``, a name/path for ``ctflow.load_prior``, or ``None`` for the
@@ -381,14 +539,28 @@ def run_suite(name: str, *, quick: bool = False, out=None, device: str = "cpu", 
     process (:mod:`benchmarks.suites.worker`) so that CPU peak-memory measurements do not
     depend on earlier cases; default: on for full CPU runs with a prior given by name/path,
     off for ``quick`` runs, CUDA (``max_memory_allocated`` is reset per solve) and tuning.
+    ``ray`` (an address, ``True`` or a ``ctflow.distributed.RayOptions``) runs the cases as
+    Ray tasks (default off; not with ``isolate``: a Ray worker serves many cases, so CPU peak
+    memory then depends on earlier cases as with ``--no-isolate``). ``settings`` (a file
+    written by ``tune``) overlays tuned options on the suite's config for this run.
     """
     out = Path(out) if out is not None else (DEFAULT_OUT / "quick" if quick else DEFAULT_OUT)
     out.mkdir(parents=True, exist_ok=True)
-    _check_device(device)
+    ray_opts = None
+    if ray is not None and ray is not False:
+        from ctflow.distributed.cluster import as_ray_options, check_installed
+        ray_opts = as_ray_options(ray)
+        check_installed()
+    _check_device(device, on_ray=ray_opts is not None)
     module = _import_suite(name)
     if name in EXTERNAL_SUITES:
         if tune:
             raise ValueError(f"suite {name!r} has no hyper-parameters to tune")
+        if ray_opts is not None:
+            raise ValueError(f"suite {name!r} measures timings and memory on this machine; "
+                             f"--ray applies to the case suites ({', '.join(CASE_SUITES)})")
+        if settings is not None:
+            raise ValueError(f"suite {name!r} takes no tuned settings")
         if not hasattr(module, "run"):
             raise AttributeError(f"{module.__name__} has no run(quick, out, device)")
         module.run(quick=quick, out=out, device=device)
@@ -396,16 +568,28 @@ def run_suite(name: str, *, quick: bool = False, out=None, device: str = "cpu", 
 
     from .suites.common import SuiteContext
     by_name = prior is None or isinstance(prior, (str, Path))
+    if isolate and ray_opts is not None:
+        raise ValueError("--isolate and --ray exclude each other: Ray tasks run in long-lived "
+                         "worker processes")
     if isolate is None:
-        isolate = (not quick) and (not tune) and device == "cpu" and by_name
+        isolate = (not quick) and (not tune) and device == "cpu" and by_name \
+            and ray_opts is None
     if isolate and not by_name:
         raise ValueError("isolate=True needs the prior as a bundled name or checkpoint path "
                          "(a worker process loads it), not a FlowPrior object")
     ctx = SuiteContext(suite=name, quick=quick, device=device, seed=seed, prior=prior,
-                       progress=progress, load_prior=not isolate)
+                       progress=progress, load_prior=not isolate and ray_opts is None)
+    if settings is not None:
+        if tune:
+            raise ValueError("tune starts from the suite's config; --settings applies to runs")
+        apply_settings(ctx, settings)
+    outcomes = None
+    if ray_opts is not None:
+        outcomes = ray_outcomes({"suite": name, "quick": bool(quick), "device": device,
+                                 "seed": int(seed), "prior": prior}, ray_opts)
     if tune:
         from .suites.tuning import tune_suite
-        return tune_suite(module, ctx, out=out, after_case=after_case)
+        return tune_suite(module, ctx, out=out, after_case=after_case, outcomes=outcomes)
     cases = module.cases(ctx)
     if limit is not None:
         cases = cases[:int(limit)]
@@ -423,7 +607,7 @@ def run_suite(name: str, *, quick: bool = False, out=None, device: str = "cpu", 
                         extra={"quick": bool(quick), "config": ctx.config_label(),
                                "command": command or _default_command(name, quick, device,
                                                                       seed, prior)},
-                        progress=progress, after_case=after_case)
+                        progress=progress, after_case=after_case, outcomes=outcomes)
     return summary
 
 
@@ -442,11 +626,12 @@ def _default_command(name: str, quick: bool, device: str, seed: int, prior) -> s
     return " ".join(parts)
 
 
-def _check_device(device: str) -> None:
+def _check_device(device: str, *, on_ray: bool = False) -> None:
     import torch
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"--device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    # on Ray the tasks run on the cluster's GPUs; this (driver) machine may have none
+    if device.startswith("cuda") and not on_ray and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine; "
                          f"use --device cpu")
 
@@ -485,7 +670,39 @@ def _parser() -> argparse.ArgumentParser:
                         "depends on earlier cases)")
     p.add_argument("--no-report", action="store_true",
                    help="do not render the report after a suite finishes")
+    g = p.add_argument_group("scale-out (optional extra ctflow[ray])")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run the cases as Ray tasks: without ADDRESS a private local instance "
+                        "(loopback only, every core), 'auto' the cluster of 'ray start' on "
+                        "this machine, HOST:PORT or ray://HOST:PORT a remote one")
+    g.add_argument("--ray-retries", type=int, default=3, metavar="N",
+                   help="re-runs of a task whose worker process died")
+    g.add_argument("--ray-threads", type=int, default=1, metavar="T",
+                   help="torch threads inside each task")
+    g.add_argument("--settings", default=None, metavar="FILE",
+                   help="tuned options (a file written by 'tune') laid over the suite's "
+                        "config for this run")
+    g = p.add_argument_group("tune with Ray Tune ('tune [SUITE] --search FILE')")
+    g.add_argument("--search", default=None, metavar="FILE",
+                   help="search space (JSON: suite, method, space, num_samples, ...); see "
+                        "docs/scaling.md")
+    g.add_argument("--num-samples", type=int, default=None, metavar="N",
+                   help="trials (default: the search file's num_samples)")
+    g.add_argument("--settings-out", default=None, metavar="FILE",
+                   help="where the best settings go (default: configs/<suite>.json, or "
+                        "<out>/tune-<suite>.chosen.json with --quick)")
     return p
+
+
+def _ray_options(args):
+    """``RayOptions`` from ``--ray``/``--ray-retries``/``--ray-threads`` (``None`` without
+    ``--ray``)."""
+    if args.ray is None:
+        return None
+    from ctflow.distributed.cluster import RayOptions
+    return RayOptions(address=None if args.ray == "local" else args.ray,
+                      max_retries=args.ray_retries, threads=args.ray_threads,
+                      quiet=not args.progress)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -513,13 +730,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 1
         return 0
 
+    if args.suite == "tune" and args.search is not None:
+        from .suites.tuning import ray_tune_main
+        return ray_tune_main(args, out, _ray_options(args))
+
     if args.suite == "tune":
         if args.target not in CASE_SUITES:
             print(f"tune: give a suite to tune, one of {', '.join(CASE_SUITES)} "
                   f"(got {args.target!r})", file=sys.stderr)
             return 2
         summary = run_suite(args.target, quick=args.quick, out=out, device=args.device,
-                            seed=args.seed, prior=args.prior, progress=args.progress, tune=True)
+                            seed=args.seed, prior=args.prior, progress=args.progress, tune=True,
+                            ray=_ray_options(args))
         print(summary.line(f"tune-{args.target}"))
         for path in _report.render(out, suites=[args.target]):
             print(path)
@@ -534,6 +756,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"unknown suite {n!r}; choose one of {', '.join(SUITES)}, all, tune, report",
                   file=sys.stderr)
             return 2
+    if args.settings is not None and args.suite not in CASE_SUITES:
+        print(f"--settings applies to one case suite ({', '.join(CASE_SUITES)}), not "
+              f"{args.suite!r}", file=sys.stderr)
+        return 2
 
     if args.list:
         return _list_cases(names, args, out)
@@ -543,7 +769,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         t0 = time.perf_counter()
         summary = run_suite(n, quick=args.quick, out=out, device=args.device, seed=args.seed,
                             prior=args.prior, progress=args.progress, limit=args.limit,
-                            command=command, isolate=args.isolate)
+                            command=command, isolate=args.isolate,
+                            ray=_ray_options(args) if n in CASE_SUITES else None,
+                            settings=args.settings)
         if summary is None:
             print(f"{n}: done in {time.perf_counter() - t0:.1f} s -> {out}")
         else:
@@ -568,6 +796,8 @@ def _list_cases(names: Iterable[str], args, out: Path) -> int:
         module = _import_suite(n)
         ctx = SuiteContext(suite=n, quick=args.quick, device=args.device, seed=args.seed,
                            prior=args.prior, progress=False, load_prior=False)
+        if args.settings is not None:
+            apply_settings(ctx, args.settings)
         cases = module.cases(ctx)
         done = ResultStore(out / f"{n}.jsonl").done_ids()
         print(f"{n}: {len(cases)} cases, {sum(c.id in done for c in cases)} stored")

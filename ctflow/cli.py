@@ -9,7 +9,11 @@
     reconstruct-dicom  reconstruct a DICOM series slice by slice into a derived series
     train              train a flow-matching prior (delegates to ctflow.flow.train)
     bench              run the benchmark suite (delegates to benchmarks/, run from the repo root)
+    tune               search solver hyper-parameters with Ray Tune on the validation split
     info               versions, CUDA, CT backends usable here and why not, bundled priors
+
+``reconstruct-dicom --ray [ADDRESS]`` and ``bench ... --ray [ADDRESS]`` run slices / benchmark
+cases as Ray tasks (optional extra ``ctflow[ray]``; Ray is imported only then).
 
 Global options may be given before or after the command. Errors a user can cause (a missing
 file, an unreadable DICOM, an unknown method, CUDA requested but absent, a prior that is not
@@ -183,7 +187,9 @@ examples:
   ctflow info                                   # what is usable on this machine
   ctflow reconstruct sino.npy -o recon.png --method tv
   ctflow reconstruct-dicom series/ out/ --views 60 --method msflow --slices 10:20
+  ctflow reconstruct-dicom series/ out/ --ray   # slices as Ray tasks (ctflow[ray])
   ctflow --device cpu bench --help              # the benchmark suite (from the repo root)
+  ctflow tune search.json --quick               # Ray Tune search (from the repo root)
   ctflow train --help                           # train a prior
 
 Run 'ctflow COMMAND --help' for the options of one command.
@@ -236,6 +242,13 @@ examples:
   ctflow reconstruct-dicom chest/ chest-fbp/ --method fbp --prior none --size 128
   ctflow reconstruct-dicom chest/ chest-msflow/ --resume      # continue after a stop
   ctflow reconstruct-dicom chest/ out/ --sinogram measured.npy --method tv
+  ctflow reconstruct-dicom chest/ out/ --ray              # a private local Ray instance
+  ctflow reconstruct-dicom chest/ out/ --ray auto --resume   # the cluster of 'ray start'
+
+With --ray each slice is a Ray task (one CPU; one GPU when the cluster has GPUs and --device
+is not cpu; one torch thread). This process writes every finished slice, atomically and keyed
+by its SOPInstanceUID, so a task re-run after its worker died is written once, and --resume
+works as without Ray. The reconstructions equal the in-process ones (same seeds).
 """
 
 TRAIN_EPILOG = """\
@@ -252,7 +265,32 @@ the suites and their options.
 examples:
   ctflow bench ct-sparse --quick
   ctflow --device cuda bench memory
+  ctflow bench ct-sparse --ray auto                  # cases as tasks on a Ray cluster
+  ctflow bench ct-sparse --settings tuned.json       # tuned options from 'ctflow tune'
   ctflow bench report
+"""
+
+TUNE_EPILOG = """\
+SEARCH is a JSON file: the suite and the method to tune, the ranges to search and the number
+of trials, e.g.
+
+  {"suite": "ct-sparse", "method": "msflow", "metric": "psnr", "num_samples": 16,
+   "space": {"rho": {"loguniform": [10, 10000]}, "lam": {"uniform": [0.1, 2.0]},
+             "K": {"choice": [4, 8]}, "M": {"choice": [1, 2]},
+             "schedule": {"choice": ["constant", "continuation"]}},
+   "fixed": {"sweeps": 10}}
+
+(distributions: uniform, loguniform, quniform, randint, lograndint, choice, grid, value).
+Each trial solves the VALIDATION slices (never the TEST slices) with the suite's options plus
+'fixed' plus the sampled values; the best mean PSNR wins. It is written where the benchmark
+suite reads it: benchmarks/configs/<suite>.json, or with --quick <out>/tune-<suite>.chosen.json
+(--settings-out FILE: that file; run the suite on it with 'ctflow bench <suite> --settings
+FILE'). Every solve is stored in <out>/tune-<suite>.jsonl. Runs from the repository root;
+without --ray a private local Ray instance is started.
+
+examples:
+  ctflow tune search.json --quick --settings-out tuned.json
+  ctflow --device cuda tune search.json --ray auto --num-samples 64
 """
 
 INFO_EPILOG = """\
@@ -325,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sinogram", default=None, metavar="FILE",
                    help="measured sinograms (.npy/.h5, shape (Z, views, detectors)) instead "
                         "of simulating them")
+    _ray_options(p, "slices")
     p.set_defaults(func=cmd_reconstruct_dicom)
 
     # train / bench: pass everything through
@@ -336,6 +375,25 @@ def build_parser() -> argparse.ArgumentParser:
             add_help=False, prefix_chars="\x00")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
+
+    # tune
+    p = add("tune", "search solver hyper-parameters with Ray Tune on the validation split "
+            "(from the repository root)", TUNE_EPILOG)
+    p.add_argument("search", metavar="SEARCH", help="the search file (JSON, see below)")
+    p.add_argument("--suite", default=None,
+                   help="the case suite (default: the search file's 'suite')")
+    p.add_argument("--quick", action="store_true",
+                   help="one validation slice, one problem, the suite's quick iteration counts")
+    p.add_argument("--num-samples", type=int, default=None, metavar="N",
+                   help="trials (default: the search file's num_samples)")
+    p.add_argument("--prior", default=None, help="bundled prior name or checkpoint path "
+                   "(default: the suite's, ct64)")
+    p.add_argument("--out", default=None,
+                   help="result folder (default: benchmarks/results, or .../quick)")
+    p.add_argument("--settings-out", default=None, metavar="FILE",
+                   help="write the best settings here instead of the suite's config")
+    _ray_options(p, "trials")
+    p.set_defaults(func=cmd_tune)
 
     # info
     p = add("info", "versions, CUDA, CT backends usable here and why not, bundled priors",
@@ -365,6 +423,33 @@ def _solver_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="solver option passed to ctflow.reconstruct (repeatable), "
                         "e.g. --option sweeps=20")
+
+
+def _ray_options(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group("scale-out (optional extra ctflow[ray])")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help=f"run the {what} as Ray tasks: without ADDRESS on a private local "
+                        "instance (loopback only, every core); 'auto' joins the cluster of "
+                        "'ray start' on this machine; HOST:PORT or ray://HOST:PORT a remote one")
+    g.add_argument("--ray-retries", type=int, default=3, metavar="N",
+                   help="re-runs of a task whose worker process died")
+    g.add_argument("--ray-threads", type=int, default=1, metavar="T",
+                   help="torch threads inside each task")
+
+
+def _ray_settings(args):
+    """``RayOptions`` from the command's --ray options, or ``None`` without --ray."""
+    if getattr(args, "ray", None) is None:
+        return None
+    from .distributed.cluster import RayOptions
+
+    if args.ray_retries < 0:
+        raise CLIError(f"--ray-retries must be >= 0, got {args.ray_retries}")
+    if args.ray_threads < 1:
+        raise CLIError(f"--ray-threads must be >= 1, got {args.ray_threads}")
+    return RayOptions(address=None if args.ray == "local" else args.ray,
+                      max_retries=args.ray_retries, threads=args.ray_threads,
+                      quiet=bool(args.quiet))
 
 
 # ---------------------------------------------------------------------- commands
@@ -405,12 +490,14 @@ def cmd_reconstruct_dicom(args) -> int:
     if clash:
         raise CLIError(f"--option {clash[0]}=...: set it with the command's own option "
                        f"--{clash[0].replace('_', '-')}")
+    ray = _ray_settings(args)
     summary = reconstruct_dicom(
         args.in_dir, args.out_dir, views=args.views, geometry=args.geometry,
         noise_level=args.noise_level, method=method, prior=_default_prior(method, args.prior),
-        size=args.size, slices=parse_slices(args.slices), device=args.device,
+        size=args.size, slices=parse_slices(args.slices),
+        device=args.device if ray is None else getattr(args, "device_requested", args.device),
         resume=args.resume, seed=args.seed, progress=not args.quiet, sinogram=args.sinogram,
-        backend=args.backend, **options)
+        backend=args.backend, ray=ray, **options)
     m = summary.get("mean", {})
     done, skipped = summary.get("slices_reconstructed", 0), summary.get("slices_skipped", 0)
     line = f"{done} slice(s) reconstructed, {skipped} skipped (resume) -> {args.out_dir}"
@@ -744,6 +831,39 @@ def cmd_bench(args) -> int:
                        f" (looked in {root / 'benchmarks'})")
 
 
+def cmd_tune(args) -> int:
+    """``ctflow tune``: the benchmark runner's Ray Tune search (``tune --search``)."""
+    root = _find_benchmarks_root()
+    if root is None:
+        raise CLIError("ctflow tune runs the benchmarks/ folder of the ctflow repository, "
+                       "which is not installed: cd into a clone of the repository and rerun")
+    if not Path(args.search).is_file():
+        raise FileNotFoundError(f"search file not found: {args.search}")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise CLIError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    argv = ["tune"] + ([args.suite] if args.suite else []) + ["--search", str(args.search)]
+    if args.quick:
+        argv.append("--quick")
+    for flag, value in (("--num-samples", args.num_samples), ("--prior", args.prior),
+                        ("--out", args.out), ("--settings-out", args.settings_out)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.ray is not None:
+        argv += ["--ray", args.ray, "--ray-retries", str(args.ray_retries),
+                 "--ray-threads", str(args.ray_threads)]
+    device = getattr(args, "device_requested", args.device)
+    if device not in (None, "auto"):
+        argv += ["--device", str(device)]
+    if args.seed:
+        argv += ["--seed", str(args.seed)]
+    if args.quiet:
+        argv.append("--no-progress")
+    return _call_entry(["benchmarks.runner"], ["main"], argv, "the benchmark runner",
+                       f" (looked in {root / 'benchmarks'})")
+
+
 # ---------------------------------------------------------------------- entry point
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``ctflow`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit
@@ -757,7 +877,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not hasattr(args, key):
             setattr(args, key, default)
     try:
-        if args.command not in ("train", "bench", "info"):
+        args.device_requested = args.device
+        # On Ray the tasks pick their device on their own node (which may have GPUs that
+        # this machine lacks); every other command checks the device here.
+        if args.command not in ("train", "bench", "info", "tune") and \
+                getattr(args, "ray", None) is None:
             from .info import resolve_device
             args.device = str(resolve_device(args.device))
         _seed_everything(args.seed)

@@ -49,9 +49,10 @@ DEMO_PROBLEM: Dict[str, Any] = {
 #: init cgls 35.3 dB > K=4, M=2, init cgls 35.0 > K=4, M=2, init fbp 33.8 dB).
 DEMO_SETTINGS: Dict[str, Dict[str, Any]] = {
     "fbp": {"filter": "ramp"},
-    "tv": {"weight": 0.1, "iterations": 300},
-    "dflow": {"N": 8, "iterations": 1, "max_iter": 5, "init": "fbp"},
-    "msflow": {"K": 8, "M": 1, "sweeps": 10, "init": "cgls"},
+    "tv": {"weight": 0.07, "iterations": 300},
+    "dflow": {"N": 8, "iterations": 2, "max_iter": 5, "init": "fbp"},
+    "msflow": {"K": 8, "M": 1, "sweeps": 3, "init": "cgls", "alpha": 0.0,
+               "trajectory": "interpolate", "nodes": "power", "node_power": 2.0, "draws": 8},
 }
 
 #: ``--quick``: overrides that cut the iterations (a smoke test, not representative numbers).

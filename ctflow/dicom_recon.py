@@ -31,11 +31,17 @@ Per slice :math:`k` (HU image :math:`h_k` of the original matrix size):
 Outputs in ``out_dir``: the derived slices, ``summary.json`` (settings, per-slice metrics of
 every slice in the folder -- slices of earlier runs outside this run's range are kept --, their
 means, versions, timing; rewritten atomically after every slice, ``"status": "complete"`` at
-the end) and ``montage.png`` (input vs reconstruction of the slices in the range). With
+the end) and ``montage.png`` (input vs reconstruction of the slices in the range, at most
+:data:`MONTAGE_MAX` of them, evenly spaced). With
 ``resume=True`` slices whose output file exists and is a valid DICOM of the derived series are
 skipped (their metrics are taken from the previous ``summary.json``); inputs are never
 modified, ``out_dir`` may not be ``in_dir`` (or inside it), and existing outputs are never
 overwritten.
+
+``ray=...`` (``ctflow reconstruct-dicom --ray [ADDRESS]``) solves the slices as Ray tasks
+(:mod:`ctflow.distributed.slices`): every task runs :func:`solve_slice` -- steps 4-7, the same
+function as in-process -- and returns the result; this process writes each slice as it
+arrives, so the outputs, the summary and ``--resume`` are the same as in-process.
 
 Also here, because the demo and ``ctflow reconstruct`` share them: :func:`make_ct_operator`,
 :func:`simulate_measurement`, :func:`resolve_prior`, :func:`to_working_size` and
@@ -61,11 +67,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["reconstruct_dicom", "make_ct_operator", "simulate_measurement", "resolve_prior",
-           "run_solver", "infer_size", "load_sinograms", "read_h5_array",
+__all__ = ["reconstruct_dicom", "solve_slice", "make_ct_operator", "simulate_measurement",
+           "resolve_prior", "run_solver", "infer_size", "load_sinograms", "read_h5_array",
            "write_montage", "to_working_size", "from_working_size", "slice_seed",
            "relative_sigma", "atomic_write_bytes", "atomic_write_json", "versions",
-           "DEFAULT_HU_WINDOW", "FAN_DISTANCES", "DEFAULT_SIZE", "CLASSICAL"]
+           "DEFAULT_HU_WINDOW", "FAN_DISTANCES", "DEFAULT_SIZE", "CLASSICAL", "MONTAGE_MAX"]
 
 #: HU window used when no prior is given (``prior=None``): the full 12-bit CT range.
 DEFAULT_HU_WINDOW = (-1024.0, 3071.0)
@@ -76,6 +82,8 @@ DEFAULT_SIZE = 64
 #: (magnification 1.5, a full fan angle of about 41 degrees over the image's circumscribed
 #: circle; a clinical scanner's ratios are similar).
 FAN_DISTANCES = {"source_origin": 4.0, "origin_detector": 2.0}
+#: Most slices drawn in ``montage.png`` (a longer range shows this many, evenly spaced).
+MONTAGE_MAX = 16
 #: Methods of ``ctflow.reconstruct`` that ignore the prior.
 CLASSICAL = ("fbp", "tv", "cgls", "landweber")
 
@@ -546,6 +554,51 @@ def write_montage(path: PathLike, items: Sequence[Dict[str, Any]], *, title: str
     atomic_write_bytes(path, buf.getvalue())
 
 
+# ---------------------------------------------------------------------- one slice
+def solve_slice(x: torch.Tensor, *, operator, prior, method: str, noise_level: float,
+                seed: int, key: str, hu_shape: Tuple[int, int],
+                window: Tuple[float, float], device: Any = None,
+                measured: Optional[np.ndarray] = None, **options) -> Dict[str, Any]:
+    r"""Steps 4-7 of the module docstring for one prepared slice; no file is touched.
+
+    ``x`` is the ``(n, n)`` working-size image in [0, 1]; ``key`` (the SOPInstanceUID) seeds
+    the noise draw and the solver with :func:`slice_seed` ``(seed, key)``; ``measured`` (a
+    ``(views, detectors)`` sinogram) replaces the simulation. The same call runs in this
+    process and inside a Ray task, so both give the same reconstruction.
+
+    Returns ``recon`` (``(n, n)`` float32 array in [0, 1]), ``hu`` (float32 HU at
+    ``hu_shape``: :math:`l + \mathrm{up}(\hat x)(u - l)`), ``psnr``, ``ssim`` (against ``x``),
+    ``seconds`` (the solve), ``nfe``, ``peak_memory_bytes``, ``noise_sigma`` and
+    ``noise_seed`` (``None`` for a measured sinogram).
+    """
+    from .metrics import psnr as _psnr, ssim as _ssim
+
+    n = int(x.shape[-1])
+    s_seed = slice_seed(seed, key)
+    dev = torch.device(device) if device is not None else x.device
+    xb = x.to(dev).reshape(1, 1, n, n)
+    if measured is None:
+        gen = torch.Generator().manual_seed(s_seed)
+        y, sigma = simulate_measurement(operator, xb, noise_level, generator=gen)
+    else:
+        meas = np.asarray(measured, dtype=np.float32)
+        y = torch.from_numpy(meas).to(dev).reshape(1, 1, *meas.shape[-2:])
+        sigma = relative_sigma(y, noise_level)
+    torch.manual_seed(s_seed)
+    t0 = time.perf_counter()
+    res = run_solver(y, operator, prior, method=method, noise_level=float(sigma[0]),
+                     seed=s_seed, **options)
+    seconds = time.perf_counter() - t0
+    rec_img = res.image.detach().to("cpu", torch.float32).reshape(n, n).clamp(0, 1)
+    ref = x.detach().to("cpu", torch.float32).reshape(n, n)
+    up = from_working_size(rec_img, hu_shape)
+    hu_out = (window[0] + up * (window[1] - window[0])).numpy().astype(np.float32)
+    return {"recon": rec_img.numpy(), "hu": hu_out, "psnr": float(_psnr(rec_img, ref)),
+            "ssim": float(_ssim(rec_img, ref)), "seconds": seconds, "nfe": dict(res.nfe),
+            "peak_memory_bytes": res.peak_memory_bytes, "noise_sigma": float(sigma[0]),
+            "noise_seed": s_seed if measured is None else None}
+
+
 # ---------------------------------------------------------------------- the script
 @contextlib.contextmanager
 def _locked_out_dir(out_dir: Path):
@@ -579,7 +632,7 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
                       resume: bool = False, seed: int = 0, progress: bool = True,
                       sinogram: Optional[PathLike] = None, backend: str = "torch",
                       hu_window: Optional[Tuple[float, float]] = None,
-                      verbose: bool = False, **options) -> Dict[str, Any]:
+                      verbose: bool = False, ray: Any = None, **options) -> Dict[str, Any]:
     """Reconstruct the CT series in ``in_dir`` slice by slice into a derived series in
     ``out_dir`` (see the module docstring for the exact steps and the outputs).
 
@@ -608,6 +661,15 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
         backend: CT backend of ``RayTransform``.
         hu_window: override the prior's HU window.
         verbose: print a line per run (where the outputs went).
+        ray: ``None`` (default: every slice in this process) or the slices as Ray tasks: an
+            address (``"local"`` starts a private loopback-only instance, ``"auto"``,
+            ``"HOST:PORT"``, ``"ray://HOST:PORT"``), ``True`` (``"local"``) or a
+            :class:`ctflow.distributed.RayOptions` (retries, threads per task, GPUs per task).
+            Each task solves one slice (a GPU each when the cluster has GPUs and ``device`` is
+            not ``"cpu"``); this process writes every finished slice (atomically, keyed by
+            its SOPInstanceUID) and the summary, so retried tasks never duplicate or lose a
+            slice and ``resume`` works the same. Results equal the in-process ones (same
+            seeds; the tasks run with one torch thread by default). Needs ``ctflow[ray]``.
         **options: solver options passed to ``ctflow.reconstruct``.
 
     Returns:
@@ -631,6 +693,14 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
     if prior is None and method not in CLASSICAL:
         raise ValueError(f"method {method!r} needs a prior (prior=None is only for "
                          f"{', '.join(CLASSICAL)})")
+    ray_opts = None
+    if ray is not None and ray is not False:
+        from .distributed.cluster import as_ray_options, check_installed
+
+        ray_opts = as_ray_options(ray)
+        check_installed()
+    # Ray tasks resolve the device on their worker ("auto": the task's GPU where it has one).
+    ray_device = "auto" if device is None else str(device)
     dev = resolve_device(device)
     data = _data_api()
     write_slice, derived_series_uid, derived_file_name = _writer_api(data)
@@ -733,16 +803,19 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
             "status": "running", "settings": settings, "versions": versions(),
             "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "derived_series_uid": derived_uid, "slices": [],
+            "executor": ("in-process" if ray_opts is None else
+                         {"ray": ray_opts.label, "max_retries": ray_opts.max_retries,
+                          "threads_per_task": ray_opts.threads, "task_device": ray_device}),
         }
 
-        iterator = indices
         bar = None
         if progress:
             from tqdm.auto import tqdm
-            bar = tqdm(indices, desc=f"reconstruct-dicom ({method})", unit="slice")
-            iterator = bar
+            bar = tqdm(total=len(indices), desc=f"reconstruct-dicom ({method})", unit="slice")
         try:
-            for pos, k in enumerate(iterator):
+            # 1) Outputs of earlier runs (resume): keep the valid ones, set invalid ones aside.
+            pending: List[Dict[str, Any]] = []
+            for pos, k in enumerate(indices):
                 meta = vol.slices[k]
                 sop = meta.sop_instance_uid
                 hu = np.asarray(data.clip_hu(vol.hu[k], -1024.0, 3071.0), dtype=np.float32)
@@ -764,48 +837,66 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
                                               "recon": recon_small.numpy(), "psnr": rec.get("psnr"),
                                               "ssim": rec.get("ssim")})
                         skipped += 1
+                        if bar is not None:
+                            bar.update(1)
                         continue
                     # An invalid leftover (not ours, or damaged): keep it aside, never delete it.
                     aside = target.with_name(target.name + f".invalid-{int(time.time())}")
                     os.replace(target, aside)
-
-                # Measurement.
-                s_seed = slice_seed(seed, sop or f"slice-{k}")
-                xb = x.to(dev).reshape(1, 1, n, n)
-                if measured is None:
-                    gen = torch.Generator().manual_seed(s_seed)
-                    y, sigma = simulate_measurement(A, xb, noise_level, generator=gen)
-                else:
+                y_meas = None
+                if measured is not None:
                     j = k if measured.shape[0] == nz else pos
-                    y = torch.from_numpy(measured[j]).to(dev).reshape(1, 1, *measured.shape[1:])
-                    sigma = relative_sigma(y, noise_level)
-                torch.manual_seed(s_seed)
-                t0 = time.perf_counter()
-                res = run_solver(y, A, prior_obj, method=method, noise_level=float(sigma[0]),
-                                 seed=s_seed, **options)
-                seconds = time.perf_counter() - t0
-                rec_img = res.image.detach().to("cpu", torch.float32).reshape(n, n).clamp(0, 1)
-                p = _psnr(rec_img, x)
-                s = _ssim(rec_img, x)
+                    y_meas = measured[j]
+                pending.append({"index": k, "key": sop or f"slice-{k}", "x": x,
+                                "hu_shape": tuple(int(v) for v in hu.shape),
+                                "measured": y_meas})
 
-                # Back to HU at the original matrix size, then write (atomically, by the writer).
-                up = from_working_size(rec_img, hu.shape)
-                hu_out = (window[0] + up * (window[1] - window[0])).numpy().astype(np.float32)
-                written = Path(write_slice(hu_out, vol, k, out_dir, description=description,
+            # 2) Solve the pending slices (here or as Ray tasks); write each as it finishes.
+            def finish(job: Dict[str, Any], out: Dict[str, Any]) -> None:
+                nonlocal done
+                k = job["index"]
+                meta = vol.slices[k]
+                target = out_dir / derived_file_name(meta.sop_instance_uid)
+                if target.exists():     # a slice is written once, whatever happened upstream
+                    raise FileExistsError(f"output file appeared during the run: {target}")
+                written = Path(write_slice(out["hu"], vol, k, out_dir, description=description,
                                            series_uid=derived_uid))
-                rec = {"index": k, "sop_instance_uid": sop, "source_file": meta.path,
-                       "output_file": written.name, "psnr": _finite_or_none(p),
-                       "ssim": float(s), "seconds": seconds, "nfe": dict(res.nfe),
-                       "peak_memory_bytes": res.peak_memory_bytes, "noise_sigma": float(sigma[0]),
-                       "noise_seed": s_seed if measured is None else None, "resumed": False}
+                rec = {"index": k, "sop_instance_uid": meta.sop_instance_uid,
+                       "source_file": meta.path, "output_file": written.name,
+                       "psnr": _finite_or_none(out["psnr"]), "ssim": float(out["ssim"]),
+                       "seconds": out["seconds"], "nfe": dict(out["nfe"]),
+                       "peak_memory_bytes": out["peak_memory_bytes"],
+                       "noise_sigma": out["noise_sigma"], "noise_seed": out["noise_seed"],
+                       "resumed": False}
                 records.append(rec)
-                montage_items.append({"index": k, "input": x.numpy(), "recon": rec_img.numpy(),
+                montage_items.append({"index": k, "input": job["x"].numpy(),
+                                      "recon": np.asarray(out["recon"]),
                                       "psnr": rec["psnr"], "ssim": rec["ssim"]})
                 done += 1
                 if bar is not None:
-                    bar.set_postfix(psnr=f"{p:.2f}", ssim=f"{s:.3f}")
+                    bar.update(1)
+                    bar.set_postfix(psnr=f"{out['psnr']:.2f}", ssim=f"{out['ssim']:.3f}")
                 _fill_summary(summary, others, records, done, skipped, t_start)
                 atomic_write_json(summary_path, summary)
+
+            if ray_opts is None:
+                for job in pending:
+                    finish(job, solve_slice(job["x"], operator=A, prior=prior_obj,
+                                            method=method, noise_level=noise_level, seed=seed,
+                                            key=job["key"], hu_shape=job["hu_shape"],
+                                            window=window, device=dev,
+                                            measured=job["measured"], **options))
+            elif pending:
+                from .distributed.slices import solve_slices_on_ray
+
+                spec = {"method": method, "noise_level": float(noise_level), "seed": int(seed),
+                        "size": n, "views": int(views), "geometry": geometry,
+                        "backend": backend, "device": ray_device, "window": list(window),
+                        "options": dict(options)}
+                prior_spec = prior if isinstance(prior, (str, os.PathLike)) else prior_obj
+                by_key = {job["key"]: job for job in pending}
+                for key, out in solve_slices_on_ray(pending, spec, prior_spec, ray_opts):
+                    finish(by_key[key], out)
         finally:
             if bar is not None:
                 bar.close()
@@ -814,8 +905,15 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
         _fill_summary(summary, others, records, done, skipped, t_start)
         summary["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         summary["montage"] = "montage.png"
-        write_montage(out_dir / "montage.png", montage_items,
-                      title=f"{settings['series_description']}  (input | reconstruction)")
+        montage_items.sort(key=lambda it: it["index"])
+        shown = montage_items
+        title = f"{settings['series_description']}  (input | reconstruction)"
+        if len(montage_items) > MONTAGE_MAX:      # a long series: evenly spaced slices
+            picks = sorted({int(round(v)) for v in
+                            np.linspace(0, len(montage_items) - 1, MONTAGE_MAX)})
+            shown = [montage_items[i] for i in picks]
+            title += f"  {len(shown)} of {len(montage_items)} slices"
+        write_montage(out_dir / "montage.png", shown, title=title)
         atomic_write_json(summary_path, summary)
         if verbose:
             print(f"wrote {done} slice(s) to {out_dir} (summary.json, montage.png)",

@@ -417,7 +417,50 @@ def test_gaussian_prior_unit_normalisation_and_callable_interface():
     (dict(method="rk4"), "method"), (dict(alpha=1.5), "alpha"), (dict(init="magic"), "init"),
     (dict(relaxation=0.0), "relaxation"), (dict(rho_min=10.0, rho_max=1.0), "rho_min"),
     (dict(unknown_option=1), "unknown_option"), (dict(progress="yes"), "progress"),
+    (dict(nodes="cosine"), "nodes"), (dict(K=2, nodes=[0.0, 1.0]), "nodes"),
+    (dict(K=2, nodes=[0.0, 0.7, 0.5]), "nodes"), (dict(node_power=0.0), "node_power"),
+    (dict(draws=0), "draws"),
 ])
 def test_invalid_options_raise_value_error(bad, match):
     with pytest.raises(ValueError, match=match):
         MSFlow(**bad)
+
+
+def test_node_grids_and_nonuniform_segments_follow_the_same_ode():
+    from ctflow.solvers.msflow import node_grid
+    assert node_grid("uniform", 4) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert node_grid("power", 4, power=2.0) == pytest.approx([0, 0.4375, 0.75, 0.9375, 1.0])
+    assert node_grid([0, 0.5, 0.9, 1.0], 3) == [0.0, 0.5, 0.9, 1.0]
+    # Gaussian prior: the rolled-out trajectory ends at the ODE's flow map whatever the grid
+    # (M large: Euler error O(1/M)); with alpha = 1 and init = the truth that is a round trip
+    A, _, prior, x = make_problem("mask", seed=11)
+    y = A(x)
+    ends = {}
+    for nodes in ("uniform", "power", [0.0, 0.3, 0.8, 0.95, 1.0]):
+        res = MSFlow(K=4, M=200, sweeps=0, alpha=1.0, init=x, nodes=nodes,
+                     node_power=3.0).solve(A, y, prior, 0.01)
+        ends[str(nodes)] = res.image
+        assert float((res.image - x).abs().max()) < 2e-2
+    a, b, c = ends.values()
+    assert float((a - b).abs().max()) < 1e-2 and float((a - c).abs().max()) < 1e-2
+
+
+def test_draws_average_independent_trajectories():
+    n = 8
+    prior = make_prior(n, seed=12)
+    A = Mask((torch.rand(1, n, n, generator=torch.Generator().manual_seed(3)) > 0.5).to(DT))
+    y = A(torch.rand(1, 1, n, n, generator=torch.Generator().manual_seed(4), dtype=DT))
+    opts = dict(K=3, M=1, rho=5.0, sweeps=2, alpha=0.0, init="zeros",
+                trajectory="interpolate", nodes="power")
+    res = MSFlow(**opts, draws=4).solve(A, y, prior, 0.05)
+    # the same four trajectories as a batch of four copies of y (same noise draws)
+    each = MSFlow(**opts).solve(A, y.expand(4, -1, -1, -1), prior, 0.05).image
+    assert res.image.shape == (1, 1, n, n) and res.uncertainty.shape == (1, 1, n, n)
+    assert torch.allclose(res.image, each.mean(0, keepdim=True), atol=1e-12)
+    assert torch.allclose(res.uncertainty, each.std(0, keepdim=True), atol=1e-12)
+    assert float(res.uncertainty.max()) > 0
+    # with no noise in the initialisation (alpha = 1) every draw is the same trajectory
+    det = MSFlow(K=3, M=1, rho=5.0, sweeps=2, alpha=1.0, draws=3).solve(A, y, prior, 0.05)
+    one = MSFlow(K=3, M=1, rho=5.0, sweeps=2, alpha=1.0).solve(A, y, prior, 0.05)
+    assert torch.allclose(det.image, one.image, atol=1e-12)
+    assert float(det.uncertainty.abs().max()) < 1e-12 and one.uncertainty is None

@@ -39,18 +39,20 @@ def cases(ctx) -> List[Case]:
     steps = QUICK_STEPS if ctx.quick else STEPS
     images = image_ids("test", QUICK_IMAGES if ctx.quick else N_TEST_IMAGES)
     out: List[Case] = []
-    for v in views:
-        problem = ct_problem(v, NOISE_LEVEL)
+    problems = {v: ct_problem(v, NOISE_LEVEL) for v in views}
+    for v in views:                       # the baselines first (cheap), both view counts
         for method in BASELINES:
             opts = method_options(method, cfg[method], quick=ctx.quick)
             for img in images:
-                out.append(Case(SUITE, method, opts, problem, img, ctx.seed, ctx.prior_name,
+                out.append(Case(SUITE, method, opts, problems[v], img, ctx.seed,
+                                ctx.prior_name,
                                 labels={"views": v, "variant": VARIANTS[method], "N": None}))
-        for n in steps:
+    for n in steps:                       # then the flow methods by growing N
+        for v in views:
             for method in FLOW_METHODS:
                 opts = method_options(method, cfg[method], quick=ctx.quick, steps=n)
                 for img in images:
-                    out.append(Case(SUITE, method, opts, problem, img, ctx.seed,
+                    out.append(Case(SUITE, method, opts, problems[v], img, ctx.seed,
                                     ctx.prior_name,
                                     labels={"views": v, "variant": VARIANTS[method], "N": n},
                                     trace=(method == "msflow")))

@@ -63,6 +63,11 @@ METHODS: Dict[str, Tuple[str, str, bool]] = {
 }
 
 
+#: Methods that accept latent priors (:mod:`ctflow.priors.latent`): their states live in the
+#: latent space and the data term goes through the decoder (:mod:`ctflow.solvers.latent`).
+LATENT_METHODS = ("msflow", "dflow")
+
+
 def _check_method(method: Any) -> str:
     if not isinstance(method, str) or method.lower() not in METHODS:
         raise ValueError(f"reconstruct: method must be one of {', '.join(map(repr, METHODS))}, "
@@ -131,7 +136,7 @@ def reconstruct(y: torch.Tensor, operator, prior=None, method: str = "msflow",
         raise ValueError(f"{own}: this method needs a prior (a FlowPrior or a bundled prior "
                          f"name); only 'fbp', 'tv' and 'cgls' run without one")
     if prior is not None and needs_prior:
-        check_prior(prior, operator, owner=own)
+        check_prior(prior, operator, owner=own, allow_latent=method in LATENT_METHODS)
     channels = getattr(prior, "channels", None) if prior is not None else None
     meas = prepare_measurement(operator, y, owner=own, channels=channels)
     cls = solver_class(method)

@@ -40,6 +40,7 @@ __all__ = [
     "ModelSpaceProblem", "radial_prior", "radial_prox", "per_item_norm", "per_item_sq",
     "conjugate_gradient", "data_step", "initial_image", "fbp_initialiser", "blend_init",
     "SolverVelocity", "make_generator", "progress_bar", "INIT_CHOICES", "merge_flow_options",
+    "make_problem",
 ]
 
 #: Named initial images (``init`` may also be a tensor or a callable ``y -> image``).
@@ -176,8 +177,15 @@ def prepare_measurement(operator, y: Any, *, owner: str, channels: Optional[int]
     return Measurement(yb, added)
 
 
-def check_prior(prior, operator, *, owner: str) -> None:
-    """The prior's image shape ``(C, S, S)`` must match ``operator.domain_shape``."""
+def check_prior(prior, operator, *, owner: str, allow_latent: bool = False) -> None:
+    """The prior's image shape ``(C, S, S)`` must match ``operator.domain_shape``.
+
+    Latent priors (``prior.is_latent``, :mod:`ctflow.priors.latent`) are refused unless the
+    solver supports them (``allow_latent``: MS-Flow and D-Flow)."""
+    if getattr(prior, "is_latent", False) and not allow_latent:
+        raise ValueError(f"{owner}: prior {getattr(prior, 'name', '')!r} is a latent prior "
+                         f"(velocity in a latent space, images through a decoder); only the "
+                         f"'msflow' and 'dflow' methods support latent priors")
     for attr in ("velocity", "image_size", "channels", "to_model", "from_model"):
         if not hasattr(prior, attr):
             raise ValueError(f"{owner}: prior must be a FlowPrior (velocity, image_size, "
@@ -327,6 +335,16 @@ def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.T
     return x
 
 
+def make_problem(operator, y: torch.Tensor, prior, sigma: float):
+    """The data term the flow solvers use: :class:`ModelSpaceProblem` for image-space priors,
+    :class:`ctflow.solvers.latent.LatentDataProblem` (data seen through the decoder) for
+    latent priors."""
+    if getattr(prior, "is_latent", False):
+        from .latent import LatentDataProblem
+        return LatentDataProblem(operator, y, prior, sigma)
+    return ModelSpaceProblem(operator, y, prior.scale, prior.shift, sigma)
+
+
 def data_step(problem: ModelSpaceProblem, p: torch.Tensor, rho: float, x0: torch.Tensor, *,
               cg_iterations: int = 10, cg_tol: float = 1e-6) -> Tuple[torch.Tensor, str]:
     r"""The exact minimiser (or ``cg_iterations`` warm-started CG steps) of
@@ -336,7 +354,14 @@ def data_step(problem: ModelSpaceProblem, p: torch.Tensor, rho: float, x0: torch
 
     Uses ``operator.solve_shifted_normal`` when it returns a closed form (masks, identity,
     circular blur), else CG started at ``x0``. Returns ``(s, "closed-form" | "cg")``.
+
+    A problem with its own ``solve_data_step`` (latent priors,
+    :class:`ctflow.solvers.latent.LatentDataProblem`: ``cg_iterations`` gradient steps through
+    the decoder) solves the block itself.
     """
+    own_solver = getattr(problem, "solve_data_step", None)
+    if own_solver is not None:
+        return own_solver(p, rho, x0, iterations=cg_iterations, tol=cg_tol)
     shift = float(rho) * problem.sigma ** 2
     b = problem.normal_rhs() + shift * p
     if shift > 0:
@@ -498,9 +523,13 @@ def blend_init(velocity: Callable, prior, x_init: torch.Tensor, *, alpha: float,
 
     where :math:`\Psi^{-1}` integrates the ODE backward from :math:`t=1` to :math:`t=0` with
     ``steps`` steps of ``method`` (no gradients), starting at ``prior.to_model(x_init)``.
-    ``alpha = 0`` is pure noise (and skips the backward ODE).
+    ``alpha = 0`` is pure noise (and skips the backward ODE). For a latent prior the states
+    are latents (``prior.latent_shape``) and ``prior.to_model`` is its encoder.
     """
-    eps = torch.randn(x_init.shape, generator=generator, dtype=x_init.dtype).to(x_init.device)
+    shape = tuple(x_init.shape)
+    if getattr(prior, "is_latent", False):
+        shape = (x_init.shape[0], *prior.latent_shape)
+    eps = torch.randn(shape, generator=generator, dtype=x_init.dtype).to(x_init.device)
     if alpha <= 0:
         return eps
     with torch.no_grad():

@@ -31,7 +31,7 @@ from ..flow.integrate import integrate
 from .common import (ModelSpaceProblem, SolverVelocity, blend_init, check_choice, check_int,
                      check_noise_level, check_positive, check_prior, merge_flow_options,
                      check_probability, initial_image, make_generator, prepare_measurement,
-                     progress_bar, radial_prior)
+                     progress_bar, radial_prior, make_problem)
 from .result import Reconstruction, SolveMeter
 
 __all__ = ["DFlow"]
@@ -102,14 +102,14 @@ class DFlow:
         own = "DFlow"
         o = self.options
         sigma = check_noise_level(noise_level, owner=own)
-        check_prior(prior, operator, owner=own)
+        check_prior(prior, operator, owner=own, allow_latent=True)
         meas = prepare_measurement(operator, y, owner=own, channels=prior.channels)
         yb = meas.y
         with SolveMeter(yb.device) as meter:
             v = SolverVelocity(prior, yb.device)
             with v.evaluation_mode():
                 t_start = time.perf_counter()
-                problem = ModelSpaceProblem(operator, yb, prior.scale, prior.shift, sigma)
+                problem = make_problem(operator, yb, prior, sigma)  # latent: via decoder
                 x0, init_label = initial_image(o["init"], operator, yb, owner=own,
                                                cgls_iterations=o["cgls_iters"])
                 s0 = blend_init(v, prior, x0, alpha=o["alpha"], steps=o["N"],

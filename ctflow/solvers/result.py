@@ -40,6 +40,9 @@ class Reconstruction:
         peak_memory_bytes: peak memory of the solve (see the module docstring), or ``None``.
         method: the method name.
         options: the options the solver ran with (after defaults).
+        uncertainty: for solvers that average several independent draws (MS-Flow with
+            ``draws > 1``), the pixel-wise standard deviation of the draws (same shape as
+            ``image``); else ``None``.
     """
 
     image: torch.Tensor
@@ -49,6 +52,7 @@ class Reconstruction:
     peak_memory_bytes: Optional[int] = None
     method: str = ""
     options: Dict[str, Any] = field(default_factory=dict)
+    uncertainty: Optional[torch.Tensor] = None
 
     @property
     def nfe_total(self) -> int:
