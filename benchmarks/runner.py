@@ -34,8 +34,9 @@ Command line (also ``ctflow bench``, which calls :func:`main`)::
     python -m benchmarks tune [<suite>] --search FILE [--ray [ADDRESS]] ...   # Ray Tune search
     python -m benchmarks report [--out DIR]
 
-Suites: ``operators``, ``memory``, ``convergence`` (modules with ``run(quick, out, device)``),
-``ct-sparse``, ``ablation``, ``restoration`` (case suites run here), and ``all``.
+Suites: ``operators``, ``memory``, ``convergence``, ``jacobi`` (modules with
+``run(quick, out, device)``), ``ct-sparse``, ``ablation``, ``restoration`` (case suites run
+here), and ``all``.
 """
 from __future__ import annotations
 
@@ -80,9 +81,11 @@ EXTERNAL_SUITES = {
     "operators": "benchmarks.operators",
     "memory": "benchmarks.memory",
     "convergence": "benchmarks.convergence",
+    "jacobi": "benchmarks.jacobi",
 }
 #: Every suite, in the order ``all`` runs them.
-SUITES = ("operators", "memory", "convergence", "ct-sparse", "ablation", "restoration")
+SUITES = ("operators", "memory", "convergence", "jacobi", "ct-sparse", "ablation",
+          "restoration")
 
 
 # ---------------------------------------------------------------------------------------------

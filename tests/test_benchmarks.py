@@ -372,7 +372,8 @@ def test_killed_cli_run_restarts_without_losing_a_case(tmp_path, micro_prior_pat
 
 # the suites owned by other modules: run through the same entry point when present
 @pytest.mark.parametrize("suite,module", [("operators", "operators"), ("memory", "memory"),
-                                          ("convergence", "convergence")])
+                                          ("convergence", "convergence"),
+                                          ("jacobi", "jacobi")])
 def test_quick_external_suites(tmp_path, suite, module):
     if not (REPO / "benchmarks" / f"{module}.py").exists():
         pytest.skip(f"benchmarks/{module}.py is not present yet")
