@@ -32,12 +32,9 @@ on the first held-out validation slice (with a trained prior) or Shepp–Logan (
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -188,8 +185,9 @@ def summary(results: Dict[str, Dict]) -> Dict:
 
 
 def write_outputs(payload: Dict, out: Path) -> None:
+    from ctflow.atomic_io import atomic_write_bytes, atomic_write_json
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "convergence.json", json.dumps(payload, indent=2, default=float))
+    atomic_write_json(out / "convergence.json", payload, default=float)
     meta, summ = payload["meta"], payload["summary"]
     lines = ["# Trajectory-loss convergence (Figure 3)", "",
              f"device: {meta['device']}; prior: {meta['prior']}; operator: {meta['operator']}; "
@@ -213,7 +211,7 @@ def write_outputs(payload: Dict, out: Path) -> None:
         cells = [f"{hist[n][j]['trajectory_loss']:.3e}" if j < len(hist[n]) else "—"
                  for n in summ]
         lines.append(f"| {j} | " + " | ".join(cells) + " |")
-    _atomic_write(out / "convergence.md", "\n".join(lines) + "\n")
+    atomic_write_bytes(out / "convergence.md", ("\n".join(lines) + "\n").encode("utf-8"))
     _plot(payload, out / "convergence.png")
 
 
@@ -244,18 +242,9 @@ def _plot(payload: Dict, path: Path) -> None:
     m = payload["meta"]
     fig.suptitle(f"MS-Flow convergence (K={m['K']}, M={m['M']}, ρ={m['rho']}, {m['device']})")
     fig.tight_layout()
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as tmp:
-        fig.savefig(tmp.name, dpi=120)
+    from ctflow.atomic_io import atomic_save
+    atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=path.suffix)
     plt.close(fig)
-    os.chmod(tmp.name, 0o644)
-    os.replace(tmp.name, path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as tmp:
-        tmp.write(text)
-    os.chmod(tmp.name, 0o644)
-    os.replace(tmp.name, path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

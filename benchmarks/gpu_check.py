@@ -33,11 +33,8 @@ Exit status: 0 when every contract check passes (or when there is no GPU), 1 oth
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -49,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # allow `python benchmarks/gpu_check.py`
     sys.path.insert(0, str(ROOT))
 
+from ctflow.atomic_io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from ctflow.data import shepp_logan  # noqa: E402
 from ctflow.operators.ct import (FBP, FanBeam2D, ParallelBeam2D, RayTransform,  # noqa: E402
                                  available_backends)
@@ -265,22 +263,6 @@ def _md(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str = "cuda", *,
         repeats: Optional[int] = None) -> dict:
     """Run the GPU check and return the report (``status``, ``backends``, ``contract``,
@@ -332,8 +314,9 @@ def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str
     report = {"status": "ok" if all(r["passed"] for r in contract_rows) else "failed",
               "reason": "", "backends": gpu_infos, "contract": contract_rows,
               "timings": timing_rows, "meta": meta}
-    _atomic_write(out / "gpu_check.json", json.dumps(report, indent=2) + "\n")
-    _atomic_write(out / "gpu_check.md", _md(report))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "gpu_check.json", report, default=None)
+    atomic_write_bytes(out / "gpu_check.md", _md(report).encode("utf-8"))
     return report
 
 

@@ -46,7 +46,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -237,44 +236,50 @@ def _fmt_mib(b) -> str:
     return "—" if b is None else f"{b / 2 ** 20:.1f}"
 
 
+def _solver_table(rows: List[Dict], Ns: List[int], cell) -> List[str]:
+    """A markdown table, one row per solver and one column per N; ``cell(row)`` writes the
+    measured row (``None`` when that configuration has no row)."""
+    lines = ["| solver | " + " | ".join(f"N={N}" for N in Ns) + " |",
+             "|---|" + "---|" * len(Ns)]
+    for s in SOLVERS:
+        cells = [cell(next((r for r in rows if r["solver"] == s and r["N"] == N), None))
+                 for N in Ns]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _memory_cell(r: Optional[Dict]) -> str:
+    if r is None:
+        return "—"
+    if r.get("peak_memory_bytes") is None:
+        return f"({r.get('status', 'n/a').split(':')[0]})"
+    return _fmt_mib(r["peak_memory_bytes"])
+
+
+def _seconds_cell(r: Optional[Dict]) -> str:
+    return "—" if r is None or r.get("seconds") is None else f"{r['seconds']:.1f}"
+
+
 def write_outputs(rows: List[Dict], meta: Dict, out: Path) -> Dict[str, Path]:
+    from ctflow.atomic_io import atomic_write_bytes, atomic_write_json
     out.mkdir(parents=True, exist_ok=True)
     checks = acceptance(rows)
     payload = {"meta": meta, "rows": rows, "acceptance": checks}
     paths = {"json": out / "memory.json", "md": out / "memory.md", "png": out / "memory.png"}
-    _atomic_write(paths["json"], json.dumps(payload, indent=2, default=float))
+    atomic_write_json(paths["json"], payload, default=float)
     Ns = sorted({r["N"] for r in rows})
     lines = [f"# Peak memory against ODE steps (Figure 1)", "",
              f"device: {meta['device']}; prior: {meta['prior']}; operator: {meta['operator']}; "
              f"image {IMAGE_SIZE}×{IMAGE_SIZE}, batch 1, Euler steps, MS-Flow segment length "
              f"M = {meta['segment_steps']}; each configuration in a fresh process; peak memory "
-             f"in MiB above the memory in use at the start of the solve ({meta['measure']}).", "",
-             "| solver | " + " | ".join(f"N={N}" for N in Ns) + " |",
-             "|---|" + "---|" * len(Ns)]
-    for s in SOLVERS:
-        cells = []
-        for N in Ns:
-            r = next((r for r in rows if r["solver"] == s and r["N"] == N), None)
-            if r is None:
-                cells.append("—")
-            elif r.get("peak_memory_bytes") is None:
-                cells.append(f"({r.get('status', 'n/a').split(':')[0]})")
-            else:
-                cells.append(_fmt_mib(r["peak_memory_bytes"]))
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
-    lines += ["", "Seconds per solve:", "",
-              "| solver | " + " | ".join(f"N={N}" for N in Ns) + " |",
-              "|---|" + "---|" * len(Ns)]
-    for s in SOLVERS:
-        cells = []
-        for N in Ns:
-            r = next((r for r in rows if r["solver"] == s and r["N"] == N), None)
-            cells.append("—" if r is None or r.get("seconds") is None else f"{r['seconds']:.1f}")
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+             f"in MiB above the memory in use at the start of the solve ({meta['measure']}).", ""]
+    lines += _solver_table(rows, Ns, _memory_cell)
+    lines += ["", "Seconds per solve:", ""]
+    lines += _solver_table(rows, Ns, _seconds_cell)
     lines += ["", "Acceptance checks:", ""]
     for k, v in checks.items():
         lines.append(f"- {k}: {v}")
-    _atomic_write(paths["md"], "\n".join(lines) + "\n")
+    atomic_write_bytes(paths["md"], ("\n".join(lines) + "\n").encode("utf-8"))
     _plot(rows, meta, paths["png"])
     return paths
 
@@ -301,18 +306,9 @@ def _plot(rows, meta, path: Path) -> None:
     axes[0].legend()
     fig.suptitle(f"Peak memory vs N ({meta['device']}, {IMAGE_SIZE}×{IMAGE_SIZE}, batch 1)")
     fig.tight_layout()
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as tmp:
-        fig.savefig(tmp.name, dpi=120)
+    from ctflow.atomic_io import atomic_save
+    atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=path.suffix)
     plt.close(fig)
-    os.chmod(tmp.name, 0o644)
-    os.replace(tmp.name, path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as tmp:
-        tmp.write(text)
-    os.chmod(tmp.name, 0o644)
-    os.replace(tmp.name, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -45,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # allow `python benchmarks/operators.py`
     sys.path.insert(0, str(ROOT))
 
+from ctflow.atomic_io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from ctflow.operators.ct import ParallelBeam2D, RayTransform  # noqa: E402
 from ctflow.operators.ct import torch_backend  # noqa: E402
 
@@ -259,17 +259,6 @@ def _md(rows: List[dict], big: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; use the usual file mode
-    os.replace(tmp, path)
-
-
 def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str = "cpu", *,
         threads: int = 1, big: bool = True) -> List[dict]:
     """Run the benchmark, write ``operators.json``/``operators.md`` into ``out`` and return the
@@ -309,10 +298,10 @@ def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str
                 "load_before": load_before, "load_after": _load(), "note": NOTE,
                 "platform": platform.platform(),
                 "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-        _atomic_write(out / "operators.json",
-                      json.dumps({"meta": meta, "rows": rows, "large_case": big_res},
-                                 indent=2) + "\n")
-        _atomic_write(out / "operators.md", _md(rows, big_res, meta))
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "operators.json",
+                          {"meta": meta, "rows": rows, "large_case": big_res}, default=None)
+        atomic_write_bytes(out / "operators.md", _md(rows, big_res, meta).encode("utf-8"))
         return rows
     finally:
         torch.set_num_threads(previous)

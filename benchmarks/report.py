@@ -22,6 +22,8 @@ from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from ctflow.atomic_io import atomic_save, atomic_write_bytes
+
 from .runner import CASE_SUITES, ResultStore
 
 __all__ = ["render", "render_suite", "aggregate", "load_rows", "expand_also", "fmt_mean_std"]
@@ -229,9 +231,7 @@ def _save(fig, path: Path) -> Path:
         except AttributeError:               # log axes have no scalar formatter
             pass
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=path.suffix)
     _plt().close(fig)
     return path
 
@@ -457,9 +457,7 @@ def render_suite(suite: str, rows: Sequence[dict], out: Path, *, stem: Optional[
             "evaluations, forward + backward; peak memory as measured by the solver).\n\n"
             + body + "\n\n## Provenance\n\n" + _provenance(rows) + "\n" + figs)
     md = out / f"{stem}.md"
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(md)
+    atomic_write_bytes(md, text.encode("utf-8"))
     return [md] + written
 
 

@@ -34,7 +34,7 @@ Command line (also ``ctflow bench``, which calls :func:`main`)::
     python -m benchmarks tune [<suite>] --search FILE [--ray [ADDRESS]] ...   # Ray Tune search
     python -m benchmarks report [--out DIR]
 
-Suites: ``operators``, ``memory``, ``convergence``, ``jacobi`` (modules with
+Suites: ``operators``, ``memory``, ``convergence``, ``jacobi``, ``latent`` (modules with
 ``run(quick, out, device)``), ``ct-sparse``, ``ablation``, ``restoration`` (case suites run
 here), and ``all``.
 """
@@ -82,10 +82,11 @@ EXTERNAL_SUITES = {
     "memory": "benchmarks.memory",
     "convergence": "benchmarks.convergence",
     "jacobi": "benchmarks.jacobi",
+    "latent": "benchmarks.suites.latent",
 }
 #: Every suite, in the order ``all`` runs them.
 SUITES = ("operators", "memory", "convergence", "jacobi", "ct-sparse", "ablation",
-          "restoration")
+          "restoration", "latent")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,11 +419,15 @@ def case_from_dict(d: Dict[str, Any]) -> Case:
                 d.get("prior", ""), labels=d.get("labels", {}), trace=d.get("trace", False))
 
 
-#: Per Ray worker process: the suite contexts of the runs it serves (prior loaded once).
+#: Per Ray worker process: the suite contexts of the runs and searches it serves (each
+#: prior loaded once), by token; the oldest goes beyond four.
 _TASK_CONTEXTS: Dict[str, Any] = {}
 
 
-def _task_context(spec: Dict[str, Any]):
+def task_context(spec: Dict[str, Any]):
+    """Inside a Ray task (a case or a tuning trial): the ``SuiteContext`` of ``spec``
+    (``token``, ``suite``, ``quick``, ``device``, ``seed``, ``prior``), made once per worker
+    process and token; ``device="auto"`` is resolved on the worker's own node."""
     token = spec["token"]
     if token not in _TASK_CONTEXTS:
         from .suites.common import SuiteContext
@@ -442,7 +447,7 @@ def execute_case_task(spec: Dict[str, Any], case: Dict[str, Any]) -> dict:
     """Inside a Ray task: execute one case with the (cached) suite context of ``spec``
     (``token``, ``suite``, ``quick``, ``device``, ``seed``, ``prior``) -- the same
     ``SuiteContext.execute`` as in-process, hence the same numbers."""
-    return _task_context(spec).execute(case_from_dict(case))
+    return task_context(spec).execute(case_from_dict(case))
 
 
 def ray_outcomes(spec: Dict[str, Any], options) -> Callable[[Sequence[Case]], Iterator[Outcome]]:
@@ -470,19 +475,26 @@ def ray_outcomes(spec: Dict[str, Any], options) -> Callable[[Sequence[Case]], It
 
 # ---------------------------------------------------------------------------------------------
 # tuned settings laid over a suite's config
-def load_settings(path) -> Dict[str, Dict[str, Any]]:
-    """Tuned options per method from a settings file: ``tune``'s output ``{method: {"chosen":
-    {...}, ...}}`` or a config-like ``{"methods": {method: {...}}}``. ``FileNotFoundError`` /
-    ``ValueError`` name the file."""
-    path = Path(path)
+def read_json_object(path: Path, what: str) -> Dict[str, Any]:
+    """The JSON object in the file ``path``; ``FileNotFoundError`` ("<what> file not found")
+    or ``ValueError`` naming the file when it is missing, not JSON or not an object."""
     if not path.is_file():
-        raise FileNotFoundError(f"settings file not found: {path}")
+        raise FileNotFoundError(f"{what} file not found: {path}")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def load_settings(path) -> Dict[str, Dict[str, Any]]:
+    """Tuned options per method from a settings file: ``tune``'s output ``{method: {"chosen":
+    {...}, ...}}`` or a config-like ``{"methods": {method: {...}}}``. ``FileNotFoundError`` /
+    ``ValueError`` name the file."""
+    path = Path(path)
+    data = read_json_object(path, "settings")
     if isinstance(data.get("methods"), dict):
         methods = data["methods"]
     else:
@@ -642,6 +654,8 @@ def _check_device(device: str, *, on_ray: bool = False) -> None:
 # ---------------------------------------------------------------------------------------------
 # command line
 def _parser() -> argparse.ArgumentParser:
+    from ctflow.cli import add_ray_arguments
+
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="ctflow benchmark suites (the MS-Flow paper's experiments). Results are "
@@ -673,15 +687,7 @@ def _parser() -> argparse.ArgumentParser:
                         "depends on earlier cases)")
     p.add_argument("--no-report", action="store_true",
                    help="do not render the report after a suite finishes")
-    g = p.add_argument_group("scale-out (optional extra ctflow[ray])")
-    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                   help="run the cases as Ray tasks: without ADDRESS a private local instance "
-                        "(loopback only, every core), 'auto' the cluster of 'ray start' on "
-                        "this machine, HOST:PORT or ray://HOST:PORT a remote one")
-    g.add_argument("--ray-retries", type=int, default=3, metavar="N",
-                   help="re-runs of a task whose worker process died")
-    g.add_argument("--ray-threads", type=int, default=1, metavar="T",
-                   help="torch threads inside each task")
+    g = add_ray_arguments(p, "cases")
     g.add_argument("--settings", default=None, metavar="FILE",
                    help="tuned options (a file written by 'tune') laid over the suite's "
                         "config for this run")

@@ -14,9 +14,10 @@ __version__ = "0.1.0"
 
 from .flow import integrate
 from .metrics import psnr, relative_error, ssim
-from .priors import FlowPrior, gaussian_prior, list_priors, load_prior, save_prior
+from .priors import (FlowPrior, LatentFlowPrior, from_diffusers, gaussian_prior, list_priors,
+                     load_prior, save_prior)
 from .solvers import DFlow, MSFlow, Reconstruction, reconstruct
 
-__all__ = ["__version__", "integrate", "FlowPrior", "gaussian_prior", "load_prior", "list_priors",
-           "save_prior", "reconstruct", "MSFlow", "DFlow", "Reconstruction", "psnr", "ssim",
-           "relative_error"]
+__all__ = ["__version__", "integrate", "FlowPrior", "LatentFlowPrior", "from_diffusers",
+           "gaussian_prior", "load_prior", "list_priors", "save_prior", "reconstruct", "MSFlow",
+           "DFlow", "Reconstruction", "psnr", "ssim", "relative_error"]

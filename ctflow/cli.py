@@ -2,7 +2,7 @@
 
 ::
 
-    ctflow [--device D] [--seed N] [--quiet] [--debug] COMMAND ...
+    ctflow [--device D] [--seed N] [--threads N] [--quiet] [--debug] COMMAND ...
 
     demo               the offline demo (FBP, TV, D-Flow, MS-Flow on a held-out CT slice)
     reconstruct        reconstruct a sinogram or image file (.npy, .h5, DICOM)
@@ -15,7 +15,9 @@
 ``reconstruct-dicom --ray [ADDRESS]`` and ``bench ... --ray [ADDRESS]`` run slices / benchmark
 cases as Ray tasks (optional extra ``ctflow[ray]``; Ray is imported only then).
 
-Global options may be given before or after the command. Errors a user can cause (a missing
+Global options may be given before or after the command. ``--threads N`` sets torch's CPU
+threads (``torch.set_num_threads``) for every command; by default torch chooses (one per
+core), and on a small, busy machine fewer threads are often much faster. Errors a user can cause (a missing
 file, an unreadable DICOM, an unknown method, CUDA requested but absent, a prior that is not
 found) print one line ``ctflow: error: ...`` to stderr and exit with status 2; ``--debug``
 prints the traceback as well. Unexpected failures exit with status 1.
@@ -25,14 +27,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import random
 import sys
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-__all__ = ["main", "build_parser", "CLIError", "parse_slices", "parse_options", "METHODS"]
+__all__ = ["main", "build_parser", "CLIError", "parse_slices", "parse_options", "METHODS",
+           "add_ray_arguments", "set_threads"]
 
 #: Methods ``reconstruct`` accepts (``ctflow.solvers.api`` may know more; it is asked first).
 METHODS = ("msflow", "dflow", "pnpflow", "otode", "fbp", "tv", "cgls")
@@ -144,6 +146,18 @@ def check_method(method: str) -> str:
     return m
 
 
+def set_threads(threads: Optional[int]) -> None:
+    """``torch.set_num_threads(threads)``; ``None`` leaves torch's default (one thread per
+    core). ``CLIError`` for a number below 1."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise CLIError(f"--threads must be an integer >= 1, got {threads!r}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def _seed_everything(seed: int) -> None:
     import numpy as np
     import torch
@@ -175,6 +189,11 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     g.add_argument("--device", default=d("auto"),
                    help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     g.add_argument("--seed", type=int, default=d(0), help="random seed (noise, initialisation)")
+    g.add_argument("--threads", type=int, default=d(None), metavar="N",
+                   help="torch CPU threads (torch.set_num_threads) for every command, "
+                        "passed on to the benchmark runner's worker processes (Ray tasks: "
+                        "--ray-threads); default: torch's choice, one per core. On a small "
+                        "machine shared with other jobs 1 is often much faster")
     g.add_argument("--quiet", "-q", action="store_true", default=d(False),
                    help="no progress bars or informational messages")
     g.add_argument("--debug", action="store_true", default=d(False),
@@ -189,6 +208,7 @@ examples:
   ctflow reconstruct-dicom series/ out/ --views 60 --method msflow --slices 10:20
   ctflow reconstruct-dicom series/ out/ --ray   # slices as Ray tasks (ctflow[ray])
   ctflow --device cpu bench --help              # the benchmark suite (from the repo root)
+  ctflow --threads 1 reconstruct-dicom series/ out/   # one torch thread (busy machines)
   ctflow tune search.json --quick               # Ray Tune search (from the repo root)
   ctflow train --help                           # train a prior
 
@@ -259,7 +279,7 @@ All arguments after 'train' are passed to the trainer (ctflow.flow.train); run
 BENCH_EPILOG = """\
 All arguments after 'bench' are passed to the benchmark runner (the benchmarks/ folder of
 the repository, which is not installed: run from the repository root). Global options given
-before 'bench' (--device, --seed, --quiet) are passed on too. Run 'ctflow bench --help' for
+before 'bench' (--device, --seed, --threads, --quiet) are passed on too. Run 'ctflow bench --help' for
 the suites and their options.
 
 examples:
@@ -363,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sinogram", default=None, metavar="FILE",
                    help="measured sinograms (.npy/.h5, shape (Z, views, detectors)) instead "
                         "of simulating them")
-    _ray_options(p, "slices")
+    add_ray_arguments(p, "slices")
     p.set_defaults(func=cmd_reconstruct_dicom)
 
     # train / bench: pass everything through
@@ -392,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="result folder (default: benchmarks/results, or .../quick)")
     p.add_argument("--settings-out", default=None, metavar="FILE",
                    help="write the best settings here instead of the suite's config")
-    _ray_options(p, "trials")
+    add_ray_arguments(p, "trials")
     p.set_defaults(func=cmd_tune)
 
     # info
@@ -425,7 +445,10 @@ def _solver_options(p: argparse.ArgumentParser) -> None:
                         "e.g. --option sweeps=20")
 
 
-def _ray_options(p: argparse.ArgumentParser, what: str) -> None:
+def add_ray_arguments(p: argparse.ArgumentParser, what: str) -> argparse._ArgumentGroup:
+    """Add the scale-out group (``--ray [ADDRESS]``, ``--ray-retries``, ``--ray-threads``) to
+    ``p``, its help naming ``what`` runs as Ray tasks; returns the group (the benchmark
+    runner adds its own options to it)."""
     g = p.add_argument_group("scale-out (optional extra ctflow[ray])")
     g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help=f"run the {what} as Ray tasks: without ADDRESS on a private local "
@@ -435,6 +458,7 @@ def _ray_options(p: argparse.ArgumentParser, what: str) -> None:
                    help="re-runs of a task whose worker process died")
     g.add_argument("--ray-threads", type=int, default=1, metavar="T",
                    help="torch threads inside each task")
+    return g
 
 
 def _ray_settings(args):
@@ -535,7 +559,7 @@ def _load_reconstruct_input(args, path: Path):
     """→ (kind, float32 array (Z, a, b), hu_source) for ``ctflow reconstruct``."""
     import numpy as np
 
-    from .dicom_recon import read_h5_array
+    from .dicom_recon import read_h5_array, slice_stack
 
     suffix = path.suffix.lower()
     if suffix == ".npy":
@@ -566,16 +590,9 @@ def _load_reconstruct_input(args, path: Path):
     arr = np.asarray(arr)
     if arr.dtype.kind not in "fiu":
         raise CLIError(f"{path}: expected a numeric array, got dtype {arr.dtype}")
-    arr = arr.astype(np.float32)
     if arr.ndim == 4 and arr.shape[1] == 1:
         arr = arr[:, 0]
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim != 3:
-        raise CLIError(f"{path}: expected a 2-D array or a stack (Z, ., .), got shape "
-                       f"{arr.shape}")
-    if not np.isfinite(arr).all():
-        raise CLIError(f"{path}: the input holds NaN or infinite values")
+    arr = slice_stack(arr, path, what="input array", axes="rows, columns")
     kind = args.kind
     if source == "dicom":
         if kind == "sinogram":
@@ -587,18 +604,10 @@ def _load_reconstruct_input(args, path: Path):
 
 
 def _atomic_save(out: Path, writer: Callable[[Path], None]) -> None:
-    """Call ``writer(tmp)`` on a hidden temporary path beside ``out``, then rename."""
-    import tempfile
+    """``writer(tmp)`` on a temporary file with ``out``'s extension, renamed to ``out``."""
+    from .atomic_io import atomic_save
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix, dir=out.parent)
-    os.close(fd)
-    try:
-        writer(Path(tmp))
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_save(out, writer, suffix=out.suffix)
 
 
 def _save_reconstruction(out: Path, recon, *, measurement, truth, attrs: Dict[str, Any]) -> None:
@@ -824,6 +833,8 @@ def cmd_bench(args) -> int:
             rest += ["--device", str(resolve_device(args.device))]
         if args.seed and "--seed" not in rest:
             rest += ["--seed", str(args.seed)]
+        if args.threads is not None and "--threads" not in rest:
+            rest += ["--threads", str(args.threads)]     # its worker processes too
         if args.quiet and "--no-progress" not in rest:
             rest.append("--no-progress")
     return _call_entry(["benchmarks.__main__", "benchmarks.runner", "benchmarks"],
@@ -858,6 +869,8 @@ def cmd_tune(args) -> int:
         argv += ["--device", str(device)]
     if args.seed:
         argv += ["--seed", str(args.seed)]
+    if args.threads is not None:
+        argv += ["--threads", str(args.threads)]
     if args.quiet:
         argv.append("--no-progress")
     return _call_entry(["benchmarks.runner"], ["main"], argv, "the benchmark runner",
@@ -873,7 +886,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USER_ERROR
-    for key, default in (("device", "auto"), ("seed", 0), ("quiet", False), ("debug", False)):
+    for key, default in (("device", "auto"), ("seed", 0), ("threads", None), ("quiet", False),
+                         ("debug", False)):
         if not hasattr(args, key):
             setattr(args, key, default)
     try:
@@ -884,6 +898,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 getattr(args, "ray", None) is None:
             from .info import resolve_device
             args.device = str(resolve_device(args.device))
+        set_threads(args.threads)
         _seed_everything(args.seed)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

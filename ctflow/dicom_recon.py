@@ -58,7 +58,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -67,9 +66,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic_io import atomic_write_bytes, atomic_write_json
+
 __all__ = ["reconstruct_dicom", "solve_slice", "make_ct_operator", "simulate_measurement",
            "resolve_prior", "run_solver", "infer_size", "load_sinograms", "read_h5_array",
-           "write_montage", "to_working_size", "from_working_size", "slice_seed",
+           "slice_stack", "write_montage", "to_working_size", "from_working_size", "slice_seed",
            "relative_sigma", "atomic_write_bytes", "atomic_write_json", "versions",
            "DEFAULT_HU_WINDOW", "FAN_DISTANCES", "DEFAULT_SIZE", "CLASSICAL", "MONTAGE_MAX"]
 
@@ -334,38 +335,6 @@ def from_working_size(x: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
     return up[0, 0, top:top + h, left:left + w].clamp(0.0, 1.0)
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to a hidden temporary file beside ``path``, fsync, then rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: PathLike, obj: Any) -> None:
-    """:func:`atomic_write_bytes` of ``obj`` as indented JSON."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n")
-                       .encode("utf-8"))
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, torch.Tensor):
-        return o.tolist() if o.numel() <= 16 else f"tensor{tuple(o.shape)}"
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
-
-
 def _finite_or_none(v: float) -> Optional[float]:
     return float(v) if v is not None and math.isfinite(float(v)) else None
 
@@ -390,14 +359,23 @@ def load_sinograms(path: PathLike) -> np.ndarray:
         arr = read_h5_array(path, None, preferred=("sinogram", "data", "observation"))
     else:
         raise ValueError(f"{path}: sinogram files must be .npy, .h5 or .hdf5")
+    return slice_stack(arr, path, what="sinogram", axes="views, detectors")
+
+
+def slice_stack(arr: Any, source: Any, *, what: str = "array", axes: str = "H, W"
+                ) -> np.ndarray:
+    """``arr`` as a finite float32 stack of slices ``(Z, *axes)``; a 2-D array is one slice.
+
+    ``ValueError`` naming ``source`` (a path) for any other number of dimensions and for
+    NaN or infinite values; ``what`` and ``axes`` name the array and its two axes there."""
     arr = np.asarray(arr, dtype=np.float32)
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3:
-        raise ValueError(f"{path}: a sinogram must have shape (views, detectors) or "
-                         f"(Z, views, detectors), got {arr.shape}")
+        raise ValueError(f"{source}: expected a 2-D {what} ({axes}) or a stack (Z, {axes}), "
+                         f"got shape {arr.shape}")
     if not np.isfinite(arr).all():
-        raise ValueError(f"{path}: the sinogram holds NaN or infinite values")
+        raise ValueError(f"{source}: the {what} holds NaN or infinite values")
     return arr
 
 

@@ -1,6 +1,6 @@
 """Tests of the baseline solvers: CGLS, Landweber, TV (PDHG), FBP, PnP-Flow, OT-ODE.
 
-Small closed-form problems: a dense random-matrix operator and a pixel mask defined here, the
+Small closed-form problems: a dense random-matrix operator and a pixel mask (helpers.py), the
 exact Gaussian rectified-flow prior, and (when the CT operators exist) a tiny ray transform.
 """
 from __future__ import annotations
@@ -19,45 +19,14 @@ from ctflow.solvers.otode import OTODE
 from ctflow.solvers.pnpflow import PnPFlow
 from ctflow.solvers.result import Reconstruction
 
+from helpers import Dense, Mask
+
 D64 = torch.float64
 
 
 # ------------------------------------------------------------------------------- operators
-class MatrixOperator(LinearOperator):
-    """A fixed dense matrix acting on flattened images: (B, C, *shape) -> (B, C, m)."""
-
-    name = "Matrix"
-
-    def __init__(self, matrix: torch.Tensor, shape):
-        super().__init__(shape, (matrix.shape[0],))
-        self.matrix = matrix
-
-    def _forward(self, x):
-        return x.flatten(2) @ self.matrix.T.to(x)
-
-    def _adjoint(self, y):
-        return (y @ self.matrix.to(y)).reshape(*y.shape[:2], *self.domain_shape)
-
-
-class MaskOperator(LinearOperator):
-    """Pixel mask (inpainting) with the closed-form shifted normal solve."""
-
-    name = "Mask"
-
-    def __init__(self, mask: torch.Tensor):
-        super().__init__(mask.shape, mask.shape)
-        self.mask = mask
-
-    def _forward(self, x):
-        return x * self.mask.to(x)
-
-    def _adjoint(self, y):
-        return y * self.mask.to(y)
-
-    def solve_shifted_normal(self, b, shift):
-        return b / (self.mask.to(b) + shift)
-
-
+# Dense (a matrix on flattened images) and Mask (inpainting, closed-form shifted solve) come
+# from helpers.py.
 class NoClosedForm(LinearOperator):
     """Wraps an operator and hides its closed-form shifted solve (forces CG)."""
 
@@ -102,9 +71,9 @@ def _problem(kind, *, n=8, batch=2, noise=0.01, seed=0):
     g = _gen(seed + 100)
     prior = _prior(n, seed)
     if kind == "dense":
-        op = MatrixOperator(torch.randn(n * n, n * n, generator=g, dtype=D64) / n, (n, n))
+        op = Dense(torch.randn(n * n, n * n, generator=g, dtype=D64) / n, (n, n))
     elif kind == "mask":
-        op = MaskOperator((torch.rand(n, n, generator=g, dtype=D64) < 0.6).to(D64))
+        op = Mask((torch.rand(n, n, generator=g, dtype=D64) < 0.6).to(D64))
     else:
         raise AssertionError(kind)
     x = prior.velocity.sample(batch, generator=g).clamp(0, 1)
@@ -185,7 +154,7 @@ def test_tv_objective_decreases_and_gap_closes():
 def test_tv_without_constraint_and_zero_weight_is_least_squares():
     g = _gen(6)
     mat = torch.randn(128, 64, generator=g, dtype=D64) / 8  # well conditioned (cond ~ 6)
-    op = MatrixOperator(mat, (8, 8))
+    op = Dense(mat, (8, 8))
     y = torch.randn(2, 1, 128, generator=g, dtype=D64)
     xs, hist = pdhg_tv(op, y, weight=0.0, iterations=1000, nonneg=False, box=False)
     x_ls = torch.linalg.lstsq(mat, y[:, 0].T).solution.T.reshape(xs.shape)
@@ -196,7 +165,7 @@ def test_tv_without_constraint_and_zero_weight_is_least_squares():
 def test_cgls_matches_lstsq():
     g = _gen(4)
     mat = torch.randn(40, 20, generator=g, dtype=D64)
-    op = MatrixOperator(mat, (4, 5))
+    op = Dense(mat, (4, 5))
     y = torch.randn(3, 1, 40, generator=g, dtype=D64)
     x, hist = cgls(op, y, iterations=100, tol=1e-14)
     ref = torch.linalg.lstsq(mat, y[:, 0].T).solution.T.reshape(3, 1, 4, 5)
@@ -450,7 +419,8 @@ def test_float32_problem():
     (OTODE, {"x_init": [0.0]}, "x_init"),
 ])
 def test_invalid_options_raise(cls, kw, name):
-    with pytest.raises(ValueError, match=f"'{name}'"):
+    """The message names the solver and the option (the checks of ctflow.solvers.common)."""
+    with pytest.raises(ValueError, match=f"^{cls.__name__}: option {name} "):
         cls(**kw)
 
 

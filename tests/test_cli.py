@@ -2,41 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args, cwd=None, timeout=180):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "ctflow", *map(str, args)], cwd=cwd or REPO,
-                          capture_output=True, text=True, timeout=timeout, env=env)
-
-
-class Result:
-    def __init__(self, returncode, stdout, stderr):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-@pytest.fixture()
-def cli(capsys):
-    """Run ``ctflow.cli.main`` in this process (faster than a subprocess: no new torch import);
-    the subprocess tests below check the real process exit status too."""
-    from ctflow.cli import main
-
-    def run(*args):
-        capsys.readouterr()
-        rc = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return Result(rc, out, err)
-    return run
+from helpers import REPO, cli, run_cli  # noqa: F401 - cli is a fixture
 
 
 def assert_user_error(proc, *words):
@@ -85,7 +56,25 @@ def test_subcommand_help(cmd, capsys):
         main([cmd, "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert "examples:" in out and "--device" in out
+    assert "examples:" in out and "--device" in out and "--threads" in out
+
+
+def test_threads_option_sets_torch_threads_for_the_command(cli):
+    """``--threads N`` (before or after the command) is torch.set_num_threads(N); the
+    default leaves torch's setting; N < 1 is a one-line user error."""
+    before = torch.get_num_threads()
+    try:
+        for args in (("--threads", "3", "info", "--json"), ("info", "--threads", "2", "--json")):
+            proc = cli(*args)
+            assert proc.returncode == 0, proc.stderr
+            assert json.loads(proc.stdout)["torch_threads"] == int(args[args.index("--threads")
+                                                                         + 1])
+        torch.set_num_threads(before)
+        proc = cli("info", "--json")
+        assert json.loads(proc.stdout)["torch_threads"] == before
+        assert_user_error(cli("--threads", "0", "info"), "--threads")
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_info_text_and_json(cli):

@@ -6,25 +6,12 @@ import scipy.optimize
 import torch
 
 from ctflow.flow import GaussianVelocity, integrate
-from ctflow.operators import LinearOperator
 from ctflow.priors import FlowPrior
 from ctflow.solvers.dflow import DFlow
 
+from helpers import Dense
+
 DT = torch.float64
-
-
-class Dense(LinearOperator):
-    name = "Dense"
-
-    def __init__(self, W, n):
-        super().__init__((n, n), (W.shape[0],))
-        self.W, self.n = W, n
-
-    def _forward(self, x):
-        return x.reshape(*x.shape[:2], -1) @ self.W.T.to(x)
-
-    def _adjoint(self, y):
-        return (y @ self.W.to(y)).reshape(*y.shape[:2], self.n, self.n)
 
 
 def problem(*, n=8, m=96, sigma=0.01, seed=0):

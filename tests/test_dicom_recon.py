@@ -14,35 +14,12 @@ import pydicom
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, cli, run_cli  # noqa: F401 - cli is a fixture
+
 CHEST = REPO / "data" / "samples" / "chest-subset"
 
 # Small and fast: FBP at 32 x 32 with 20 views, no prior (window [-1024, 3071] HU).
 FAST = ["--method", "fbp", "--prior", "none", "--size", "32", "--views", "20"]
-
-
-def run_cli(*args, timeout=180):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "ctflow", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, env=env)
-
-
-class Result:
-    def __init__(self, returncode, stdout, stderr):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-@pytest.fixture()
-def cli(capsys):
-    """``ctflow.cli.main`` in this process (the first run below is a real subprocess)."""
-    from ctflow.cli import main
-
-    def run(*args):
-        capsys.readouterr()
-        rc = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return Result(rc, out, err)
-    return run
 
 
 @pytest.fixture()

@@ -9,51 +9,19 @@ import torch
 
 from ctflow.flow import GaussianVelocity, integrate
 from ctflow.flow.integrate import evals_per_step
-from ctflow.operators import LinearOperator
 from ctflow.priors import FlowPrior, gaussian_prior
 from ctflow.solvers.common import (ModelSpaceProblem, conjugate_gradient, data_step,
                                    radial_prior, radial_prox)
 from ctflow.solvers.msflow import MSFlow
 
+from helpers import Dense, Mask
+
 DT = torch.float64
 
 
 # --------------------------------------------------------------------------------------------
-# small test operators and priors
+# small test operators (Mask, Dense: helpers.py) and priors
 # --------------------------------------------------------------------------------------------
-class Mask(LinearOperator):
-    """Pixel mask (inpainting): closed-form shifted normal equations."""
-    name = "Mask"
-
-    def __init__(self, mask):
-        super().__init__(mask.shape[-2:], mask.shape[-2:])
-        self.mask = mask
-
-    def _forward(self, x):
-        return x * self.mask.to(x)
-
-    def _adjoint(self, y):
-        return y * self.mask.to(y)
-
-    def solve_shifted_normal(self, b, shift):
-        return b / (self.mask.to(b) ** 2 + shift)
-
-
-class Dense(LinearOperator):
-    """A dense random matrix on flattened images (no closed form: CG data step)."""
-    name = "Dense"
-
-    def __init__(self, W, n):
-        super().__init__((n, n), (W.shape[0],))
-        self.W, self.n = W, n
-
-    def _forward(self, x):
-        return x.reshape(*x.shape[:2], -1) @ self.W.T.to(x)
-
-    def _adjoint(self, y):
-        return (y @ self.W.to(y)).reshape(*y.shape[:2], self.n, self.n)
-
-
 class DenseSolve(Dense):
     """The same matrix with the shifted normal equations solved exactly (eigendecomposition)."""
 

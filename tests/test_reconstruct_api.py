@@ -4,42 +4,12 @@ import pytest
 import torch
 
 from ctflow.flow import GaussianVelocity
-from ctflow.operators import LinearOperator
 from ctflow.priors import FlowPrior
 from ctflow.solvers import METHODS, DFlow, MSFlow, reconstruct
 
+from helpers import Dense, Mask
+
 DT = torch.float64
-
-
-class Dense(LinearOperator):
-    name = "Dense"
-
-    def __init__(self, W, n):
-        super().__init__((n, n), (W.shape[0],))
-        self.W, self.n = W, n
-
-    def _forward(self, x):
-        return x.reshape(*x.shape[:2], -1) @ self.W.T.to(x)
-
-    def _adjoint(self, y):
-        return (y @ self.W.to(y)).reshape(*y.shape[:2], self.n, self.n)
-
-
-class Mask(LinearOperator):
-    name = "Mask"
-
-    def __init__(self, mask):
-        super().__init__(mask.shape[-2:], mask.shape[-2:])
-        self.mask = mask
-
-    def _forward(self, x):
-        return x * self.mask.to(x)
-
-    def _adjoint(self, y):
-        return y * self.mask.to(y)
-
-    def solve_shifted_normal(self, b, shift):
-        return b / (self.mask.to(b) ** 2 + shift)
 
 
 class Exploding:

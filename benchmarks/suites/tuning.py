@@ -50,8 +50,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from ctflow.atomic_io import atomic_write_json
+
 from ..runner import (REPO_ROOT, Case, ResultStore, RunSummary, _canonical, case_to_dict,
-                      environment, run_cases)
+                      environment, read_json_object, run_cases, task_context)
 from .common import VARIANTS, image_ids, load_config, save_config
 
 __all__ = ["grid_points", "tune_suite", "choose", "load_search", "ray_tune_suite",
@@ -172,9 +174,7 @@ def tune_suite(module, ctx, *, out: Path, after_case: Optional[Callable[[int], N
 def _atomic_json(path: Path, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, obj, default=None)
 
 
 SEARCH_KEYS = ("suite", "method", "metric", "num_samples", "seed", "space", "fixed", "problems",
@@ -187,14 +187,7 @@ def load_search(path) -> Dict[str, Any]:
     from ctflow.distributed.tune import check_space
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"search file not found: {path}")
-    try:
-        spec = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(spec, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+    spec = read_json_object(path, "search")
     unknown = sorted(set(spec) - set(SEARCH_KEYS))
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}; allowed: {', '.join(SEARCH_KEYS)}")
@@ -219,26 +212,6 @@ def load_search(path) -> Dict[str, Any]:
     return spec
 
 
-#: Per Ray worker process: suite contexts of the searches it serves.
-_TRIAL_CONTEXTS: Dict[str, Any] = {}
-
-
-def _trial_context(payload: Dict[str, Any]):
-    token = payload["token"]
-    if token not in _TRIAL_CONTEXTS:
-        from .common import SuiteContext
-        while len(_TRIAL_CONTEXTS) >= 4:
-            _TRIAL_CONTEXTS.pop(next(iter(_TRIAL_CONTEXTS)))
-        device = payload["device"]
-        if device == "auto":
-            import torch
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        _TRIAL_CONTEXTS[token] = SuiteContext(suite=payload["suite"], quick=payload["quick"],
-                                              device=device, seed=payload["seed"],
-                                              prior=payload["prior"], progress=False)
-    return _TRIAL_CONTEXTS[token]
-
-
 def _trial_cases(payload: Dict[str, Any], config: Dict[str, Any]) -> List[Case]:
     opts = dict(payload["base"], **config)
     cases = []
@@ -259,7 +232,7 @@ def evaluate_trial(payload: Dict[str, Any], config: Dict[str, Any]) -> Dict[str,
     solved again."""
     import traceback
 
-    ctx = _trial_context(payload)
+    ctx = task_context(payload)
     rows = []
     for case in _trial_cases(payload, config):
         row = dict(case_to_dict(case), id=case.id)

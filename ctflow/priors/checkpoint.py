@@ -27,11 +27,12 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
 import torch
+
+from ..atomic_io import atomic_write_bytes, atomic_write_json
 
 __all__ = ["PRIOR_FORMAT", "TRAIN_FORMAT", "CheckpointError", "save_prior", "load_prior_file",
            "write_checkpoint", "read_checkpoint", "resolve_checkpoint", "sha256_file",
@@ -120,23 +121,6 @@ def check_safetensors_file(path: PathLike) -> Dict[str, dict]:
     return tensors
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; use the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_checkpoint(tensors: Dict[str, torch.Tensor], meta: dict, stem: PathLike) -> Path:
     """Write ``<stem>.safetensors`` and ``<stem>.json`` atomically (temporary file, then
     rename; weights first, description last, so a description always names complete weights).
@@ -150,12 +134,12 @@ def write_checkpoint(tensors: Dict[str, torch.Tensor], meta: dict, stem: PathLik
     w_path.parent.mkdir(parents=True, exist_ok=True)
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     blob = st_save(clean, metadata={"format": str(meta.get("format", PRIOR_FORMAT))})
-    _atomic_write_bytes(w_path, blob)
+    atomic_write_bytes(w_path, blob)
     meta = dict(meta)
     meta.setdefault("ctflow_version", _version())
     meta["weights"] = w_path.name
     meta["sha256"] = hashlib.sha256(blob).hexdigest()
-    _atomic_write_bytes(json_path, (json.dumps(meta, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_json(json_path, meta, default=None)
     return json_path
 
 
@@ -297,6 +281,12 @@ def load_prior_file(path: PathLike, *, device=None, verify: bool = True):
 
     json_path, _ = resolve_checkpoint(path)
     tensors, meta = read_checkpoint(path, verify=verify)
+    if meta.get("kind") in ("latent", "latent-codec"):   # latent priors: ctflow.priors.latent
+        from .latent import latent_prior_from_checkpoint
+        latent = latent_prior_from_checkpoint(tensors, meta, json_path)
+        if device is not None:
+            latent.to(device=device)
+        return latent.eval()
     if meta["format"] == TRAIN_FORMAT:
         state = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
         prior_meta = dict(meta.get("prior", {}))

@@ -42,9 +42,17 @@ def _is_plain_name(s: str) -> bool:
     return not (os.sep in s or "/" in s or s.endswith((".json", ".safetensors")))
 
 
+def _is_diffusers_folder(s: str) -> bool:
+    p = Path(s)
+    return p.is_dir() and (p / "transformer").is_dir() and (p / "vae").is_dir()
+
+
 def load_prior(name_or_path: Union[str, os.PathLike], *, device=None, verify: bool = True):
     """Load a prior: a bundled name (see :func:`list_priors`) or a checkpoint path (stem,
-    ``.json`` or ``.safetensors``; a training checkpoint gives its EMA weights).
+    ``.json`` or ``.safetensors``; a training checkpoint gives its EMA weights), or a local
+    diffusers Stable Diffusion 3 folder (``transformer/`` and ``vae/``), loaded as a latent
+    prior by :func:`ctflow.priors.from_diffusers` with its defaults (unconditional zero
+    embeddings, grey images).
 
     Returns a :class:`~ctflow.priors.base.FlowPrior` in eval mode with ``image_size``,
     ``channels``, ``scale``/``shift`` and ``hu_window`` set. Never unpickles. Raises
@@ -53,6 +61,9 @@ def load_prior(name_or_path: Union[str, os.PathLike], *, device=None, verify: bo
     truncated or mismatched one; messages name the file.
     """
     s = os.fspath(name_or_path)
+    if _is_diffusers_folder(s):    # a local diffusers SD3 folder: ctflow.priors.from_diffusers
+        from .diffusers_adapter import from_diffusers
+        return from_diffusers(s, device=device)
     if not isinstance(name_or_path, os.PathLike) and _is_plain_name(s):
         # a plain name: a bundled prior first, else a checkpoint stem in the working folder
         if s in list_priors() or not Path(s + ".json").is_file():

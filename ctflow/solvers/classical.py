@@ -19,17 +19,21 @@ units of ``y``). The data residual in every history is the batch-aggregate relat
 * :class:`FBPSolver` — filtered back-projection for CT ray transforms (operators with a
   ``geometry``), through ``ctflow.operators.ct.FBP``.
 
-The small validation and linear-algebra helpers at the top of this module are shared with the
-flow baselines (:mod:`ctflow.solvers.pnpflow`, :mod:`ctflow.solvers.otode`).
+Options are validated by the checks of :mod:`ctflow.solvers.common` (every error a
+``ValueError`` naming the solver, the option and the allowed values). The small linear-algebra
+and result helpers at the top of this module are shared with the flow baselines
+(:mod:`ctflow.solvers.pnpflow`, :mod:`ctflow.solvers.otode`).
 """
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .common import (check_bool, check_choice, check_float, check_int, check_problem,
+                     check_seed, check_x_init)
 from .result import Reconstruction, SolveMeter
 
 __all__ = ["CGLS", "Landweber", "TV", "FBPSolver", "cgls", "landweber", "pdhg_tv",
@@ -40,67 +44,8 @@ FBP_FILTERS = ("ramp", "shepp-logan", "cosine", "hann")
 
 
 # ---------------------------------------------------------------------------------------------
-# option validation (shared by every baseline)
+# options, results
 # ---------------------------------------------------------------------------------------------
-def _check_int(owner: str, name: str, value, *, minimum: int,
-               maximum: Optional[int] = None) -> int:
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if ok:
-        value = int(value)
-        ok = value >= minimum and (maximum is None or value <= maximum)
-    if not ok:
-        rng = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{owner}: option {name!r} must be an integer {rng}, got {value!r}")
-    return value
-
-
-def _check_float(owner: str, name: str, value, *, minimum: Optional[float] = None,
-                 maximum: Optional[float] = None, min_open: bool = False,
-                 max_open: bool = False) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if ok:
-        value = float(value)
-        ok = math.isfinite(value)
-        if ok and minimum is not None:
-            ok = value > minimum if min_open else value >= minimum
-        if ok and maximum is not None:
-            ok = value < maximum if max_open else value <= maximum
-    if not ok:
-        lo = "(" if min_open else "["
-        hi = ")" if max_open else "]"
-        rng = f"in {lo}{'-inf' if minimum is None else minimum}, " \
-              f"{'inf' if maximum is None else maximum}{hi}"
-        raise ValueError(f"{owner}: option {name!r} must be a finite number {rng}, "
-                         f"got {value!r}")
-    return value
-
-
-def _check_choice(owner: str, name: str, value, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{owner}: option {name!r} must be one of "
-                         f"{', '.join(repr(c) for c in choices)}, got {value!r}")
-    return value
-
-
-def _check_bool(owner: str, name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{owner}: option {name!r} must be True or False, got {value!r}")
-    return value
-
-
-def _check_seed(owner: str, value) -> int:
-    return _check_int(owner, "seed", value, minimum=0, maximum=2 ** 63 - 1)
-
-
-def _check_x_init(owner: str, value) -> Optional[torch.Tensor]:
-    if value is None:
-        return None
-    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-        raise ValueError(f"{owner}: option 'x_init' must be None or a floating torch.Tensor "
-                         f"of shape (B, C, *operator.domain_shape), got {type(value).__name__}")
-    return value
-
-
 def _record_options(options: Dict[str, Any]) -> Dict[str, Any]:
     """The options as plain values (a tensor is recorded by its shape, a callable by name)."""
     out = {}
@@ -114,34 +59,6 @@ def _record_options(options: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _check_problem(owner: str, operator, y, noise_level) -> float:
-    """Validate the problem before any work; return ``noise_level`` as a float."""
-    if not (hasattr(operator, "forward") and hasattr(operator, "adjoint")
-            and hasattr(operator, "domain_shape") and hasattr(operator, "range_shape")):
-        raise ValueError(f"{owner}: operator must be a ctflow LinearOperator, "
-                         f"got {type(operator).__name__}")
-    rs = tuple(operator.range_shape)
-    expected = "(B, C, " + ", ".join(str(s) for s in rs) + ")"
-    if not isinstance(y, torch.Tensor):
-        raise ValueError(f"{owner}: y must be a torch.Tensor of shape {expected}, "
-                         f"got {type(y).__name__}")
-    if y.ndim != 2 + len(rs) or tuple(y.shape[2:]) != rs:
-        raise ValueError(f"{owner}: y shape mismatch: expected {expected} "
-                         f"(operator range {rs}), got {tuple(y.shape)}")
-    if not y.is_floating_point():
-        raise ValueError(f"{owner}: y must be float32 or float64, got {y.dtype}")
-    if not bool(torch.isfinite(y).all()):
-        raise ValueError(f"{owner}: y contains NaN or infinite values")
-    ok = isinstance(noise_level, numbers.Real) and not isinstance(noise_level, bool)
-    if ok:
-        noise_level = float(noise_level)
-        ok = math.isfinite(noise_level) and noise_level >= 0.0
-    if not ok:
-        raise ValueError(f"{owner}: noise_level must be a finite number >= 0 (the standard "
-                         f"deviation of the noise in y), got {noise_level!r}")
-    return noise_level
-
-
 def _initial_image(owner: str, operator, y: torch.Tensor,
                    x_init: Optional[torch.Tensor]) -> torch.Tensor:
     """``x_init`` checked against the domain (moved to y's device/dtype), or zeros."""
@@ -149,10 +66,10 @@ def _initial_image(owner: str, operator, y: torch.Tensor,
     if x_init is None:
         return torch.zeros(shape, dtype=y.dtype, device=y.device)
     if tuple(x_init.shape) != shape:
-        raise ValueError(f"{owner}: option 'x_init' shape mismatch: expected {shape}, "
+        raise ValueError(f"{owner}: option x_init shape mismatch: expected {shape}, "
                          f"got {tuple(x_init.shape)}")
     if not bool(torch.isfinite(x_init).all()):
-        raise ValueError(f"{owner}: option 'x_init' contains NaN or infinite values")
+        raise ValueError(f"{owner}: option x_init contains NaN or infinite values")
     return x_init.detach().to(device=y.device, dtype=y.dtype).clone()
 
 
@@ -231,6 +148,35 @@ def _finish(owner: str, method: str, x: torch.Tensor, history: List[Dict[str, An
                           method=method, options=_record_options(options))
 
 
+def _common_options(owner: str, x_init: Optional[torch.Tensor], seed: int,
+                    progress: bool) -> Dict[str, Any]:
+    """The options every baseline takes: ``x_init``, ``seed`` and ``progress``, checked."""
+    return {"x_init": check_x_init(x_init, owner=owner),
+            "seed": check_seed(seed, owner=owner),
+            "progress": check_bool("progress", progress, owner=owner)}
+
+
+class _ClassicalSolver:
+    """``solve`` of the iterative classical baselines: check the problem, take the start image
+    (``x_init``, or ``None`` for zeros), run the subclass's ``_run(operator, y, sigma, x0)``
+    → ``(x, history, options to record)`` under a :class:`SolveMeter`, clip and record."""
+
+    method = ""
+    options: Dict[str, Any]
+
+    def solve(self, operator, y: torch.Tensor, prior=None,
+              noise_level: float = 0.0) -> Reconstruction:
+        """Reconstruct from ``y = A x + noise`` (the prior is unused; ``noise_level`` is the
+        noise standard deviation in ``y``, 0 allowed)."""
+        o, opt = type(self).__name__, self.options
+        sigma = check_problem(operator, y, noise_level, owner=o)
+        x_init = opt.get("x_init")
+        x0 = None if x_init is None else _initial_image(o, operator, y, x_init)
+        with SolveMeter(y.device) as meter:
+            x, history, recorded = self._run(operator, y, sigma, x0)
+        return _finish(o, self.method, x, history, meter, recorded)
+
+
 # ---------------------------------------------------------------------------------------------
 # CGLS and Landweber
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +237,7 @@ def cgls(operator, y: torch.Tensor, *, iterations: int = 50, tol: float = 1e-6,
     return x, history
 
 
-class CGLS:
+class CGLS(_ClassicalSolver):
     r"""Least squares by conjugate gradients (CGLS); the prior is unused.
 
     Solves :math:`\min_x \tfrac12\|Ax - y\|^2 + \tfrac{\lambda}{2}\|x\|^2` in the public image
@@ -315,23 +261,17 @@ class CGLS:
                  progress: bool = False):
         o = type(self).__name__
         self.options = {
-            "iterations": _check_int(o, "iterations", iterations, minimum=1),
-            "tol": _check_float(o, "tol", tol, minimum=0.0),
-            "tikhonov": _check_float(o, "tikhonov", tikhonov, minimum=0.0),
-            "x_init": _check_x_init(o, x_init),
-            "seed": _check_seed(o, seed),
-            "progress": _check_bool(o, "progress", progress),
+            "iterations": check_int("iterations", iterations, owner=o, minimum=1),
+            "tol": check_float("tol", tol, owner=o, minimum=0.0),
+            "tikhonov": check_float("tikhonov", tikhonov, owner=o, minimum=0.0),
+            **_common_options(o, x_init, seed, progress),
         }
 
-    def solve(self, operator, y: torch.Tensor, prior=None,
-              noise_level: float = 0.0) -> Reconstruction:
-        o, opt = type(self).__name__, self.options
-        _check_problem(o, operator, y, noise_level)
-        x0 = _initial_image(o, operator, y, opt["x_init"]) if opt["x_init"] is not None else None
-        with SolveMeter(y.device) as meter:
-            x, history = cgls(operator, y, iterations=opt["iterations"], tol=opt["tol"],
-                              tikhonov=opt["tikhonov"], x0=x0, progress=opt["progress"])
-        return _finish(o, self.method, x, history, meter, opt)
+    def _run(self, operator, y, sigma, x0):
+        opt = self.options
+        x, history = cgls(operator, y, iterations=opt["iterations"], tol=opt["tol"],
+                          tikhonov=opt["tikhonov"], x0=x0, progress=opt["progress"])
+        return x, history, opt
 
 
 def landweber(operator, y: torch.Tensor, *, iterations: int = 100, relaxation: float = 1.0,
@@ -367,7 +307,7 @@ def landweber(operator, y: torch.Tensor, *, iterations: int = 100, relaxation: f
     return x, history
 
 
-class Landweber:
+class Landweber(_ClassicalSolver):
     r"""Projected Landweber iteration (gradient descent on :math:`\tfrac12\|Ax-y\|^2`); the
     prior is unused. See :func:`landweber`.
 
@@ -389,26 +329,20 @@ class Landweber:
                  progress: bool = False):
         o = type(self).__name__
         self.options = {
-            "iterations": _check_int(o, "iterations", iterations, minimum=1),
-            "relaxation": _check_float(o, "relaxation", relaxation, minimum=0.0, maximum=2.0,
-                                       min_open=True, max_open=True),
-            "nonneg": _check_bool(o, "nonneg", nonneg),
-            "tol": _check_float(o, "tol", tol, minimum=0.0),
-            "x_init": _check_x_init(o, x_init),
-            "seed": _check_seed(o, seed),
-            "progress": _check_bool(o, "progress", progress),
+            "iterations": check_int("iterations", iterations, owner=o, minimum=1),
+            "relaxation": check_float("relaxation", relaxation, owner=o, minimum=0.0,
+                                      maximum=2.0, min_open=True, max_open=True),
+            "nonneg": check_bool("nonneg", nonneg, owner=o),
+            "tol": check_float("tol", tol, owner=o, minimum=0.0),
+            **_common_options(o, x_init, seed, progress),
         }
 
-    def solve(self, operator, y: torch.Tensor, prior=None,
-              noise_level: float = 0.0) -> Reconstruction:
-        o, opt = type(self).__name__, self.options
-        _check_problem(o, operator, y, noise_level)
-        x0 = _initial_image(o, operator, y, opt["x_init"])
-        with SolveMeter(y.device) as meter:
-            x, history = landweber(operator, y, iterations=opt["iterations"],
-                                   relaxation=opt["relaxation"], nonneg=opt["nonneg"],
-                                   tol=opt["tol"], x0=x0, progress=opt["progress"])
-        return _finish(o, self.method, x, history, meter, opt)
+    def _run(self, operator, y, sigma, x0):
+        opt = self.options
+        x, history = landweber(operator, y, iterations=opt["iterations"],
+                               relaxation=opt["relaxation"], nonneg=opt["nonneg"],
+                               tol=opt["tol"], x0=x0, progress=opt["progress"])
+        return x, history, opt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,7 +483,7 @@ def pdhg_tv(operator, y: torch.Tensor, *, weight: float, iterations: int = 300,
     return x, history
 
 
-class TV:
+class TV(_ClassicalSolver):
     r"""Total-variation regularised reconstruction by Chambolle–Pock PDHG; the prior is unused.
 
     .. math::
@@ -587,16 +521,14 @@ class TV:
                  progress: bool = False):
         o = type(self).__name__
         self.options = {
-            "weight": _check_float(o, "weight", weight, minimum=0.0),
-            "weight_mode": _check_choice(o, "weight_mode", weight_mode,
-                                         ("relative", "absolute")),
-            "iterations": _check_int(o, "iterations", iterations, minimum=1),
-            "nonneg": _check_bool(o, "nonneg", nonneg),
-            "box": _check_bool(o, "box", box),
-            "tol": _check_float(o, "tol", tol, minimum=0.0),
-            "x_init": _check_x_init(o, x_init),
-            "seed": _check_seed(o, seed),
-            "progress": _check_bool(o, "progress", progress),
+            "weight": check_float("weight", weight, owner=o, minimum=0.0),
+            "weight_mode": check_choice("weight_mode", weight_mode, ("relative", "absolute"),
+                                        owner=o),
+            "iterations": check_int("iterations", iterations, owner=o, minimum=1),
+            "nonneg": check_bool("nonneg", nonneg, owner=o),
+            "box": check_bool("box", box, owner=o),
+            "tol": check_float("tol", tol, owner=o, minimum=0.0),
+            **_common_options(o, x_init, seed, progress),
         }
 
     def effective_weight(self, noise_level: float) -> float:
@@ -604,19 +536,14 @@ class TV:
         w, sigma = self.options["weight"], float(noise_level)
         return w * sigma if self.options["weight_mode"] == "relative" else w * sigma * sigma
 
-    def solve(self, operator, y: torch.Tensor, prior=None,
-              noise_level: float = 0.0) -> Reconstruction:
-        o, opt = type(self).__name__, self.options
-        sigma = _check_problem(o, operator, y, noise_level)
-        x0 = _initial_image(o, operator, y, opt["x_init"])
+    def _run(self, operator, y, sigma, x0):
+        opt = self.options
         lam = self.effective_weight(sigma)
-        with SolveMeter(y.device) as meter:
-            x, history = pdhg_tv(operator, y, weight=lam, iterations=opt["iterations"],
-                                 nonneg=opt["nonneg"], box=opt["box"], tol=opt["tol"], x0=x0,
-                                 scale=sigma * sigma if sigma > 0 else 1.0,
-                                 progress=opt["progress"])
-        options = dict(opt, effective_weight=lam)
-        return _finish(o, self.method, x, history, meter, options)
+        x, history = pdhg_tv(operator, y, weight=lam, iterations=opt["iterations"],
+                             nonneg=opt["nonneg"], box=opt["box"], tol=opt["tol"], x0=x0,
+                             scale=sigma * sigma if sigma > 0 else 1.0,
+                             progress=opt["progress"])
+        return x, history, dict(opt, effective_weight=lam)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -640,14 +567,15 @@ class FBPSolver:
     def __init__(self, *, filter: str = "ramp", seed: int = 0,  # noqa: A002 - option name
                  progress: bool = False):
         o = type(self).__name__
-        self.options = {"filter": _check_choice(o, "filter", filter, FBP_FILTERS),
-                        "seed": _check_seed(o, seed),
-                        "progress": _check_bool(o, "progress", progress)}
+        self.options = {"filter": check_choice("filter", filter, FBP_FILTERS, owner=o),
+                        "seed": check_seed(seed, owner=o),
+                        "progress": check_bool("progress", progress, owner=o)}
 
     def solve(self, operator, y: torch.Tensor, prior=None,
               noise_level: float = 0.0) -> Reconstruction:
+        """Filtered back-projection of ``y`` (the prior and ``noise_level`` are unused)."""
         o, opt = type(self).__name__, self.options
-        _check_problem(o, operator, y, noise_level)
+        check_problem(operator, y, noise_level, owner=o)
         geometry = getattr(operator, "geometry", None)
         if geometry is None:
             raise ValueError(f"{o}: filtered back-projection needs a CT ray transform (an "

@@ -36,6 +36,7 @@ from ..flow.integrate import CountingVelocity, integrate
 
 __all__ = [
     "check_options", "check_choice", "check_positive", "check_int", "check_probability",
+    "check_float", "check_bool", "check_seed", "check_init", "check_x_init", "check_problem",
     "check_noise_level", "check_prior", "prepare_measurement", "Measurement",
     "ModelSpaceProblem", "radial_prior", "radial_prox", "per_item_norm", "per_item_sq",
     "conjugate_gradient", "data_step", "initial_image", "fbp_initialiser", "blend_init",
@@ -74,13 +75,12 @@ def merge_flow_options(given: Mapping[str, Any], defaults: Mapping[str, Any], *,
                              f"integrator={o['integrator']!r} disagree; give one of them")
         o["method"] = o["integrator"]
     o["integrator"] = None
-    init = o["init"]
-    if not (isinstance(init, torch.Tensor) or (callable(init) and not isinstance(init, str))):
-        check_choice("init", init, INIT_CHOICES, owner=owner)
+    check_init(o["init"], owner=owner)
     return o
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any], *, owner: str) -> Any:
+    """``value`` must be one of the strings ``choices`` (the message lists them)."""
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{owner}: option {name} must be one of "
                          f"{', '.join(map(repr, choices))}, got {value!r}")
@@ -88,42 +88,130 @@ def check_choice(name: str, value: Any, choices: Sequence[Any], *, owner: str) -
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A real number (Python or NumPy), not a ``bool``."""
+    import numbers
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _range_text(minimum: Optional[float], maximum: Optional[float], min_open: bool,
+                max_open: bool) -> str:
+    if minimum is None and maximum is None:
+        return ""
+    if maximum is None:
+        return f" {'>' if min_open else '>='} {minimum:g}"
+    if minimum is None:
+        return f" {'<' if max_open else '<='} {maximum:g}"
+    return f" in {'(' if min_open else '['}{minimum:g}, {maximum:g}{')' if max_open else ']'}"
+
+
+def check_float(name: str, value: Any, *, owner: str, minimum: Optional[float] = None,
+                maximum: Optional[float] = None, min_open: bool = False,
+                max_open: bool = False) -> float:
+    """A finite real number with ``minimum <= value <= maximum`` (``min_open`` / ``max_open``
+    make a bound strict; a bound of ``None`` is no bound). Returns it as a ``float``."""
+    ok = _is_number(value) and math.isfinite(float(value))
+    if ok and minimum is not None:
+        ok = float(value) > minimum if min_open else float(value) >= minimum
+    if ok and maximum is not None:
+        ok = float(value) < maximum if max_open else float(value) <= maximum
+    if not ok:
+        raise ValueError(f"{owner}: option {name} must be a finite number"
+                         f"{_range_text(minimum, maximum, min_open, max_open)}, got {value!r}")
+    return float(value)
 
 
 def check_positive(name: str, value: Any, *, owner: str, allow_zero: bool = False) -> float:
     """A finite real number ``> 0`` (``>= 0`` with ``allow_zero``)."""
-    ok = _is_number(value) and math.isfinite(float(value)) and (
-        float(value) >= 0 if allow_zero else float(value) > 0)
-    if not ok:
-        what = "a finite number >= 0" if allow_zero else "a finite number > 0"
-        raise ValueError(f"{owner}: option {name} must be {what}, got {value!r}")
-    return float(value)
-
-
-def check_int(name: str, value: Any, *, owner: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{owner}: option {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return check_float(name, value, owner=owner, minimum=0.0, min_open=not allow_zero)
 
 
 def check_probability(name: str, value: Any, *, owner: str, open_low: bool = False) -> float:
-    lo_ok = (lambda v: v > 0) if open_low else (lambda v: v >= 0)
-    if not (_is_number(value) and lo_ok(float(value)) and float(value) <= 1):
-        rng = "(0, 1]" if open_low else "[0, 1]"
-        raise ValueError(f"{owner}: option {name} must be a number in {rng}, got {value!r}")
-    return float(value)
+    """A number in ``[0, 1]`` (``(0, 1]`` with ``open_low``)."""
+    return check_float(name, value, owner=owner, minimum=0.0, maximum=1.0, min_open=open_low)
 
 
-def check_noise_level(noise_level: Any, *, owner: str) -> float:
-    """The noise standard deviation :math:`\\sigma` of ``y``: a finite number ``> 0``."""
+def check_int(name: str, value: Any, *, owner: str, minimum: int = 1,
+              maximum: Optional[int] = None) -> int:
+    """An integer (Python or NumPy; ``bool`` refused) with ``minimum <= value`` and, when
+    ``maximum`` is given, ``value <= maximum``."""
+    import numbers
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and \
+        minimum <= int(value) and (maximum is None or int(value) <= maximum)
+    if not ok:
+        rng = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{owner}: option {name} must be an integer {rng}, got {value!r}")
+    return int(value)
+
+
+def check_bool(name: str, value: Any, *, owner: str) -> bool:
+    """``True`` or ``False`` (other truthy values such as ``1`` or ``"yes"`` are refused)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}: option {name} must be True or False, got {value!r}")
+    return value
+
+
+def check_seed(value: Any, *, owner: str, name: str = "seed") -> int:
+    """A random seed: an integer in :math:`[0, 2^{63} - 1]` (what a torch generator takes)."""
+    return check_int(name, value, owner=owner, minimum=0, maximum=2 ** 63 - 1)
+
+
+def check_noise_level(noise_level: Any, *, owner: str, allow_zero: bool = False) -> float:
+    """The noise standard deviation :math:`\\sigma` of ``y``: a finite number ``> 0``
+    (``>= 0`` with ``allow_zero``: the classical baselines accept noise-free data)."""
     if isinstance(noise_level, torch.Tensor) and noise_level.numel() == 1:
         noise_level = float(noise_level)
-    if not (_is_number(noise_level) and math.isfinite(float(noise_level))
-            and float(noise_level) > 0):
-        raise ValueError(f"{owner}: noise_level must be a finite number > 0 (the standard "
-                         f"deviation of the noise in y), got {noise_level!r}")
+    ok = _is_number(noise_level) and math.isfinite(float(noise_level)) and (
+        float(noise_level) >= 0 if allow_zero else float(noise_level) > 0)
+    if not ok:
+        raise ValueError(f"{owner}: noise_level must be a finite number "
+                         f"{'>=' if allow_zero else '>'} 0 (the standard deviation of the "
+                         f"noise in y), got {noise_level!r}")
     return float(noise_level)
+
+
+def check_init(init: Any, *, owner: str) -> Any:
+    """``init``: one of :data:`INIT_CHOICES`, a tensor or a callable ``y -> image``."""
+    if isinstance(init, torch.Tensor) or (callable(init) and not isinstance(init, str)):
+        return init
+    if not isinstance(init, str) or init not in INIT_CHOICES:
+        raise ValueError(f"{owner}: option init must be one of "
+                         f"{', '.join(map(repr, INIT_CHOICES))}, a tensor or a callable "
+                         f"y -> image, got {init!r}")
+    return init
+
+
+def check_x_init(value: Any, *, owner: str) -> Optional[torch.Tensor]:
+    """``x_init``: ``None`` or a floating tensor (its shape is checked against the problem when
+    the solver runs)."""
+    if value is not None and not (isinstance(value, torch.Tensor)
+                                  and value.is_floating_point()):
+        raise ValueError(f"{owner}: option x_init must be None or a floating torch.Tensor "
+                         f"of shape (B, C, *operator.domain_shape), got {type(value).__name__}")
+    return value
+
+
+def check_problem(operator, y: Any, noise_level: Any, *, owner: str) -> float:
+    """Check a problem in the strict batched layout before any work: ``operator`` a
+    ``LinearOperator``, ``y`` a finite floating tensor ``(B, C, *operator.range_shape)`` and
+    ``noise_level`` a finite number ``>= 0``; returns ``noise_level`` as a float. (The flow
+    solvers accept more layouts of ``y``: :func:`prepare_measurement`.)"""
+    if not (hasattr(operator, "forward") and hasattr(operator, "adjoint")
+            and hasattr(operator, "domain_shape") and hasattr(operator, "range_shape")):
+        raise ValueError(f"{owner}: operator must be a ctflow LinearOperator, "
+                         f"got {type(operator).__name__}")
+    rs = tuple(operator.range_shape)
+    expected = "(B, C, " + ", ".join(str(s) for s in rs) + ")"
+    if not isinstance(y, torch.Tensor):
+        raise ValueError(f"{owner}: y must be a torch.Tensor of shape {expected}, "
+                         f"got {type(y).__name__}")
+    if y.ndim != 2 + len(rs) or tuple(y.shape[2:]) != rs:
+        raise ValueError(f"{owner}: y shape mismatch: expected {expected} "
+                         f"(operator range {rs}), got {tuple(y.shape)}")
+    if not y.is_floating_point():
+        raise ValueError(f"{owner}: y must be float32 or float64, got {y.dtype}")
+    if not bool(torch.isfinite(y).all()):
+        raise ValueError(f"{owner}: y contains NaN or infinite values")
+    return check_noise_level(noise_level, owner=owner, allow_zero=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,10 +28,11 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..flow.integrate import integrate
-from .common import (ModelSpaceProblem, SolverVelocity, blend_init, check_choice, check_int,
-                     check_noise_level, check_positive, check_prior, merge_flow_options,
-                     check_probability, initial_image, make_generator, prepare_measurement,
-                     progress_bar, radial_prior, make_problem)
+from .common import (ModelSpaceProblem, SolverVelocity, blend_init, check_bool, check_choice,
+                     check_int, check_noise_level, check_positive, check_prior,
+                     check_probability, check_seed, initial_image, make_generator,
+                     make_problem, merge_flow_options, prepare_measurement, progress_bar,
+                     radial_prior)
 from .result import Reconstruction, SolveMeter
 
 __all__ = ["DFlow"]
@@ -83,11 +84,8 @@ class DFlow:
         o["tolerance_change"] = check_positive("tolerance_change", o["tolerance_change"],
                                                owner=own, allow_zero=True)
         o["cgls_iters"] = check_int("cgls_iters", o["cgls_iters"], owner=own)
-        if isinstance(o["seed"], bool) or not isinstance(o["seed"], int):
-            raise ValueError(f"{own}: option seed must be an integer, got {o['seed']!r}")
-        if not isinstance(o["progress"], bool):
-            raise ValueError(f"{own}: option progress must be True or False, "
-                             f"got {o['progress']!r}")
+        o["seed"] = check_seed(o["seed"], owner=own)
+        o["progress"] = check_bool("progress", o["progress"], owner=own)
         return o
 
     def __call__(self, operator, y, prior, noise_level, options: Optional[Dict[str, Any]] = None

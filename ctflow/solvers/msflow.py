@@ -128,11 +128,11 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from ..flow.integrate import METHODS, integrate
-from .common import (ModelSpaceProblem, SolverVelocity, blend_init, check_choice, check_int,
-                     check_noise_level, check_positive, check_prior, merge_flow_options,
-                     check_probability, data_step, initial_image, make_generator,
-                     per_item_dot, per_item_sq, prepare_measurement, progress_bar,
-                     radial_prior, radial_prox, make_problem)
+from .common import (ModelSpaceProblem, SolverVelocity, blend_init, check_bool, check_choice,
+                     check_int, check_noise_level, check_positive, check_prior,
+                     check_probability, check_seed, data_step, initial_image, make_generator,
+                     make_problem, merge_flow_options, per_item_dot, per_item_sq,
+                     prepare_measurement, progress_bar, radial_prior, radial_prox)
 from .result import Reconstruction, SolveMeter
 
 __all__ = ["MSFlow"]
@@ -271,11 +271,8 @@ class MSFlow:
         o["cgls_iters"] = check_int("cgls_iters", o["cgls_iters"], owner=own)
         check_choice("joint_optimizer", o["joint_optimizer"], JOINT_OPTIMIZERS, owner=own)
         o["lr"] = check_positive("lr", o["lr"], owner=own)
-        if isinstance(o["seed"], bool) or not isinstance(o["seed"], int):
-            raise ValueError(f"{own}: option seed must be an integer, got {o['seed']!r}")
-        if not isinstance(o["progress"], bool):
-            raise ValueError(f"{own}: option progress must be True or False, "
-                             f"got {o['progress']!r}")
+        o["seed"] = check_seed(o["seed"], owner=own)
+        o["progress"] = check_bool("progress", o["progress"], owner=own)
         return o
 
     def __call__(self, operator, y, prior, noise_level, options: Optional[Dict[str, Any]] = None

@@ -54,12 +54,9 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-from ..flow.integrate import CountingVelocity
-from .classical import (_cg, _check_bool, _check_choice, _check_float, _check_int,
-                        _check_problem, _check_seed, _check_x_init, _finish, _operator_norm,
-                        _progress, _rel_residual)
-from .pnpflow import (_check_init, _check_prior, _generator, _randn_like, _start_image,
-                      _times)
+from .classical import _cg, _finish, _operator_norm, _progress, _rel_residual
+from .common import check_choice, check_float, check_int
+from .flow_baseline import begin_solve, randn_like, start_image, start_options, times
 from .result import Reconstruction, SolveMeter
 
 __all__ = ["OTODE"]
@@ -112,47 +109,40 @@ class OTODE:
                  progress: bool = False):
         o = type(self).__name__
         if isinstance(gamma, str):
-            gamma = _check_choice(o, "gamma", gamma, GAMMA_CHOICES)
+            gamma = check_choice("gamma", gamma, GAMMA_CHOICES, owner=o)
         elif isinstance(gamma, numbers.Real) and not isinstance(gamma, bool):
-            gamma = _check_float(o, "gamma", gamma, minimum=0.0, min_open=True)
+            gamma = check_float("gamma", gamma, owner=o, minimum=0.0, min_open=True)
         else:
-            raise ValueError(f"{o}: option 'gamma' must be 'gamma_t', 'constant' or a number "
+            raise ValueError(f"{o}: option gamma must be 'gamma_t', 'constant' or a number "
                              f"> 0, got {gamma!r}")
         self.options: Dict[str, Any] = {
-            "steps": _check_int(o, "steps", steps, minimum=1),
-            "t0": _check_float(o, "t0", t0, minimum=0.0, maximum=1.0, min_open=True,
-                               max_open=True),
+            "steps": check_int("steps", steps, owner=o, minimum=1),
+            "t0": check_float("t0", t0, owner=o, minimum=0.0, maximum=1.0, min_open=True,
+                              max_open=True),
             "gamma": gamma,
-            "cg_iters": _check_int(o, "cg_iters", cg_iters, minimum=1),
-            "cg_tol": _check_float(o, "cg_tol", cg_tol, minimum=0.0),
-            "init": _check_init(o, init),
-            "init_iterations": _check_int(o, "init_iterations", init_iterations, minimum=1),
-            "x_init": _check_x_init(o, x_init),
-            "seed": _check_seed(o, seed),
-            "progress": _check_bool(o, "progress", progress),
+            "cg_iters": check_int("cg_iters", cg_iters, owner=o, minimum=1),
+            "cg_tol": check_float("cg_tol", cg_tol, owner=o, minimum=0.0),
+            **start_options(o, init=init, init_iterations=init_iterations, x_init=x_init,
+                            seed=seed, progress=progress),
         }
 
     def solve(self, operator, y: torch.Tensor, prior,
               noise_level: float = 0.0) -> Reconstruction:
         """Run OT-ODE on ``y = A x + noise`` (``noise_level`` = noise std in y)."""
         o, opt = type(self).__name__, self.options
-        sigma = _check_problem(o, operator, y, noise_level)
-        velocity, a = _check_prior(o, prior, operator, y)
-        vel = CountingVelocity(velocity)
-        gen = _generator(opt["seed"])
+        run = begin_solve(o, operator, y, prior, noise_level, opt["seed"])
+        vel, a, sigma, data_scale = run.velocity, run.scale, run.sigma, run.data_scale
         steps, t0 = opt["steps"], opt["t0"]
         h = (1.0 - t0) / steps
-        data_scale = 1.0 / (sigma * sigma) if sigma > 0 else 1.0
         history: List[Dict[str, Any]] = []
         with SolveMeter(y.device) as meter:
             with torch.no_grad():
-                x_pub = _start_image(o, operator, y, opt["init"], opt["x_init"],
-                                     opt["init_iterations"])
+                x_pub = start_image(o, operator, y, opt)
                 norm2 = _operator_norm(o, operator, y) ** 2
-                x = t0 * prior.to_model(x_pub) + (1.0 - t0) * _randn_like(x_pub, gen)
+                x = t0 * prior.to_model(x_pub) + (1.0 - t0) * randn_like(x_pub, run.generator)
             for k in _progress(range(steps), opt["progress"], "ot-ode"):
                 t = t0 + k * h
-                tt = _times(t, x)
+                tt = times(t, x)
                 xr = x.detach().requires_grad_(True)
                 with torch.enable_grad():
                     v = vel(xr, tt)
@@ -186,8 +176,7 @@ class OTODE:
                 rn = float(torch.linalg.vector_norm(ax - y))
                 history.append({"step": steps + 1, "t": 1.0, "residual": _rel_residual(ax, y),
                                 "objective": 0.5 * rn * rn * data_scale})
-        nfe = {"forward": vel.forward_evals, "backward": vel.backward_evals}
-        return _finish(o, self.method, x_pub, history, meter, opt, nfe)
+        return _finish(o, self.method, x_pub, history, meter, opt, run.nfe)
 
     def _pigdm(self, operator, d: torch.Tensor, r2: float, s2: float, a: float):
         r""":math:`A_m^T (r^2 A_m A_m^T + s^2 I)^{-1} d` with :math:`A_m = A/a`; returns the

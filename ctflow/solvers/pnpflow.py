@@ -44,80 +44,12 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..flow.integrate import CountingVelocity
-from .classical import (_check_bool, _check_float, _check_int, _check_problem, _check_seed,
-                        _check_x_init, _finish, _operator_norm, _progress, _rel_residual)
-from .common import INIT_CHOICES, initial_image
+from .classical import _finish, _operator_norm, _progress, _rel_residual
+from .common import check_float, check_int
+from .flow_baseline import begin_solve, randn_like, start_image, start_options, times
 from .result import Reconstruction, SolveMeter
 
 __all__ = ["PnPFlow"]
-
-
-# ---------------------------------------------------------------------------------------------
-# helpers shared with ctflow.solvers.otode
-# ---------------------------------------------------------------------------------------------
-def _check_prior(owner: str, prior, operator, y: torch.Tensor):
-    """Check that ``prior`` is a flow prior matching the problem; return the velocity."""
-    velocity = getattr(prior, "velocity", None)
-    if velocity is None or not callable(velocity) or not hasattr(prior, "to_model") \
-            or not hasattr(prior, "from_model"):
-        raise ValueError(f"{owner}: prior must be a ctflow FlowPrior (velocity, to_model, "
-                         f"from_model), got {type(prior).__name__}")
-    shape = getattr(prior, "shape", None)
-    need = (int(y.shape[1]), *operator.domain_shape)
-    if shape is not None and tuple(shape) != tuple(need):
-        raise ValueError(f"{owner}: prior image shape {tuple(shape)} (C, H, W) does not match "
-                         f"the problem: y has {y.shape[1]} channel(s) and the operator domain "
-                         f"is {tuple(operator.domain_shape)}")
-    scale = float(getattr(prior, "scale", 1.0))
-    if scale == 0.0:
-        raise ValueError(f"{owner}: prior.scale must be non-zero")
-    return velocity, scale
-
-
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(int(seed))
-
-
-def _randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Standard normal noise drawn on the CPU (reproducible on every device), moved to x."""
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-
-
-def _check_init(owner: str, init):
-    """``init``: a name in ``INIT_CHOICES``, a tensor or a callable ``y -> image``."""
-    if isinstance(init, str):
-        if init not in INIT_CHOICES:
-            raise ValueError(f"{owner}: option 'init' must be one of "
-                             f"{', '.join(repr(c) for c in INIT_CHOICES)}, a tensor or a "
-                             f"callable y -> image, got {init!r}")
-    elif not (isinstance(init, torch.Tensor) or callable(init)):
-        raise ValueError(f"{owner}: option 'init' must be one of "
-                         f"{', '.join(repr(c) for c in INIT_CHOICES)}, a tensor or a callable "
-                         f"y -> image, got {type(init).__name__}")
-    return init
-
-
-def _start_image(owner: str, operator, y: torch.Tensor, init,
-                 x_init: Optional[torch.Tensor], init_iterations: int) -> torch.Tensor:
-    """The public starting image in [0, 1]: ``x_init`` if given, else from ``init`` through
-    :func:`ctflow.solvers.common.initial_image` (``"auto"``: FBP for CT operators, else the
-    least-squares scaled :math:`A^Ty`; ``"fbp"``; ``"adjoint"``; ``"cgls"``: CGLS steps;
-    ``"zeros"``: a constant mid-grey 0.5 image)."""
-    start = x_init if x_init is not None else init
-    if isinstance(start, torch.Tensor):
-        want = (int(y.shape[1]), *operator.domain_shape)
-        if tuple(start.shape[1:]) != want or start.shape[0] not in (1, y.shape[0]):
-            name = "x_init" if x_init is not None else "init"
-            raise ValueError(f"{owner}: option {name!r} shape mismatch: expected "
-                             f"({y.shape[0]} or 1, {', '.join(map(str, want))}), "
-                             f"got {tuple(start.shape)}")
-    x, _ = initial_image(start, operator, y, owner=owner, cgls_iterations=init_iterations)
-    return x
-
-
-def _times(t: float, x: torch.Tensor) -> torch.Tensor:
-    return torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,34 +87,27 @@ class PnPFlow:
                  seed: int = 0, progress: bool = False):
         o = type(self).__name__
         self.options: Dict[str, Any] = {
-            "steps": _check_int(o, "steps", steps, minimum=1),
-            "gamma": _check_float(o, "gamma", gamma, minimum=0.0, min_open=True),
-            "alpha": _check_float(o, "alpha", alpha, minimum=0.0),
-            "draws": _check_int(o, "draws", draws, minimum=1),
-            "t_start": _check_float(o, "t_start", t_start, minimum=0.0, maximum=1.0,
-                                    max_open=True),
-            "init": _check_init(o, init),
-            "init_iterations": _check_int(o, "init_iterations", init_iterations, minimum=1),
-            "x_init": _check_x_init(o, x_init),
-            "seed": _check_seed(o, seed),
-            "progress": _check_bool(o, "progress", progress),
+            "steps": check_int("steps", steps, owner=o, minimum=1),
+            "gamma": check_float("gamma", gamma, owner=o, minimum=0.0, min_open=True),
+            "alpha": check_float("alpha", alpha, owner=o, minimum=0.0),
+            "draws": check_int("draws", draws, owner=o, minimum=1),
+            "t_start": check_float("t_start", t_start, owner=o, minimum=0.0, maximum=1.0,
+                                   max_open=True),
+            **start_options(o, init=init, init_iterations=init_iterations, x_init=x_init,
+                            seed=seed, progress=progress),
         }
 
     def solve(self, operator, y: torch.Tensor, prior,
               noise_level: float = 0.0) -> Reconstruction:
         """Run PnP-Flow on ``y = A x + noise`` (``noise_level`` = noise std in y)."""
         o, opt = type(self).__name__, self.options
-        sigma = _check_problem(o, operator, y, noise_level)
-        velocity, a = _check_prior(o, prior, operator, y)
-        vel = CountingVelocity(velocity)
-        gen = _generator(opt["seed"])
+        run = begin_solve(o, operator, y, prior, noise_level, opt["seed"])
+        vel, gen, a = run.velocity, run.generator, run.scale
         n_steps, draws, ts = opt["steps"], opt["draws"], opt["t_start"]
-        data_scale = 1.0 / (sigma * sigma) if sigma > 0 else 1.0
         history: List[Dict[str, Any]] = []
         with SolveMeter(y.device) as meter:
             with torch.no_grad():
-                x_pub = _start_image(o, operator, y, opt["init"], opt["x_init"],
-                                     opt["init_iterations"])
+                x_pub = start_image(o, operator, y, opt)
                 lip = (_operator_norm(o, operator, y) / abs(a)) ** 2  # ||A_m||^2
                 x = prior.to_model(x_pub)
                 ax = operator.forward(prior.from_model(x))
@@ -191,16 +116,15 @@ class PnPFlow:
                     eta = opt["gamma"] * (1.0 - t) ** opt["alpha"] / lip
                     z = x - (eta / a) * operator.adjoint(ax - y)
                     acc = torch.zeros_like(z)
-                    tt = _times(t, z)
+                    tt = times(t, z)
                     for _ in range(draws):
-                        zt = t * z + (1.0 - t) * _randn_like(z, gen)
+                        zt = t * z + (1.0 - t) * randn_like(z, gen)
                         acc = acc + zt + (1.0 - t) * vel(zt, tt)
                     x = acc / draws
                     ax = operator.forward(prior.from_model(x))
                     rn = float(torch.linalg.vector_norm(ax - y))
                     history.append({"step": n + 1, "t": t, "step_size": eta,
                                     "residual": _rel_residual(ax, y),
-                                    "objective": 0.5 * rn * rn * data_scale})
+                                    "objective": 0.5 * rn * rn * run.data_scale})
                 x_pub = prior.from_model(x)
-        nfe = {"forward": vel.forward_evals, "backward": vel.backward_evals}
-        return _finish(o, self.method, x_pub, history, meter, opt, nfe)
+        return _finish(o, self.method, x_pub, history, meter, opt, run.nfe)
