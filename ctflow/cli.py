@@ -498,9 +498,21 @@ def cmd_demo(args) -> int:
         if bad:
             raise CLIError(f"--methods: unknown demo method(s) {bad}; choose from "
                            f"{', '.join(DEMO_METHODS)}")
+    if getattr(args, "threads", None) is None:
+        from .info import resolve_device
+        if torch_device_type(resolve_device(args.device)) == "cpu":
+            # the demo's 64x64 solves are fastest single-threaded, and a torch thread pool on a
+            # small CPU shared with other jobs made them up to ~100x slower (--threads overrides)
+            import torch
+            torch.set_num_threads(1)
     run_demo(out=args.out, device=args.device, quick=args.quick, progress=not args.quiet,
              seed=args.seed, methods=methods, verbose=True)
     return 0
+
+
+def torch_device_type(device) -> str:
+    """``"cpu"``/``"cuda"`` of a device given as a ``torch.device`` or a string."""
+    return getattr(device, "type", None) or str(device).split(":")[0]
 
 
 def cmd_reconstruct_dicom(args) -> int:
