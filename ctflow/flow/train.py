@@ -189,6 +189,35 @@ def _rng_tensor(state: torch.Tensor) -> torch.Tensor:
     return state.detach().clone().to(torch.uint8)
 
 
+def training_state(model: torch.nn.Module, ema: "EMA", opt: torch.optim.Optimizer,
+                   gen: torch.Generator):
+    """The tensors of a resumable training checkpoint (model, EMA, optimiser, both RNG
+    states) and the optimiser's layout for its JSON: ``(tensors, optimizer_meta)``."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.shadow.items()})
+    ot, ometa = _flatten_optimizer(opt)
+    tensors.update(ot)
+    tensors["rng.train"] = _rng_tensor(gen.get_state())
+    tensors["rng.torch"] = _rng_tensor(torch.get_rng_state())
+    return tensors, ometa
+
+
+def restore_training_state(tensors: Dict[str, torch.Tensor], meta: dict,
+                           model: torch.nn.Module, ema: "EMA", opt: torch.optim.Optimizer,
+                           gen: torch.Generator, log_path: Path):
+    """Load what :func:`training_state` saved, cut the loss log back to the checkpoint's step;
+    returns ``(step, elapsed_seconds, commands)``."""
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.shadow = {k[4:]: v.clone() for k, v in tensors.items() if k.startswith("ema.")}
+    _unflatten_optimizer(opt, tensors, meta["optimizer"])
+    gen.set_state(tensors["rng.train"])
+    torch.set_rng_state(tensors["rng.torch"])
+    step = int(meta["step"])
+    logged = [r for r in _read_log(log_path) if r.get("step", 0) <= step]
+    log_path.write_text("".join(json.dumps(r) + "\n" for r in logged))
+    return step, float(meta.get("elapsed_seconds", 0.0)), list(meta.get("commands", []))
+
+
 @dataclass
 class TrainResult:
     """What :func:`train_prior` returns."""
@@ -314,19 +343,11 @@ def train_prior(dataset, *, out_dir, steps: int, batch_size: int = 16, lr: float
         if meta["model"] != cfg:
             raise ValueError(f"{ckpt}: checkpoint model config {meta['model']} differs from "
                              f"the requested {cfg}; use another out_dir or resume=False")
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        ema.shadow = {k[4:]: v.clone() for k, v in tensors.items() if k.startswith("ema.")}
-        _unflatten_optimizer(opt, tensors, meta["optimizer"])
+        step, elapsed, commands = restore_training_state(tensors, meta, model, ema, opt, gen,
+                                                         log_path)
         for g in opt.param_groups:  # hyper-parameters may change between runs
             g["weight_decay"] = float(weight_decay)
             g["betas"] = tuple(betas)
-        gen.set_state(tensors["rng.train"])
-        torch.set_rng_state(tensors["rng.torch"])
-        step = int(meta["step"])
-        elapsed = float(meta.get("elapsed_seconds", 0.0))
-        commands = list(meta.get("commands", []))
-        logged = [r for r in _read_log(log_path) if r.get("step", 0) <= step]
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in logged))
     elif log_path.exists():
         log_path.unlink()
     if command:
@@ -334,12 +355,7 @@ def train_prior(dataset, *, out_dir, steps: int, batch_size: int = 16, lr: float
     losses = _read_log(log_path)
 
     def save(step_now: int, last_loss: Optional[float]) -> Path:
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        tensors.update({f"ema.{k}": v for k, v in ema.shadow.items()})
-        ot, ometa = _flatten_optimizer(opt)
-        tensors.update(ot)
-        tensors["rng.train"] = _rng_tensor(gen.get_state())
-        tensors["rng.torch"] = _rng_tensor(torch.get_rng_state())
+        tensors, ometa = training_state(model, ema, opt, gen)
         meta = {"format": TRAIN_FORMAT, "name": name, "step": int(step_now),
                 "elapsed_seconds": float(elapsed), "last_loss": last_loss, "model": cfg,
                 "prior": prior_meta, "train": hparams, "data": data_desc,

@@ -52,8 +52,8 @@ import torch
 from ..priors.checkpoint import (PRIOR_FORMAT, TRAIN_FORMAT, CheckpointError, read_checkpoint,
                                  write_checkpoint)
 from .autoencoder import AutoEncoder, LatentCodec
-from .train import (EMA, _flatten_optimizer, _prune, _read_log, _rng_tensor,
-                    _unflatten_optimizer, latest_checkpoint, lr_at)
+from .train import (EMA, _prune, _read_log, latest_checkpoint, lr_at, restore_training_state,
+                    training_state)
 
 __all__ = ["train_autoencoder", "AutoEncoderResult", "autoencoder_loss", "load_autoencoder",
            "encode_pool", "write_codec", "read_codec", "bundle_latent", "main"]
@@ -152,16 +152,8 @@ def train_autoencoder(dataset, *, out_dir, steps: int, batch_size: int = 16, cro
         if meta.get("model") != cfg:
             raise ValueError(f"{ckpt}: checkpoint model config {meta.get('model')} differs from "
                              f"the requested {cfg}; use another out_dir or resume=False")
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        ema.shadow = {k[4:]: v.clone() for k, v in tensors.items() if k.startswith("ema.")}
-        _unflatten_optimizer(opt, tensors, meta["optimizer"])
-        gen.set_state(tensors["rng.train"])
-        torch.set_rng_state(tensors["rng.torch"])
-        step = int(meta["step"])
-        elapsed = float(meta.get("elapsed_seconds", 0.0))
-        commands = list(meta.get("commands", []))
-        logged = [r for r in _read_log(log_path) if r.get("step", 0) <= step]
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in logged))
+        step, elapsed, commands = restore_training_state(tensors, meta, model, ema, opt, gen,
+                                                         log_path)
     elif log_path.exists():
         log_path.unlink()
     if command:
@@ -169,12 +161,7 @@ def train_autoencoder(dataset, *, out_dir, steps: int, batch_size: int = 16, cro
     losses = _read_log(log_path)
 
     def save(step_now: int, last: Optional[float]) -> Path:
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        tensors.update({f"ema.{k}": v for k, v in ema.shadow.items()})
-        ot, ometa = _flatten_optimizer(opt)
-        tensors.update(ot)
-        tensors["rng.train"] = _rng_tensor(gen.get_state())
-        tensors["rng.torch"] = _rng_tensor(torch.get_rng_state())
+        tensors, ometa = training_state(model, ema, opt, gen)
         meta = {"format": TRAIN_FORMAT, "kind": "autoencoder", "name": name,
                 "step": int(step_now), "elapsed_seconds": float(elapsed), "last_loss": last,
                 "model": cfg, "train": hparams, "data": data_desc, "commands": commands,
