@@ -189,6 +189,18 @@ def _rng_tensor(state: torch.Tensor) -> torch.Tensor:
     return state.detach().clone().to(torch.uint8)
 
 
+def append_log(log_path: Path, losses: List[dict], rec: dict) -> None:
+    """Append one loss record to the in-memory list and to ``loss.jsonl``."""
+    losses.append(rec)
+    with open(log_path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def needs_final_checkpoint(path: Optional[Path], step: int, stopped: bool) -> bool:
+    """Whether the run ends without a checkpoint of its last step (or was stopped)."""
+    return path is None or int(json.loads(Path(path).read_text())["step"]) != step or stopped
+
+
 def training_state(model: torch.nn.Module, ema: "EMA", opt: torch.optim.Optimizer,
                    gen: torch.Generator):
     """The tensors of a resumable training checkpoint (model, EMA, optimiser, both RNG
@@ -411,9 +423,7 @@ def train_prior(dataset, *, out_dir, steps: int, batch_size: int = 16, lr: float
             t_mark = now
             rec = {"step": step, "loss": acc / acc_n, "lr": opt.param_groups[0]["lr"],
                    "seconds": round(elapsed, 3)}
-            losses.append(rec)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_log(log_path, losses, rec)
             last_loss = rec["loss"]
             acc, acc_n = 0.0, 0
         if bar is not None:
@@ -426,7 +436,7 @@ def train_prior(dataset, *, out_dir, steps: int, batch_size: int = 16, lr: float
     elapsed += time.perf_counter() - t_mark
     if bar is not None:
         bar.close()
-    if path is None or int(json.loads(Path(path).read_text())["step"]) != step or stopped:
+    if needs_final_checkpoint(path, step, stopped):
         path = save(step, last_loss)
 
     ema_model = type(model).from_config(cfg) if hasattr(type(model), "from_config") else model

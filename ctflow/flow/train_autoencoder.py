@@ -52,8 +52,8 @@ import torch
 from ..priors.checkpoint import (PRIOR_FORMAT, TRAIN_FORMAT, CheckpointError, read_checkpoint,
                                  write_checkpoint)
 from .autoencoder import AutoEncoder, LatentCodec
-from .train import (EMA, _prune, _read_log, latest_checkpoint, lr_at, restore_training_state,
-                    training_state)
+from .train import (EMA, _prune, _read_log, append_log, latest_checkpoint, lr_at,
+                    needs_final_checkpoint, restore_training_state, training_state)
 
 __all__ = ["train_autoencoder", "AutoEncoderResult", "autoencoder_loss", "load_autoencoder",
            "encode_pool", "write_codec", "read_codec", "bundle_latent", "main"]
@@ -208,9 +208,7 @@ def train_autoencoder(dataset, *, out_dir, steps: int, batch_size: int = 16, cro
             t_mark = now
             rec = {"step": step, "loss": acc / acc_n, "l1": acc_l1 / acc_n,
                    "lr": opt.param_groups[0]["lr"], "seconds": round(elapsed, 3)}
-            losses.append(rec)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_log(log_path, losses, rec)
             last_loss = rec["loss"]
             acc, acc_l1, acc_n = 0.0, 0.0, 0
         if bar is not None:
@@ -223,7 +221,7 @@ def train_autoencoder(dataset, *, out_dir, steps: int, batch_size: int = 16, cro
     elapsed += time.perf_counter() - t_mark
     if bar is not None:
         bar.close()
-    if path is None or int(json.loads(Path(path).read_text())["step"]) != step or stopped:
+    if needs_final_checkpoint(path, step, stopped):
         path = save(step, last_loss)
     ema_model = AutoEncoder.from_config(cfg)
     ema_model.load_state_dict(ema.shadow)
