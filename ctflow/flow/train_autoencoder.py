@@ -37,7 +37,6 @@ SIGTERM/SIGINT write a checkpoint and exit; rerunning the same command resumes b
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import signal
