@@ -80,3 +80,34 @@ def test_dflow_midpoint_and_progress(capsys):
 def test_dflow_invalid_options(bad, match):
     with pytest.raises(ValueError, match=match):
         DFlow(**bad)
+
+
+class PoisonedAfter:
+    """The Gaussian velocity, returning NaN from call ``after`` on (a flow that blows up)."""
+
+    def __init__(self, velocity, after):
+        self.velocity, self.after, self.calls = velocity, after, 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        out = self.velocity(x, t)
+        return out if self.calls <= self.after else out * float("nan")
+
+
+def test_dflow_keeps_the_last_finite_iterate_when_lbfgs_diverges():
+    A, y, _ = problem(m=40, seed=3)
+    opts = dict(N=3, iterations=1, max_iter=3, init="adjoint")
+
+    def prior_with(after):
+        _, _, prior = problem(m=40, seed=3)
+        prior.velocity = PoisonedAfter(prior.velocity, after)
+        return prior
+
+    counting = prior_with(10 ** 9)
+    first = DFlow(**opts).solve(A, y, counting, 0.01)
+    # the same run, asked for 3 iterations, with the flow blowing up after the first one
+    res = DFlow(**{**opts, "iterations": 3}).solve(A, y, prior_with(counting.velocity.calls),
+                                                     0.01)
+    assert torch.isfinite(res.image).all()
+    assert torch.equal(res.image, first.image)
+    assert len(res.history) == 2 and res.history[-1]["diverged_at"] == 2

@@ -18,7 +18,9 @@ objective with the same :math:`\sigma, \lambda` and :math:`N = KM` steps.
 History: entry 0 is the start, then one entry per outer iteration with ``data``, ``prior``
 (:math:`\lambda R(s_0)`), ``objective`` :math:`F`, ``residual`` :math:`\|Ax-y\|/\|y\|`,
 ``gaps`` (empty: D-Flow has no stitching gaps), cumulative ``nfe_forward``/``nfe_backward``
-and ``seconds``. The result image is :math:`x(\Phi_{0\to1}(s_0))` clipped to :math:`[0,1]`.
+and ``seconds``. If an L-BFGS step leaves a non-finite state or end image (the line search
+wandered where the discretised flow blows up), the last finite iterate is kept, the last history
+entry gets ``diverged_at`` (the outer iteration) and the solve stops. The result image is :math:`x(\Phi_{0\to1}(s_0))` clipped to :math:`[0,1]`.
 """
 from __future__ import annotations
 
@@ -167,8 +169,17 @@ class DFlow:
                 bar = progress_bar(o["iterations"], enabled=o["progress"], desc="D-Flow")
                 try:
                     for it in range(1, o["iterations"] + 1):
+                        previous = s.detach().clone(), x1
                         opt.step(closure)
                         x1 = end_state()
+                        if not (torch.isfinite(s).all() and torch.isfinite(x1).all()):
+                            # L-BFGS diverged (a line search through a region where the
+                            # flow blows up): keep the last finite iterate and stop.
+                            with torch.no_grad():
+                                s.copy_(previous[0])
+                            x1 = previous[1]
+                            history[-1]["diverged_at"] = it
+                            break
                         history.append(record(it, s.detach(), x1))
                         bar.update(1)
                         bar.set_postfix(objective=f"{history[-1]['objective']:.4g}")
