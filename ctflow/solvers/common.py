@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 #: Named initial images (``init`` may also be a tensor or a callable ``y -> image``).
-INIT_CHOICES = ("auto", "fbp", "adjoint", "cgls", "zeros")
+INIT_CHOICES = ("auto", "fbp", "adjoint", "cgls", "tv", "zeros")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,12 +550,16 @@ def _cgls(operator, y: torch.Tensor, iterations: int) -> torch.Tensor:
 
 
 def initial_image(init: Any, operator, y: torch.Tensor, *, owner: str,
-                  cgls_iterations: int = 10) -> Tuple[torch.Tensor, str]:
+                  cgls_iterations: int = 10, noise_level: Optional[float] = None,
+                  tv_weight: float = 0.3) -> Tuple[torch.Tensor, str]:
     """The initial public image ``x_init`` (clipped to ``[0, 1]``) and a label for it.
 
     ``init``: ``"auto"`` (FBP for CT operators with a ``.geometry``, else ``"adjoint"``),
     ``"fbp"``, ``"adjoint"`` (least-squares scaled :math:`A^Ty`), ``"cgls"``
-    (``cgls_iterations`` CG steps on the normal equations), ``"zeros"`` (a mid-grey 0.5
+    (``cgls_iterations`` CG steps on the normal equations), ``"tv"`` (the TV reconstruction
+    :class:`~ctflow.solvers.classical.TV` with relative weight ``tv_weight`` at
+    ``noise_level``: fills what the data leave open -- masked pixels, lost resolution -- with
+    a piecewise-constant guess, where the adjoint and CGLS leave zeros), ``"zeros"`` (a mid-grey 0.5
     image), a tensor of the domain shape, or a callable ``y -> image``.
     """
     with torch.no_grad():
@@ -582,6 +586,13 @@ def initial_image(init: Any, operator, y: torch.Tensor, *, owner: str,
                 x = _scaled_adjoint(operator, y)
             elif init == "cgls":
                 x = _cgls(operator, y, cgls_iterations)
+            elif init == "tv":
+                if noise_level is None:
+                    raise ValueError(f"{owner}: init='tv' needs the noise level")
+                from .classical import pdhg_tv      # classical imports this module
+                sigma = float(noise_level)           # relative weight: lambda = w * sigma
+                x, _ = pdhg_tv(operator, y, weight=tv_weight * sigma,
+                               tol=1e-6, scale=sigma * sigma if sigma > 0 else 1.0)
             else:
                 x = torch.full((y.shape[0], y.shape[1], *operator.domain_shape), 0.5,
                                dtype=y.dtype, device=y.device)

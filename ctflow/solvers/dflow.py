@@ -48,8 +48,8 @@ class DFlow:
     Keyword-only options (defaults in :attr:`DEFAULTS`): ``N`` ODE steps, ``method``
     (``"euler"``, ``"midpoint"``, ``"heun"``; alias ``integrator`` for ``ctflow.reconstruct``),
     ``lam`` :math:`\lambda`, ``alpha`` (blend),
-    ``init`` (``"auto"``, ``"fbp"``, ``"adjoint"``, ``"cgls"``, ``"zeros"``, a tensor or a
-    callable ``y -> image``), ``iterations`` (outer L-BFGS steps), ``max_iter`` (L-BFGS
+    ``init`` (``"auto"``, ``"fbp"``, ``"adjoint"``, ``"cgls"``, ``"tv"``, ``"zeros"``, a tensor
+    or a callable ``y -> image``; ``tv_weight`` the relative TV weight of ``"tv"``), ``iterations`` (outer L-BFGS steps), ``max_iter`` (L-BFGS
     iterations per step), ``history_size`` (L-BFGS memory), ``lr`` (L-BFGS initial step),
     ``tolerance_grad``/``tolerance_change`` (L-BFGS stopping), ``cgls_iters``, ``seed``,
     ``progress``.
@@ -63,7 +63,7 @@ class DFlow:
     DEFAULTS: Dict[str, Any] = dict(
         N=32, method="euler", integrator=None, lam=1.0, alpha=1.0, init="auto", iterations=10,
         max_iter=5, history_size=20, lr=1.0, tolerance_grad=1e-9, tolerance_change=1e-12,
-        cgls_iters=10, seed=0, progress=False,
+        cgls_iters=10, tv_weight=0.3, seed=0, progress=False,
     )
 
     def __init__(self, **options: Any):
@@ -86,6 +86,7 @@ class DFlow:
         o["tolerance_change"] = check_positive("tolerance_change", o["tolerance_change"],
                                                owner=own, allow_zero=True)
         o["cgls_iters"] = check_int("cgls_iters", o["cgls_iters"], owner=own)
+        o["tv_weight"] = check_positive("tv_weight", o["tv_weight"], owner=own, allow_zero=True)
         o["seed"] = check_seed(o["seed"], owner=own)
         o["progress"] = check_bool("progress", o["progress"], owner=own)
         return o
@@ -111,7 +112,8 @@ class DFlow:
                 t_start = time.perf_counter()
                 problem = make_problem(operator, yb, prior, sigma)  # latent: via decoder
                 x0, init_label = initial_image(o["init"], operator, yb, owner=own,
-                                               cgls_iterations=o["cgls_iters"])
+                                               cgls_iterations=o["cgls_iters"],
+                                               noise_level=sigma, tv_weight=o["tv_weight"])
                 s0 = blend_init(v, prior, x0, alpha=o["alpha"], steps=o["N"],
                                 method=o["method"], generator=make_generator(o["seed"]))
                 lam = o["lam"]

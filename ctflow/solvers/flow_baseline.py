@@ -15,7 +15,8 @@ import torch
 
 from ..flow.integrate import CountingVelocity
 from .classical import _common_options
-from .common import check_init, check_int, check_problem, initial_image, make_generator
+from .common import (check_float, check_init, check_int, check_problem, initial_image,
+                     make_generator)
 
 __all__ = ["FlowSolve", "begin_solve", "check_flow_prior", "randn_like", "start_image",
            "start_options", "times"]
@@ -23,14 +24,15 @@ __all__ = ["FlowSolve", "begin_solve", "check_flow_prior", "randn_like", "start_
 
 def start_options(owner: str, *, init: Any, init_iterations: int,
                   x_init: Optional[torch.Tensor], seed: int,
-                  progress: bool) -> Dict[str, Any]:
+                  progress: bool, tv_weight: float = 0.3) -> Dict[str, Any]:
     """The checked start and run options: ``init`` (a name in
     :data:`ctflow.solvers.common.INIT_CHOICES`, a tensor or a callable ``y -> image``),
-    ``init_iterations`` (int >= 1), ``x_init`` (None or a tensor), ``seed`` (int >= 0) and
+    ``init_iterations`` (int >= 1), ``tv_weight`` (float >= 0, ``init="tv"``), ``x_init`` (None or a tensor), ``seed`` (int >= 0) and
     ``progress`` (bool)."""
     return {"init": check_init(init, owner=owner),
             "init_iterations": check_int("init_iterations", init_iterations, owner=owner,
                                          minimum=1),
+            "tv_weight": check_float("tv_weight", tv_weight, owner=owner, minimum=0.0),
             **_common_options(owner, x_init, seed, progress)}
 
 
@@ -94,12 +96,13 @@ def randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
 
 
-def start_image(owner: str, operator, y: torch.Tensor, options: Dict[str, Any]
-                ) -> torch.Tensor:
+def start_image(owner: str, operator, y: torch.Tensor, options: Dict[str, Any],
+                noise_level: float) -> torch.Tensor:
     """The public starting image in [0, 1]: ``options["x_init"]`` if given, else from
     ``options["init"]`` through :func:`ctflow.solvers.common.initial_image` (``"auto"``: FBP
     for CT operators, else the least-squares scaled :math:`A^Ty`; ``"fbp"``; ``"adjoint"``;
-    ``"cgls"``: ``options["init_iterations"]`` CGLS steps; ``"zeros"``: a constant mid-grey
+    ``"cgls"``: ``options["init_iterations"]`` CGLS steps; ``"tv"``: TV with relative weight
+    ``options["tv_weight"]`` at ``noise_level``; ``"zeros"``: a constant mid-grey
     0.5 image). A tensor start may have batch size 1 or that of ``y``."""
     x_init = options["x_init"]
     start = x_init if x_init is not None else options["init"]
@@ -111,7 +114,8 @@ def start_image(owner: str, operator, y: torch.Tensor, options: Dict[str, Any]
                              f"({y.shape[0]} or 1, {', '.join(map(str, want))}), "
                              f"got {tuple(start.shape)}")
     x, _ = initial_image(start, operator, y, owner=owner,
-                         cgls_iterations=options["init_iterations"])
+                         cgls_iterations=options["init_iterations"],
+                         noise_level=noise_level, tv_weight=options["tv_weight"])
     return x
 
 

@@ -197,7 +197,8 @@ class MSFlow:
     ``"power"`` or a list of :math:`K+1` times) and ``node_power``, ``draws`` (independent
     solves averaged; ``Reconstruction.uncertainty`` is their spread), ``inner_iters`` and
     ``max_backtracks`` (exact and joint updates), ``cg_iters``/``cg_tol`` (data step),
-    ``cgls_iters`` (``init="cgls"``), ``joint_optimizer`` (``"gd"``, ``"adam"``), ``lr``
+    ``cgls_iters`` (``init="cgls"``), ``tv_weight`` (``init="tv"``: the relative TV weight, see
+    :func:`~ctflow.solvers.common.initial_image`), ``joint_optimizer`` (``"gd"``, ``"adam"``), ``lr``
     (Adam), ``seed``, ``progress`` (tqdm over sweeps).
 
     ``MSFlow(**options).solve(operator, y, prior, noise_level)`` returns a
@@ -213,7 +214,7 @@ class MSFlow:
         init="auto", update="jacobian-free", sweep="gauss-seidel", order="forward",
         relaxation=None,
         inner_iters=3, max_backtracks=20, cg_iters=10, cg_tol=1e-6, cgls_iters=10,
-        trajectory="rollout", nodes="uniform", node_power=2.0, draws=1,
+        tv_weight=0.3, trajectory="rollout", nodes="uniform", node_power=2.0, draws=1,
         joint_optimizer="gd", lr=1e-2, seed=0, progress=False,
     )
 
@@ -269,6 +270,7 @@ class MSFlow:
         o["cg_iters"] = check_int("cg_iters", o["cg_iters"], owner=own)
         o["cg_tol"] = check_positive("cg_tol", o["cg_tol"], owner=own, allow_zero=True)
         o["cgls_iters"] = check_int("cgls_iters", o["cgls_iters"], owner=own)
+        o["tv_weight"] = check_positive("tv_weight", o["tv_weight"], owner=own, allow_zero=True)
         check_choice("joint_optimizer", o["joint_optimizer"], JOINT_OPTIMIZERS, owner=own)
         o["lr"] = check_positive("lr", o["lr"], owner=own)
         o["seed"] = check_seed(o["seed"], owner=own)
@@ -328,7 +330,8 @@ class _Run:
         self.rho: List[float] = list(rho) if isinstance(rho, list) else [float(rho)] * self.K
         self.t_start = time.perf_counter()
         x0, self.init_label = initial_image(o["init"], operator, y, owner="MSFlow",
-                                            cgls_iterations=o["cgls_iters"])
+                                            cgls_iterations=o["cgls_iters"],
+                                            noise_level=sigma, tv_weight=o["tv_weight"])
         gen = make_generator(o["seed"])
         s0 = blend_init(self.v, prior, x0, alpha=o["alpha"], steps=self.N, method=self.method,
                         generator=gen)

@@ -88,6 +88,7 @@ class OTODE:
             :func:`ctflow.solvers.common.initial_image` ("auto": FBP for CT operators, else
             the least-squares scaled :math:`A^Ty`; "zeros" is mid-grey 0.5).
         init_iterations (int >= 1, default 10): CGLS iterations for ``init="cgls"``.
+        tv_weight (float >= 0, default 0.3): relative TV weight for ``init="tv"``.
         x_init (tensor or None, default None): explicit public starting image (wins over
             ``init``).
         seed (int >= 0, default 0): seeds the initial noise :math:`\varepsilon`.
@@ -105,6 +106,7 @@ class OTODE:
     def __init__(self, *, steps: int = 50, t0: float = 0.2,
                  gamma: Union[str, float] = "gamma_t", cg_iters: int = 10,
                  cg_tol: float = 1e-6, init: Any = "auto", init_iterations: int = 10,
+                 tv_weight: float = 0.3,
                  x_init: Optional[torch.Tensor] = None, seed: int = 0,
                  progress: bool = False):
         o = type(self).__name__
@@ -122,7 +124,8 @@ class OTODE:
             "gamma": gamma,
             "cg_iters": check_int("cg_iters", cg_iters, owner=o, minimum=1),
             "cg_tol": check_float("cg_tol", cg_tol, owner=o, minimum=0.0),
-            **start_options(o, init=init, init_iterations=init_iterations, x_init=x_init,
+            **start_options(o, init=init, init_iterations=init_iterations, tv_weight=tv_weight,
+                            x_init=x_init,
                             seed=seed, progress=progress),
         }
 
@@ -137,7 +140,7 @@ class OTODE:
         history: List[Dict[str, Any]] = []
         with SolveMeter(y.device) as meter:
             with torch.no_grad():
-                x_pub = start_image(o, operator, y, opt)
+                x_pub = start_image(o, operator, y, opt, run.sigma)
                 norm2 = _operator_norm(o, operator, y) ** 2
                 x = t0 * prior.to_model(x_pub) + (1.0 - t0) * randn_like(x_pub, run.generator)
             for k in _progress(range(steps), opt["progress"], "ot-ode"):

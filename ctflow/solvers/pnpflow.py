@@ -68,6 +68,7 @@ class PnPFlow:
             "zeros"): the starting image when ``x_init`` is None (see
             :func:`ctflow.solvers.common.initial_image`; "zeros" is mid-grey 0.5).
         init_iterations (int >= 1, default 10): CGLS iterations for ``init="cgls"``.
+        tv_weight (float >= 0, default 0.3): relative TV weight for ``init="tv"``.
         x_init (tensor or None, default None): explicit public starting image (wins over
             ``init``).
         seed (int >= 0, default 0): seeds the re-noising draws.
@@ -83,7 +84,7 @@ class PnPFlow:
 
     def __init__(self, *, steps: int = 100, gamma: float = 1.0, alpha: float = 0.0,
                  draws: int = 2, t_start: float = 0.0, init: Any = "zeros",
-                 init_iterations: int = 10, x_init: Optional[torch.Tensor] = None,
+                 init_iterations: int = 10, tv_weight: float = 0.3, x_init: Optional[torch.Tensor] = None,
                  seed: int = 0, progress: bool = False):
         o = type(self).__name__
         self.options: Dict[str, Any] = {
@@ -93,7 +94,8 @@ class PnPFlow:
             "draws": check_int("draws", draws, owner=o, minimum=1),
             "t_start": check_float("t_start", t_start, owner=o, minimum=0.0, maximum=1.0,
                                    max_open=True),
-            **start_options(o, init=init, init_iterations=init_iterations, x_init=x_init,
+            **start_options(o, init=init, init_iterations=init_iterations, tv_weight=tv_weight,
+                            x_init=x_init,
                             seed=seed, progress=progress),
         }
 
@@ -107,7 +109,7 @@ class PnPFlow:
         history: List[Dict[str, Any]] = []
         with SolveMeter(y.device) as meter:
             with torch.no_grad():
-                x_pub = start_image(o, operator, y, opt)
+                x_pub = start_image(o, operator, y, opt, run.sigma)
                 lip = (_operator_norm(o, operator, y) / abs(a)) ** 2  # ||A_m||^2
                 x = prior.to_model(x_pub)
                 ax = operator.forward(prior.from_model(x))
