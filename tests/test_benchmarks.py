@@ -324,7 +324,7 @@ def test_cli_list_and_report(tmp_path, micro_prior_path, capsys):
     assert main(["restoration", "--quick", "--prior", micro_prior_path, "--out", str(tmp_path),
                  "--list"]) == 0
     out = capsys.readouterr().out
-    assert "restoration: 6 cases, 0 stored" in out and out.count("pending") == 6
+    assert "restoration: 8 cases, 0 stored" in out and out.count("pending") == 8
     assert main(["report", "--out", str(tmp_path)]) == 1           # nothing to report yet
     assert main(["nonsense", "--quick"]) == 2
     with pytest.raises(SystemExit):

@@ -13,7 +13,8 @@ task                operator
 ``sr-x4``           4 x 4 average pooling (64 -> 16)
 ==================  =====================================================================
 
-MS-Flow, D-Flow (both at ``N = steps`` of the config) and PnP-Flow on the 10 TEST slices.
+MS-Flow, D-Flow (both at ``N = steps`` of the config), PnP-Flow and TV (the start image of
+both flow methods, ``init="tv"``) on the 10 TEST slices.
 Options from ``benchmarks/configs/restoration.json`` (tuned on VALIDATION by
 ``python -m benchmarks tune restoration``). ``--quick``: one slice, deblur and box
 inpainting at :math:`\sigma = 0.05`, N = 8, tiny iteration counts.
@@ -35,7 +36,7 @@ TASKS: Dict[str, Dict[str, Any]] = {
     "sr-x4": {"operator": "superres", "factor": 4, "mode": "average"},
 }
 NOISE_LEVELS = (0.01, 0.05)
-METHODS = ("msflow", "dflow", "pnpflow")
+METHODS = ("tv", "msflow", "dflow", "pnpflow")
 FLOW_METHODS = ("msflow", "dflow")
 N_TEST_IMAGES = 10
 
