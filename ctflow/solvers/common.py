@@ -38,7 +38,7 @@ __all__ = [
     "check_options", "check_choice", "check_positive", "check_int", "check_probability",
     "check_float", "check_bool", "check_seed", "check_init", "check_x_init", "check_problem",
     "check_noise_level", "check_prior", "prepare_measurement", "Measurement",
-    "ModelSpaceProblem", "radial_prior", "radial_prox", "per_item_norm", "per_item_sq",
+    "ModelSpaceProblem", "FlowSolverBase", "radial_prior", "radial_prox", "per_item_norm", "per_item_sq",
     "conjugate_gradient", "data_step", "initial_image", "fbp_initialiser", "blend_init",
     "SolverVelocity", "make_generator", "progress_bar", "INIT_CHOICES", "merge_flow_options",
     "make_problem",
@@ -263,6 +263,40 @@ def prepare_measurement(operator, y: Any, *, owner: str, channels: Optional[int]
     if not bool(torch.isfinite(yb).all()):
         raise ValueError(f"{owner}: y contains NaN or inf values; clean the measurement first")
     return Measurement(yb, added)
+
+
+class FlowSolverBase:
+    """Shared front of the trajectory solvers (MS-Flow, D-Flow): options checked once by the
+    subclass's ``validate`` classmethod at construction, ``solver(operator, y, prior,
+    noise_level, options=None)`` as ``solve`` with ``options`` overriding, and the checks every
+    solve starts with (:meth:`begin`)."""
+
+    #: the public name of the method (``reconstruct(method=...)``)
+    name = ""
+
+    def __init__(self, **options: Any):
+        self.options = self.validate(options)
+
+    @classmethod
+    def validate(cls, options: Dict[str, Any]) -> Dict[str, Any]:  # pragma: no cover
+        raise NotImplementedError
+
+    def __call__(self, operator, y, prior, noise_level, options: Optional[Dict[str, Any]] = None):
+        if options:
+            return type(self)(**{**self.options, **options}).solve(operator, y, prior,
+                                                                    noise_level)
+        return self.solve(operator, y, prior, noise_level)
+
+    def solve(self, operator, y, prior, noise_level):  # pragma: no cover
+        raise NotImplementedError
+
+    def begin(self, operator, y, prior, noise_level) -> Tuple[float, "Measurement"]:
+        """Check ``noise_level``, the prior (flat or latent) against ``operator`` and ``y``, all
+        before any work; return :math:`\sigma` and the prepared measurement."""
+        own = type(self).__name__
+        sigma = check_noise_level(noise_level, owner=own)
+        check_prior(prior, operator, owner=own, allow_latent=True)
+        return sigma, prepare_measurement(operator, y, owner=own, channels=prior.channels)
 
 
 def check_prior(prior, operator, *, owner: str, allow_latent: bool = False) -> None:

@@ -25,16 +25,15 @@ entry gets ``diverged_at`` (the outer iteration) and the solve stops. The result
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 
 from ..flow.integrate import integrate
-from .common import (ModelSpaceProblem, SolverVelocity, blend_init, check_bool, check_choice,
-                     check_int, check_noise_level, check_positive, check_prior,
+from .common import (FlowSolverBase, SolverVelocity, blend_init,
+                     check_bool, check_choice, check_int, check_positive,
                      check_probability, check_seed, initial_image, make_generator,
-                     make_problem, merge_flow_options, prepare_measurement, progress_bar,
-                     radial_prior)
+                     make_problem, merge_flow_options, progress_bar, radial_prior)
 from .result import Reconstruction, SolveMeter
 
 __all__ = ["DFlow"]
@@ -42,7 +41,7 @@ __all__ = ["DFlow"]
 DFLOW_METHODS = ("euler", "midpoint", "heun")
 
 
-class DFlow:
+class DFlow(FlowSolverBase):
     r"""D-Flow solver (see the module docstring).
 
     Keyword-only options (defaults in :attr:`DEFAULTS`): ``N`` ODE steps, ``method``
@@ -66,9 +65,6 @@ class DFlow:
         cgls_iters=10, tv_weight=0.3, seed=0, progress=False,
     )
 
-    def __init__(self, **options: Any):
-        self.options = self.validate(options)
-
     @classmethod
     def validate(cls, options: Dict[str, Any]) -> Dict[str, Any]:
         own = "DFlow"
@@ -91,27 +87,16 @@ class DFlow:
         o["progress"] = check_bool("progress", o["progress"], owner=own)
         return o
 
-    def __call__(self, operator, y, prior, noise_level, options: Optional[Dict[str, Any]] = None
-                 ) -> Reconstruction:
-        if options:
-            merged = dict(self.options)
-            merged.update(options)
-            return type(self)(**merged).solve(operator, y, prior, noise_level)
-        return self.solve(operator, y, prior, noise_level)
-
     def solve(self, operator, y: torch.Tensor, prior, noise_level: float) -> Reconstruction:
-        own = "DFlow"
         o = self.options
-        sigma = check_noise_level(noise_level, owner=own)
-        check_prior(prior, operator, owner=own, allow_latent=True)
-        meas = prepare_measurement(operator, y, owner=own, channels=prior.channels)
+        sigma, meas = self.begin(operator, y, prior, noise_level)
         yb = meas.y
         with SolveMeter(yb.device) as meter:
             v = SolverVelocity(prior, yb.device)
             with v.evaluation_mode():
                 t_start = time.perf_counter()
                 problem = make_problem(operator, yb, prior, sigma)  # latent: via decoder
-                x0, init_label = initial_image(o["init"], operator, yb, owner=own,
+                x0, init_label = initial_image(o["init"], operator, yb, owner="DFlow",
                                                cgls_iterations=o["cgls_iters"],
                                                noise_level=sigma, tv_weight=o["tv_weight"])
                 s0 = blend_init(v, prior, x0, alpha=o["alpha"], steps=o["N"],

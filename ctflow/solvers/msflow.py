@@ -123,16 +123,16 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import torch
 
 from ..flow.integrate import METHODS, integrate
-from .common import (ModelSpaceProblem, SolverVelocity, blend_init, check_bool, check_choice,
-                     check_int, check_noise_level, check_positive, check_prior,
+from .common import (FlowSolverBase, SolverVelocity, blend_init, check_bool,
+                     check_choice, check_int, check_positive,
                      check_probability, check_seed, data_step, initial_image, make_generator,
                      make_problem, merge_flow_options, per_item_dot, per_item_sq,
-                     prepare_measurement, progress_bar, radial_prior, radial_prox)
+                     progress_bar, radial_prior, radial_prox)
 from .result import Reconstruction, SolveMeter
 
 __all__ = ["MSFlow"]
@@ -178,7 +178,7 @@ def _bc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
-class MSFlow:
+class MSFlow(FlowSolverBase):
     r"""MS-Flow solver (see the module docstring for the mathematics).
 
     Keyword-only options (defaults in :attr:`DEFAULTS`):
@@ -217,9 +217,6 @@ class MSFlow:
         tv_weight=0.3, trajectory="rollout", nodes="uniform", node_power=2.0, draws=1,
         joint_optimizer="gd", lr=1e-2, seed=0, progress=False,
     )
-
-    def __init__(self, **options: Any):
-        self.options = self.validate(options)
 
     # -------------------------------------------------------------------------------------
     @classmethod
@@ -277,22 +274,11 @@ class MSFlow:
         o["progress"] = check_bool("progress", o["progress"], owner=own)
         return o
 
-    def __call__(self, operator, y, prior, noise_level, options: Optional[Dict[str, Any]] = None
-                 ) -> Reconstruction:
-        if options:
-            merged = {k: v for k, v in self.options.items()}
-            merged.update(options)
-            return type(self)(**merged).solve(operator, y, prior, noise_level)
-        return self.solve(operator, y, prior, noise_level)
-
     # -------------------------------------------------------------------------------------
     def solve(self, operator, y: torch.Tensor, prior, noise_level: float) -> Reconstruction:
         """Reconstruct from ``y``; see the class and module docstrings."""
-        own = "MSFlow"
         o = self.options
-        sigma = check_noise_level(noise_level, owner=own)
-        check_prior(prior, operator, owner=own, allow_latent=True)
-        meas = prepare_measurement(operator, y, owner=own, channels=prior.channels)
+        sigma, meas = self.begin(operator, y, prior, noise_level)
         yb = meas.y
         D = o["draws"]
         with SolveMeter(yb.device) as meter:
