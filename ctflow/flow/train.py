@@ -46,7 +46,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -231,6 +231,91 @@ def restore_training_state(tensors: Dict[str, torch.Tensor], meta: dict,
 
 
 @dataclass
+class LoopEnd:
+    """Where :func:`training_loop` stopped."""
+
+    step: int
+    last_loss: Optional[float]
+    seconds: float
+    checkpoint: Optional[Path]
+
+
+def training_loop(*, model: torch.nn.Module, opt: torch.optim.Optimizer, ema: "EMA",
+                  loss_step: Callable[[], Tuple[torch.Tensor, Dict[str, torch.Tensor]]],
+                  lr_of_step: Callable[[int], float], step: int, steps: int, elapsed: float,
+                  grad_clip: float, log_every: int, checkpoint_every: int,
+                  save: Callable[[int, Optional[float], float], Path], log_path: Path,
+                  losses: List[dict], checkpoint: Optional[Path],
+                  stop: Optional[Callable[[], bool]], progress: bool, what: str) -> LoopEnd:
+    """The optimisation loop of every trainer (flow prior, autoencoder), from ``step`` to
+    ``steps``.
+
+    Per step: the learning rate ``lr_of_step(step)``, ``loss, extras = loss_step()`` (the
+    trainer draws its batch and noise there, from its own generator), backward, gradient
+    clipping at ``grad_clip`` (0: none), the optimiser and EMA updates. Every ``log_every``
+    steps (and at the last) the mean loss and the means of ``extras`` since the last record go
+    to ``loss.jsonl`` (:func:`append_log`); every ``checkpoint_every`` steps
+    ``save(step, last_loss, elapsed_seconds)`` writes a checkpoint, and at the end one more if
+    the last step has none (:func:`needs_final_checkpoint`). ``stop()`` returning true ends the
+    loop early (SIGINT/SIGTERM in the CLIs); a non-finite loss raises ``FloatingPointError``.
+    ``elapsed`` counts training time across resumed runs; checkpoint writing is not counted.
+    """
+    last_loss = losses[-1]["loss"] if losses else None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, initial=min(step, steps), desc=f"train {what}",
+                   dynamic_ncols=True)
+    acc, acc_extra, acc_n = 0.0, {}, 0
+    t_mark = time.perf_counter()
+    path, stopped = checkpoint, False
+    while step < steps:
+        if stop is not None and stop():
+            stopped = True
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_of_step(step)
+        loss, extras = loss_step()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip and grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        ema.update(model, step)
+        step += 1
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise FloatingPointError(f"{what} loss became {lv} at step {step}")
+        acc += lv
+        for k, v in extras.items():
+            acc_extra[k] = acc_extra.get(k, 0.0) + float(v.detach())
+        acc_n += 1
+        if step % log_every == 0 or step == steps:
+            now = time.perf_counter()
+            elapsed += now - t_mark
+            t_mark = now
+            rec = {"step": step, "loss": acc / acc_n,
+                   **{k: v / acc_n for k, v in acc_extra.items()},
+                   "lr": opt.param_groups[0]["lr"], "seconds": round(elapsed, 3)}
+            append_log(log_path, losses, rec)
+            last_loss = rec["loss"]
+            acc, acc_extra, acc_n = 0.0, {}, 0
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{lv:.4f}")
+        if step % checkpoint_every == 0 and step != steps:
+            elapsed += time.perf_counter() - t_mark
+            t_mark = time.perf_counter()
+            path = save(step, last_loss, elapsed)
+    elapsed += time.perf_counter() - t_mark
+    if bar is not None:
+        bar.close()
+    if needs_final_checkpoint(path, step, stopped):
+        path = save(step, last_loss, elapsed)
+    return LoopEnd(step=step, last_loss=last_loss, seconds=elapsed, checkpoint=path)
+
+
+@dataclass
 class TrainResult:
     """What :func:`train_prior` returns."""
 
@@ -366,10 +451,10 @@ def train_prior(dataset, *, out_dir, steps: int, batch_size: int = 16, lr: float
         commands.append(command)
     losses = _read_log(log_path)
 
-    def save(step_now: int, last_loss: Optional[float]) -> Path:
+    def save(step_now: int, last_loss: Optional[float], seconds: float) -> Path:
         tensors, ometa = training_state(model, ema, opt, gen)
         meta = {"format": TRAIN_FORMAT, "name": name, "step": int(step_now),
-                "elapsed_seconds": float(elapsed), "last_loss": last_loss, "model": cfg,
+                "elapsed_seconds": float(seconds), "last_loss": last_loss, "model": cfg,
                 "prior": prior_meta, "train": hparams, "data": data_desc,
                 "commands": commands, "optimizer": ometa,
                 "parameters": int(sum(p.numel() for p in model.parameters()))}
@@ -377,26 +462,8 @@ def train_prior(dataset, *, out_dir, steps: int, batch_size: int = 16, lr: float
         _prune(out, step_now, keep_last, keep_every)
         return path
 
-    last_loss = losses[-1]["loss"] if losses else None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, initial=min(step, steps), desc=f"train {name}",
-                   dynamic_ncols=True)
-    acc, acc_n = 0.0, 0
-    t_start = time.perf_counter()
-    t_mark = t_start
-    path = ckpt
-    stopped = False
-    while step < steps:
-        if stop is not None and stop():
-            stopped = True
-            break
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, lr=lr, warmup_steps=warmup_steps, total_steps=steps,
-                            schedule=lr_schedule, min_lr_ratio=min_lr_ratio)
-        x = dataset.sample(batch_size, gen).to(device)
-        x1 = scale * x + shift
+    def loss_step():
+        x1 = scale * dataset.sample(batch_size, gen).to(device) + shift
         x0 = torch.randn(x1.shape, generator=gen).to(device)
         if coupling == "ot":
             x0 = ot_couple(x0, x1)
@@ -404,40 +471,16 @@ def train_prior(dataset, *, out_dir, steps: int, batch_size: int = 16, lr: float
             x1 = x1.contiguous(memory_format=fmt)
             x0 = x0.contiguous(memory_format=fmt)
         t = sample_times(batch_size, gen, time_sampling).to(device)
-        loss = flow_matching_loss(model, x1, x0, t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip and grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        ema.update(model, step)
-        step += 1
-        lv = float(loss.detach())
-        if not math.isfinite(lv):
-            raise FloatingPointError(f"training loss became {lv} at step {step}")
-        acc += lv
-        acc_n += 1
-        now = time.perf_counter()
-        if step % log_every == 0 or step == steps:
-            elapsed += now - t_mark
-            t_mark = now
-            rec = {"step": step, "loss": acc / acc_n, "lr": opt.param_groups[0]["lr"],
-                   "seconds": round(elapsed, 3)}
-            append_log(log_path, losses, rec)
-            last_loss = rec["loss"]
-            acc, acc_n = 0.0, 0
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{lv:.4f}")
-        if step % checkpoint_every == 0 and step != steps:
-            elapsed += time.perf_counter() - t_mark
-            t_mark = time.perf_counter()
-            path = save(step, last_loss)
-    elapsed += time.perf_counter() - t_mark
-    if bar is not None:
-        bar.close()
-    if needs_final_checkpoint(path, step, stopped):
-        path = save(step, last_loss)
+        return flow_matching_loss(model, x1, x0, t), {}
+
+    end = training_loop(
+        model=model, opt=opt, ema=ema, loss_step=loss_step,
+        lr_of_step=lambda k: lr_at(k, lr=lr, warmup_steps=warmup_steps, total_steps=steps,
+                                   schedule=lr_schedule, min_lr_ratio=min_lr_ratio),
+        step=step, steps=steps, elapsed=elapsed, grad_clip=grad_clip, log_every=log_every,
+        checkpoint_every=checkpoint_every, save=save, log_path=log_path, losses=losses,
+        checkpoint=ckpt, stop=stop, progress=progress, what=name)
+    step, last_loss, elapsed, path = end.step, end.last_loss, end.seconds, end.checkpoint
 
     ema_model = type(model).from_config(cfg) if hasattr(type(model), "from_config") else model
     ema_model.load_state_dict(ema.shadow)

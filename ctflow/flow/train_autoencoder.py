@@ -51,8 +51,8 @@ import torch
 from ..priors.checkpoint import (PRIOR_FORMAT, TRAIN_FORMAT, CheckpointError, read_checkpoint,
                                  write_checkpoint)
 from .autoencoder import AutoEncoder, LatentCodec
-from .train import (EMA, _prune, _read_log, append_log, latest_checkpoint, lr_at,
-                    needs_final_checkpoint, restore_training_state, training_state)
+from .train import (EMA, _prune, _read_log, latest_checkpoint, lr_at, restore_training_state,
+                    training_loop, training_state)
 
 __all__ = ["train_autoencoder", "AutoEncoderResult", "autoencoder_loss", "load_autoencoder",
            "encode_pool", "write_codec", "read_codec", "bundle_latent", "main"]
@@ -159,10 +159,10 @@ def train_autoencoder(dataset, *, out_dir, steps: int, batch_size: int = 16, cro
         commands.append(command)
     losses = _read_log(log_path)
 
-    def save(step_now: int, last: Optional[float]) -> Path:
+    def save(step_now: int, last: Optional[float], seconds: float) -> Path:
         tensors, ometa = training_state(model, ema, opt, gen)
         meta = {"format": TRAIN_FORMAT, "kind": "autoencoder", "name": name,
-                "step": int(step_now), "elapsed_seconds": float(elapsed), "last_loss": last,
+                "step": int(step_now), "elapsed_seconds": float(seconds), "last_loss": last,
                 "model": cfg, "train": hparams, "data": data_desc, "commands": commands,
                 "optimizer": ometa,
                 "parameters": int(sum(p.numel() for p in model.parameters()))}
@@ -170,58 +170,19 @@ def train_autoencoder(dataset, *, out_dir, steps: int, batch_size: int = 16, cro
         _prune(out, step_now, keep_last, None)
         return path
 
-    last_loss = losses[-1]["loss"] if losses else None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, initial=min(step, steps), desc=f"train {name}")
-    acc, acc_l1, acc_n = 0.0, 0.0, 0
-    t_mark = time.perf_counter()
-    path = ckpt
-    stopped = False
-    while step < steps:
-        if stop is not None and stop():
-            stopped = True
-            break
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, lr=lr, warmup_steps=warmup_steps, total_steps=steps,
-                            schedule=lr_schedule, min_lr_ratio=min_lr_ratio)
+    def loss_step():
         x = _random_crops(dataset.sample(batch_size, gen), crop, gen).to(device)
         loss, l1 = autoencoder_loss(model, x, noise=noise, beta=beta, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip and grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        ema.update(model, step)
-        step += 1
-        lv = float(loss.detach())
-        if not math.isfinite(lv):
-            raise FloatingPointError(f"autoencoder loss became {lv} at step {step}")
-        acc += lv
-        acc_l1 += float(l1.detach())
-        acc_n += 1
-        if step % log_every == 0 or step == steps:
-            now = time.perf_counter()
-            elapsed += now - t_mark
-            t_mark = now
-            rec = {"step": step, "loss": acc / acc_n, "l1": acc_l1 / acc_n,
-                   "lr": opt.param_groups[0]["lr"], "seconds": round(elapsed, 3)}
-            append_log(log_path, losses, rec)
-            last_loss = rec["loss"]
-            acc, acc_l1, acc_n = 0.0, 0.0, 0
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{lv:.4f}")
-        if step % checkpoint_every == 0 and step != steps:
-            elapsed += time.perf_counter() - t_mark
-            t_mark = time.perf_counter()
-            path = save(step, last_loss)
-    elapsed += time.perf_counter() - t_mark
-    if bar is not None:
-        bar.close()
-    if needs_final_checkpoint(path, step, stopped):
-        path = save(step, last_loss)
+        return loss, {"l1": l1}
+
+    end = training_loop(
+        model=model, opt=opt, ema=ema, loss_step=loss_step,
+        lr_of_step=lambda k: lr_at(k, lr=lr, warmup_steps=warmup_steps, total_steps=steps,
+                                   schedule=lr_schedule, min_lr_ratio=min_lr_ratio),
+        step=step, steps=steps, elapsed=elapsed, grad_clip=grad_clip, log_every=log_every,
+        checkpoint_every=checkpoint_every, save=save, log_path=log_path, losses=losses,
+        checkpoint=ckpt, stop=stop, progress=progress, what=name)
+    step, last_loss, elapsed, path = end.step, end.last_loss, end.seconds, end.checkpoint
     ema_model = AutoEncoder.from_config(cfg)
     ema_model.load_state_dict(ema.shadow)
     ema_model.eval()
