@@ -65,7 +65,8 @@ def merge_flow_options(given: Mapping[str, Any], defaults: Mapping[str, Any], *,
     """Defaults plus ``given`` for a flow solver, with the checks MS-Flow and D-Flow share:
     unknown names refused; ``integrator`` folded into ``method`` (``reconstruct`` uses
     ``method`` for the solver name); ``init`` a tensor, a callable or one of
-    :data:`INIT_CHOICES`."""
+    :data:`INIT_CHOICES`; ``cgls_iters`` (int >= 1), ``tv_weight`` (>= 0), ``seed``,
+    ``progress``."""
     check_options(given, defaults, owner=owner)
     o = dict(defaults)
     o.update(given)
@@ -76,6 +77,10 @@ def merge_flow_options(given: Mapping[str, Any], defaults: Mapping[str, Any], *,
         o["method"] = o["integrator"]
     o["integrator"] = None
     check_init(o["init"], owner=owner)
+    o["cgls_iters"] = check_int("cgls_iters", o["cgls_iters"], owner=owner)
+    o["tv_weight"] = check_positive("tv_weight", o["tv_weight"], owner=owner, allow_zero=True)
+    o["seed"] = check_seed(o["seed"], owner=owner)
+    o["progress"] = check_bool("progress", o["progress"], owner=owner)
     return o
 
 

@@ -31,8 +31,8 @@ import torch
 
 from ..flow.integrate import integrate
 from .common import (FlowSolverBase, SolverVelocity, blend_init,
-                     check_bool, check_choice, check_int, check_positive,
-                     check_probability, check_seed, initial_image, make_generator,
+                     check_choice, check_int, check_positive,
+                     check_probability, initial_image, make_generator,
                      make_problem, merge_flow_options, progress_bar, radial_prior)
 from .result import Reconstruction, SolveMeter
 
@@ -81,10 +81,6 @@ class DFlow(FlowSolverBase):
                                              allow_zero=True)
         o["tolerance_change"] = check_positive("tolerance_change", o["tolerance_change"],
                                                owner=own, allow_zero=True)
-        o["cgls_iters"] = check_int("cgls_iters", o["cgls_iters"], owner=own)
-        o["tv_weight"] = check_positive("tv_weight", o["tv_weight"], owner=own, allow_zero=True)
-        o["seed"] = check_seed(o["seed"], owner=own)
-        o["progress"] = check_bool("progress", o["progress"], owner=own)
         return o
 
     def solve(self, operator, y: torch.Tensor, prior, noise_level: float) -> Reconstruction:

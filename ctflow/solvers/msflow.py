@@ -128,9 +128,9 @@ from typing import Any, Dict, List, Sequence
 import torch
 
 from ..flow.integrate import METHODS, integrate
-from .common import (FlowSolverBase, SolverVelocity, blend_init, check_bool,
+from .common import (FlowSolverBase, SolverVelocity, blend_init,
                      check_choice, check_int, check_positive,
-                     check_probability, check_seed, data_step, initial_image, make_generator,
+                     check_probability, data_step, initial_image, make_generator,
                      make_problem, merge_flow_options, per_item_dot, per_item_sq,
                      progress_bar, radial_prior, radial_prox)
 from .result import Reconstruction, SolveMeter
@@ -266,12 +266,8 @@ class MSFlow(FlowSolverBase):
                                         minimum=0)
         o["cg_iters"] = check_int("cg_iters", o["cg_iters"], owner=own)
         o["cg_tol"] = check_positive("cg_tol", o["cg_tol"], owner=own, allow_zero=True)
-        o["cgls_iters"] = check_int("cgls_iters", o["cgls_iters"], owner=own)
-        o["tv_weight"] = check_positive("tv_weight", o["tv_weight"], owner=own, allow_zero=True)
         check_choice("joint_optimizer", o["joint_optimizer"], JOINT_OPTIMIZERS, owner=own)
         o["lr"] = check_positive("lr", o["lr"], owner=own)
-        o["seed"] = check_seed(o["seed"], owner=own)
-        o["progress"] = check_bool("progress", o["progress"], owner=own)
         return o
 
     # -------------------------------------------------------------------------------------
