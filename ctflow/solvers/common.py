@@ -38,7 +38,8 @@ __all__ = [
     "check_options", "check_choice", "check_positive", "check_int", "check_probability",
     "check_float", "check_bool", "check_seed", "check_init", "check_x_init", "check_problem",
     "check_noise_level", "check_prior", "prepare_measurement", "Measurement",
-    "ModelSpaceProblem", "FlowSolverBase", "radial_prior", "radial_prox", "per_item_norm", "per_item_sq",
+    "ModelSpaceProblem", "FlowSolverBase", "radial_prior", "radial_prox", "per_item_norm",
+    "per_item_sq",
     "conjugate_gradient", "data_step", "initial_image", "fbp_initialiser", "blend_init",
     "SolverVelocity", "make_generator", "progress_bar", "INIT_CHOICES", "merge_flow_options",
     "make_problem",
@@ -296,7 +297,7 @@ class FlowSolverBase:
         raise NotImplementedError
 
     def begin(self, operator, y, prior, noise_level) -> Tuple[float, "Measurement"]:
-        """Check ``noise_level``, the prior (flat or latent) against ``operator`` and ``y``, all
+        r"""Check ``noise_level``, the prior (flat or latent) against ``operator`` and ``y``, all
         before any work; return :math:`\sigma` and the prepared measurement."""
         own = type(self).__name__
         sigma = check_noise_level(noise_level, owner=own)
@@ -598,8 +599,8 @@ def initial_image(init: Any, operator, y: torch.Tensor, *, owner: str,
     (``cgls_iterations`` CG steps on the normal equations), ``"tv"`` (the TV reconstruction
     :class:`~ctflow.solvers.classical.TV` with relative weight ``tv_weight`` at
     ``noise_level``: fills what the data leave open -- masked pixels, lost resolution -- with
-    a piecewise-constant guess, where the adjoint and CGLS leave zeros), ``"zeros"`` (a mid-grey 0.5
-    image), a tensor of the domain shape, or a callable ``y -> image``.
+    a piecewise-constant guess, where the adjoint and CGLS leave zeros), ``"zeros"`` (a
+    mid-grey 0.5 image), a tensor of the domain shape, or a callable ``y -> image``.
     """
     with torch.no_grad():
         if isinstance(init, torch.Tensor):
