@@ -19,8 +19,9 @@ History: entry 0 is the start, then one entry per outer iteration with ``data``,
 (:math:`\lambda R(s_0)`), ``objective`` :math:`F`, ``residual`` :math:`\|Ax-y\|/\|y\|`,
 ``gaps`` (empty: D-Flow has no stitching gaps), cumulative ``nfe_forward``/``nfe_backward``
 and ``seconds``. If an L-BFGS step leaves a non-finite state or end image (the line search
-wandered where the discretised flow blows up), the last finite iterate is kept, the last history
-entry gets ``diverged_at`` (the outer iteration) and the solve stops. The result image is :math:`x(\Phi_{0\to1}(s_0))` clipped to :math:`[0,1]`.
+wandered where the discretised flow blows up), the last finite iterate is kept, the last
+history entry gets ``diverged_at`` (the outer iteration) and the solve stops. The result image
+is :math:`x(\Phi_{0\to1}(s_0))` clipped to :math:`[0,1]`.
 """
 from __future__ import annotations
 
@@ -48,8 +49,8 @@ class DFlow(FlowSolverBase):
     (``"euler"``, ``"midpoint"``, ``"heun"``; alias ``integrator`` for ``ctflow.reconstruct``),
     ``lam`` :math:`\lambda`, ``alpha`` (blend),
     ``init`` (``"auto"``, ``"fbp"``, ``"adjoint"``, ``"cgls"``, ``"tv"``, ``"zeros"``, a tensor
-    or a callable ``y -> image``; ``tv_weight`` the relative TV weight of ``"tv"``), ``iterations`` (outer L-BFGS steps), ``max_iter`` (L-BFGS
-    iterations per step), ``history_size`` (L-BFGS memory), ``lr`` (L-BFGS initial step),
+    or a callable ``y -> image``; ``tv_weight`` the relative TV weight of ``"tv"``),
+    ``iterations`` (outer L-BFGS steps), ``max_iter`` (L-BFGS iterations per step), ``history_size`` (L-BFGS memory), ``lr`` (L-BFGS initial step),
     ``tolerance_grad``/``tolerance_change`` (L-BFGS stopping), ``cgls_iters``, ``seed``,
     ``progress``.
 

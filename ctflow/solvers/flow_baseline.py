@@ -27,8 +27,8 @@ def start_options(owner: str, *, init: Any, init_iterations: int,
                   progress: bool, tv_weight: float = 0.3) -> Dict[str, Any]:
     """The checked start and run options: ``init`` (a name in
     :data:`ctflow.solvers.common.INIT_CHOICES`, a tensor or a callable ``y -> image``),
-    ``init_iterations`` (int >= 1), ``tv_weight`` (float >= 0, ``init="tv"``), ``x_init`` (None or a tensor), ``seed`` (int >= 0) and
-    ``progress`` (bool)."""
+    ``init_iterations`` (int >= 1), ``tv_weight`` (float >= 0, ``init="tv"``), ``x_init``
+    (None or a tensor), ``seed`` (int >= 0) and ``progress`` (bool)."""
     return {"init": check_init(init, owner=owner),
             "init_iterations": check_int("init_iterations", init_iterations, owner=owner,
                                          minimum=1),
