@@ -50,7 +50,8 @@ class DFlow(FlowSolverBase):
     ``lam`` :math:`\lambda`, ``alpha`` (blend),
     ``init`` (``"auto"``, ``"fbp"``, ``"adjoint"``, ``"cgls"``, ``"tv"``, ``"zeros"``, a tensor
     or a callable ``y -> image``; ``tv_weight`` the relative TV weight of ``"tv"``),
-    ``iterations`` (outer L-BFGS steps), ``max_iter`` (L-BFGS iterations per step), ``history_size`` (L-BFGS memory), ``lr`` (L-BFGS initial step),
+    ``iterations`` (outer L-BFGS steps), ``max_iter`` (L-BFGS iterations per step),
+    ``history_size`` (L-BFGS memory), ``lr`` (L-BFGS initial step),
     ``tolerance_grad``/``tolerance_change`` (L-BFGS stopping), ``cgls_iters``, ``seed``,
     ``progress``.
 

@@ -198,8 +198,8 @@ class MSFlow(FlowSolverBase):
     solves averaged; ``Reconstruction.uncertainty`` is their spread), ``inner_iters`` and
     ``max_backtracks`` (exact and joint updates), ``cg_iters``/``cg_tol`` (data step),
     ``cgls_iters`` (``init="cgls"``), ``tv_weight`` (``init="tv"``: the relative TV weight, see
-    :func:`~ctflow.solvers.common.initial_image`), ``joint_optimizer`` (``"gd"``, ``"adam"``), ``lr``
-    (Adam), ``seed``, ``progress`` (tqdm over sweeps).
+    :func:`~ctflow.solvers.common.initial_image`), ``joint_optimizer`` (``"gd"``, ``"adam"``),
+    ``lr`` (Adam), ``seed``, ``progress`` (tqdm over sweeps).
 
     ``MSFlow(**options).solve(operator, y, prior, noise_level)`` returns a
     :class:`~ctflow.solvers.result.Reconstruction`; the instance is also callable as

@@ -84,7 +84,8 @@ class PnPFlow:
 
     def __init__(self, *, steps: int = 100, gamma: float = 1.0, alpha: float = 0.0,
                  draws: int = 2, t_start: float = 0.0, init: Any = "zeros",
-                 init_iterations: int = 10, tv_weight: float = 0.3, x_init: Optional[torch.Tensor] = None,
+                 init_iterations: int = 10, tv_weight: float = 0.3,
+                 x_init: Optional[torch.Tensor] = None,
                  seed: int = 0, progress: bool = False):
         o = type(self).__name__
         self.options: Dict[str, Any] = {
