@@ -1,7 +1,8 @@
 r"""``ablation`` (the paper's Figure 2, left): what each part of MS-Flow contributes.
 
 On 30-view parallel-beam CT with 1 % relative noise and the 10 TEST slices, starting from the
-tuned MS-Flow options of ``configs/ct-sparse.json`` at ``N = steps`` (32) ODE steps, one
+tuned MS-Flow options of ``configs/ct-sparse.json`` at ``N = steps`` ODE steps (16 in the
+committed config), one
 factor changes at a time (``configs/ablation.json``):
 
 * ``lambda``: the radial prior on :math:`s_0` on (the tuned :math:`\lambda`) or off
@@ -10,8 +11,10 @@ factor changes at a time (``configs/ablation.json``):
 * ``K``: the number of segments (``M = N/K`` steps each);
 * ``schedule``: constant, continuation (:math:`\rho` grows by ``rho_growth`` per sweep) and
   adaptive (gap equidistribution); these rows store the trajectory loss per sweep;
-* ``sweep``: Jacobi (all K segments in one batched velocity call) against Gauss-Seidel for
-  :math:`K \ge 4`; the report shows the time per sweep (excluding initialisation) and PSNR.
+* ``sweep`` (when the config lists it; the committed one does not, the ``jacobi`` suite
+  measures it across K): Jacobi (all K segments in one batched velocity call) against
+  Gauss-Seidel for :math:`K \ge 4`; the report shows the time per sweep (excluding
+  initialisation) and PSNR.
 
 Cases that coincide (e.g. the base configuration appears under several factors) run once;
 the row lists the other factors under ``labels["also"]`` and the report counts it in each.
