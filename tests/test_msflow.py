@@ -432,3 +432,33 @@ def test_draws_average_independent_trajectories():
     one = MSFlow(K=3, M=1, rho=5.0, sweeps=2, alpha=1.0).solve(A, y, prior, 0.05)
     assert torch.allclose(det.image, one.image, atol=1e-12)
     assert float(det.uncertainty.abs().max()) < 1e-12 and one.uncertainty is None
+
+
+class LargestBatch:
+    """A velocity field that records the largest batch it was called with."""
+
+    def __init__(self, velocity):
+        self.velocity, self.largest = velocity, 0
+
+    def __call__(self, x, t):
+        self.largest = max(self.largest, int(x.shape[0]))
+        return self.velocity(x, t)
+
+
+@pytest.mark.parametrize("trajectory", ["rollout", "interpolate"])
+def test_gauss_seidel_never_evaluates_more_than_one_batch(trajectory):
+    """Gauss-Seidel MS-Flow (initialisation included) calls the velocity with at most the
+    batch of draws, whatever K: its activation memory does not grow with K. Jacobi stacks
+    all K segments (its point); both give the same initial trajectory."""
+    A, y, prior, _ = make_problem("mask", seed=4)
+    opts = dict(K=6, M=1, rho=5.0, sweeps=2, alpha=0.0, draws=2, trajectory=trajectory,
+                init="adjoint")
+    prior.velocity = LargestBatch(prior.velocity)
+    gs = MSFlow(**opts).solve(A, y, prior, 0.05)
+    assert prior.velocity.largest == 2
+    prior.velocity.largest = 0
+    jac = MSFlow(**{**opts, "sweep": "jacobi", "sweeps": 0}).solve(A, y, prior, 0.05)
+    assert prior.velocity.largest == (12 if trajectory == "interpolate" else 2)
+    first = MSFlow(**{**opts, "sweeps": 0}).solve(A, y, prior, 0.05)
+    assert torch.allclose(jac.image, first.image, atol=1e-12)
+    assert gs.history[0]["gaps"] == pytest.approx(first.history[0]["gaps"], rel=1e-12)

@@ -23,7 +23,10 @@ Everything is summed over the batch; batch items never interact.
 from ``init``), then (``trajectory="rollout"``, the default) :math:`s_{k+1} = \Phi_k(s_k)`, so
 every stitching gap starts at zero; ``trajectory="interpolate"`` instead puts the states on
 the straight line :math:`s_k = (1-t_k)s_0 + t_k\,s_K` to :math:`s_K =` the model-space
-:math:`x_\text{init}` (the rectified-flow training interpolant; the gaps start non-zero).
+:math:`x_\text{init}` (the rectified-flow training interpolant; the gaps start non-zero);
+their flows :math:`\Phi_k(s_k)` are evaluated one segment at a time (Gauss–Seidel and the
+other updates: peak memory that of one batch, independent of :math:`K`) or in one batched call
+over all segments (Jacobi, as its sweeps).
 
 **Block updates** (``update``), each involving one or two segments only:
 
@@ -329,9 +332,12 @@ class _Run:
                 sK = prior.to_model(x0)
                 self.s = [s0 if k == 0 else (1 - t) * s0 + t * sK
                           for k, t in enumerate(self.nodes)]
-                kk = torch.arange(self.K).repeat_interleave(self.B)
-                F = self.segments(torch.cat(self.s[:-1]), kk)
-                self.phi = [F[k * self.B:(k + 1) * self.B].clone() for k in range(self.K)]
+                if o["sweep"] == "jacobi":     # all segments in one batched call, as a sweep
+                    kk = torch.arange(self.K).repeat_interleave(self.B)
+                    F = self.segments(torch.cat(self.s[:-1]), kk)
+                    self.phi = [F[k * self.B:(k + 1) * self.B].clone() for k in range(self.K)]
+                else:   # one segment at a time: the activations of one batch, whatever K is
+                    self.phi = [self.segment(self.s[k], k) for k in range(self.K)]
 
     # --- flows -----------------------------------------------------------------------
     def segment(self, x: torch.Tensor, k: int, grad: bool = False) -> torch.Tensor:
