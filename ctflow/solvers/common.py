@@ -510,9 +510,13 @@ class SolverVelocity:
     """The prior's velocity field as the solvers call it: counted, and cast to the module's
     dtype/device when the prior is a torch module of another dtype (the result is cast back).
     ``counter`` is the :class:`CountingVelocity` with ``forward_evals`` / ``backward_evals``.
+    ``max_batch`` (``None``: no limit) runs a call on more items than that as consecutive
+    chunks of at most ``max_batch`` items: the same values and the same count (one call), with
+    the activations of one chunk at a time (MS-Flow's Jacobi sweep stacks all K segments).
     """
 
-    def __init__(self, prior, device: torch.device):
+    def __init__(self, prior, device: torch.device, *, max_batch: Optional[int] = None):
+        self.max_batch = max_batch
         v = prior.velocity
         self.module = v if isinstance(v, torch.nn.Module) else None
         self.param_dtype = None
@@ -526,6 +530,13 @@ class SolverVelocity:
         self._v = v
 
     def _call(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        mb = self.max_batch
+        if mb is not None and x.shape[0] > mb:   # one logical call, run in chunks
+            return torch.cat([self._call_one(x[i:i + mb], t[i:i + mb] if t.ndim else t)
+                              for i in range(0, x.shape[0], mb)])
+        return self._call_one(x, t)
+
+    def _call_one(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.param_dtype is not None and x.dtype != self.param_dtype:
             return self._v(x.to(self.param_dtype), t.to(self.param_dtype)).to(x.dtype)
         return self._v(x, t)

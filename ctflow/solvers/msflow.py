@@ -202,7 +202,10 @@ class MSFlow(FlowSolverBase):
     ``max_backtracks`` (exact and joint updates), ``cg_iters``/``cg_tol`` (data step),
     ``cgls_iters`` (``init="cgls"``), ``tv_weight`` (``init="tv"``: the relative TV weight, see
     :func:`~ctflow.solvers.common.initial_image`), ``joint_optimizer`` (``"gd"``, ``"adam"``),
-    ``lr`` (Adam), ``seed``, ``progress`` (tqdm over sweeps).
+    ``lr`` (Adam), ``max_batch`` (``None`` or the most images per velocity call: Jacobi and
+    joint sweeps stack all K segments, and on a CPU a few mid-sized chunks run faster and in
+    less memory than one large call; results are unchanged), ``seed``, ``progress`` (tqdm
+    over sweeps).
 
     ``MSFlow(**options).solve(operator, y, prior, noise_level)`` returns a
     :class:`~ctflow.solvers.result.Reconstruction`; the instance is also callable as
@@ -218,7 +221,7 @@ class MSFlow(FlowSolverBase):
         relaxation=None,
         inner_iters=3, max_backtracks=20, cg_iters=10, cg_tol=1e-6, cgls_iters=10,
         tv_weight=0.3, trajectory="rollout", nodes="uniform", node_power=2.0, draws=1,
-        joint_optimizer="gd", lr=1e-2, seed=0, progress=False,
+        joint_optimizer="gd", lr=1e-2, max_batch=None, seed=0, progress=False,
     )
 
     # -------------------------------------------------------------------------------------
@@ -271,6 +274,8 @@ class MSFlow(FlowSolverBase):
         o["cg_tol"] = check_positive("cg_tol", o["cg_tol"], owner=own, allow_zero=True)
         check_choice("joint_optimizer", o["joint_optimizer"], JOINT_OPTIMIZERS, owner=own)
         o["lr"] = check_positive("lr", o["lr"], owner=own)
+        if o["max_batch"] is not None:
+            o["max_batch"] = check_int("max_batch", o["max_batch"], owner=own)
         return o
 
     # -------------------------------------------------------------------------------------
@@ -281,7 +286,7 @@ class MSFlow(FlowSolverBase):
         yb = meas.y
         D = o["draws"]
         with SolveMeter(yb.device) as meter:
-            v = SolverVelocity(prior, yb.device)
+            v = SolverVelocity(prior, yb.device, max_batch=o["max_batch"])
             with v.evaluation_mode():
                 # D independent trajectories per measurement in one batch (item i*D + d)
                 run = _Run(o, operator, yb.repeat_interleave(D, dim=0), prior, sigma, v)
