@@ -543,6 +543,8 @@ class TV(_ClassicalSolver):
         box (bool, default False): constrain :math:`0 \le x \le 1` (overrides ``nonneg``;
             makes the primal–dual gap finite, reported in the history).
         tol (float >= 0, default 1e-6): stop when the relative change of x falls below it.
+        adaptive (bool, default True): balance the primal and dual steps as the iteration
+            goes (see :func:`pdhg_tv`); ``False``: fixed equal steps.
         x_init (tensor or None, default None = zeros).
         seed (int >= 0, default 0): accepted for a uniform interface (``reconstruct`` passes
             one to every method); the method is deterministic.
@@ -553,8 +555,8 @@ class TV(_ClassicalSolver):
 
     def __init__(self, *, weight: float = 1.0, weight_mode: str = "relative",
                  iterations: int = 300, nonneg: bool = True, box: bool = False,
-                 tol: float = 1e-6, x_init: Optional[torch.Tensor] = None, seed: int = 0,
-                 progress: bool = False):
+                 tol: float = 1e-6, adaptive: bool = True,
+                 x_init: Optional[torch.Tensor] = None, seed: int = 0, progress: bool = False):
         o = type(self).__name__
         self.options = {
             "weight": check_float("weight", weight, owner=o, minimum=0.0),
@@ -564,6 +566,7 @@ class TV(_ClassicalSolver):
             "nonneg": check_bool("nonneg", nonneg, owner=o),
             "box": check_bool("box", box, owner=o),
             "tol": check_float("tol", tol, owner=o, minimum=0.0),
+            "adaptive": check_bool("adaptive", adaptive, owner=o),
             **_common_options(o, x_init, seed, progress),
         }
 
@@ -577,6 +580,7 @@ class TV(_ClassicalSolver):
         lam = self.effective_weight(sigma)
         x, history = pdhg_tv(operator, y, weight=lam, iterations=opt["iterations"],
                              nonneg=opt["nonneg"], box=opt["box"], tol=opt["tol"], x0=x0,
+                             adaptive=opt["adaptive"],
                              scale=sigma * sigma if sigma > 0 else 1.0,
                              progress=opt["progress"])
         return x, history, dict(opt, effective_weight=lam)
