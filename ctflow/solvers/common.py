@@ -34,6 +34,10 @@ import torch
 
 from ..flow.integrate import CountingVelocity, integrate
 
+#: Default relative TV weight of ``init="tv"`` (the start every flow solver can take),
+#: tuned on the restoration validation slices (``benchmarks/configs/restoration.json``).
+TV_START_WEIGHT = 0.1
+
 __all__ = [
     "check_options", "check_choice", "check_positive", "check_int", "check_probability",
     "check_float", "check_bool", "check_seed", "check_init", "check_x_init", "check_problem",
@@ -602,7 +606,7 @@ def _cgls(operator, y: torch.Tensor, iterations: int) -> torch.Tensor:
 
 def initial_image(init: Any, operator, y: torch.Tensor, *, owner: str,
                   cgls_iterations: int = 10, noise_level: Optional[float] = None,
-                  tv_weight: float = 0.3) -> Tuple[torch.Tensor, str]:
+                  tv_weight: float = TV_START_WEIGHT) -> Tuple[torch.Tensor, str]:
     """The initial public image ``x_init`` (clipped to ``[0, 1]``) and a label for it.
 
     ``init``: ``"auto"`` (FBP for CT operators with a ``.geometry``, else ``"adjoint"``),

@@ -34,7 +34,8 @@ from ..flow.integrate import integrate
 from .common import (FlowSolverBase, SolverVelocity, blend_init,
                      check_choice, check_int, check_positive,
                      check_probability, initial_image, make_generator,
-                     make_problem, merge_flow_options, progress_bar, radial_prior)
+                     make_problem, merge_flow_options, progress_bar, radial_prior,
+                     TV_START_WEIGHT)
 from .result import Reconstruction, SolveMeter
 
 __all__ = ["DFlow"]
@@ -64,7 +65,7 @@ class DFlow(FlowSolverBase):
     DEFAULTS: Dict[str, Any] = dict(
         N=32, method="euler", integrator=None, lam=1.0, alpha=1.0, init="auto", iterations=10,
         max_iter=5, history_size=20, lr=1.0, tolerance_grad=1e-9, tolerance_change=1e-12,
-        cgls_iters=10, tv_weight=0.3, seed=0, progress=False,
+        cgls_iters=10, tv_weight=TV_START_WEIGHT, seed=0, progress=False,
     )
 
     @classmethod

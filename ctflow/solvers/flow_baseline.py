@@ -15,8 +15,8 @@ import torch
 
 from ..flow.integrate import CountingVelocity
 from .classical import _common_options
-from .common import (check_float, check_init, check_int, check_problem, initial_image,
-                     make_generator)
+from .common import (TV_START_WEIGHT, check_float, check_init, check_int, check_problem,
+                     initial_image, make_generator)
 
 __all__ = ["FlowSolve", "begin_solve", "check_flow_prior", "randn_like", "start_image",
            "start_options", "times"]
@@ -24,7 +24,7 @@ __all__ = ["FlowSolve", "begin_solve", "check_flow_prior", "randn_like", "start_
 
 def start_options(owner: str, *, init: Any, init_iterations: int,
                   x_init: Optional[torch.Tensor], seed: int,
-                  progress: bool, tv_weight: float = 0.3) -> Dict[str, Any]:
+                  progress: bool, tv_weight: float = TV_START_WEIGHT) -> Dict[str, Any]:
     """The checked start and run options: ``init`` (a name in
     :data:`ctflow.solvers.common.INIT_CHOICES`, a tensor or a callable ``y -> image``),
     ``init_iterations`` (int >= 1), ``tv_weight`` (float >= 0, ``init="tv"``), ``x_init``

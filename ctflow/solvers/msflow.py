@@ -135,7 +135,7 @@ from .common import (FlowSolverBase, SolverVelocity, blend_init,
                      check_choice, check_int, check_positive,
                      check_probability, data_step, initial_image, make_generator,
                      make_problem, merge_flow_options, per_item_dot, per_item_sq,
-                     progress_bar, radial_prior, radial_prox)
+                     progress_bar, radial_prior, radial_prox, TV_START_WEIGHT)
 from .result import Reconstruction, SolveMeter
 
 __all__ = ["MSFlow"]
@@ -220,7 +220,7 @@ class MSFlow(FlowSolverBase):
         init="auto", update="jacobian-free", sweep="gauss-seidel", order="forward",
         relaxation=None,
         inner_iters=3, max_backtracks=20, cg_iters=10, cg_tol=1e-6, cgls_iters=10,
-        tv_weight=0.3, trajectory="rollout", nodes="uniform", node_power=2.0, draws=1,
+        tv_weight=TV_START_WEIGHT, trajectory="rollout", nodes="uniform", node_power=2.0, draws=1,
         joint_optimizer="gd", lr=1e-2, max_batch=None, seed=0, progress=False,
     )
 

@@ -55,7 +55,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from .classical import _cg, _finish, _operator_norm, _progress, _rel_residual
-from .common import check_choice, check_float, check_int
+from .common import TV_START_WEIGHT, check_choice, check_float, check_int
 from .flow_baseline import begin_solve, randn_like, start_image, start_options, times
 from .result import Reconstruction, SolveMeter
 
@@ -88,7 +88,7 @@ class OTODE:
             :func:`ctflow.solvers.common.initial_image` ("auto": FBP for CT operators, else
             the least-squares scaled :math:`A^Ty`; "zeros" is mid-grey 0.5).
         init_iterations (int >= 1, default 10): CGLS iterations for ``init="cgls"``.
-        tv_weight (float >= 0, default 0.3): relative TV weight for ``init="tv"``.
+        tv_weight (float >= 0, default 0.1): relative TV weight for ``init="tv"``.
         x_init (tensor or None, default None): explicit public starting image (wins over
             ``init``).
         seed (int >= 0, default 0): seeds the initial noise :math:`\varepsilon`.
@@ -106,7 +106,7 @@ class OTODE:
     def __init__(self, *, steps: int = 50, t0: float = 0.2,
                  gamma: Union[str, float] = "gamma_t", cg_iters: int = 10,
                  cg_tol: float = 1e-6, init: Any = "auto", init_iterations: int = 10,
-                 tv_weight: float = 0.3,
+                 tv_weight: float = TV_START_WEIGHT,
                  x_init: Optional[torch.Tensor] = None, seed: int = 0,
                  progress: bool = False):
         o = type(self).__name__

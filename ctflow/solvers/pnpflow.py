@@ -45,7 +45,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .classical import _finish, _operator_norm, _progress, _rel_residual
-from .common import check_float, check_int
+from .common import TV_START_WEIGHT, check_float, check_int
 from .flow_baseline import begin_solve, randn_like, start_image, start_options, times
 from .result import Reconstruction, SolveMeter
 
@@ -68,7 +68,7 @@ class PnPFlow:
             "zeros"): the starting image when ``x_init`` is None (see
             :func:`ctflow.solvers.common.initial_image`; "zeros" is mid-grey 0.5).
         init_iterations (int >= 1, default 10): CGLS iterations for ``init="cgls"``.
-        tv_weight (float >= 0, default 0.3): relative TV weight for ``init="tv"``.
+        tv_weight (float >= 0, default 0.1): relative TV weight for ``init="tv"``.
         x_init (tensor or None, default None): explicit public starting image (wins over
             ``init``).
         seed (int >= 0, default 0): seeds the re-noising draws.
@@ -84,7 +84,7 @@ class PnPFlow:
 
     def __init__(self, *, steps: int = 100, gamma: float = 1.0, alpha: float = 0.0,
                  draws: int = 2, t_start: float = 0.0, init: Any = "zeros",
-                 init_iterations: int = 10, tv_weight: float = 0.3,
+                 init_iterations: int = 10, tv_weight: float = TV_START_WEIGHT,
                  x_init: Optional[torch.Tensor] = None,
                  seed: int = 0, progress: bool = False):
         o = type(self).__name__
