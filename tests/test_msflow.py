@@ -487,3 +487,22 @@ def test_max_batch_chunks_calls_without_changing_results(update):
 def test_max_batch_is_checked():
     with pytest.raises(ValueError, match="max_batch"):
         MSFlow(max_batch=0)
+    with pytest.raises(ValueError, match="max_batch"):
+        MSFlow(max_batch="big")
+    assert MSFlow().options["max_batch"] == "auto"
+
+
+def test_max_batch_auto_chunks_at_the_cpu_limit():
+    """``max_batch="auto"`` on a CPU: a Jacobi stack of K * draws = 20 items runs in chunks of
+    :data:`CPU_MAX_BATCH` (16); ``None`` lets the whole stack through."""
+    from ctflow.solvers.msflow import CPU_MAX_BATCH
+    A, y, prior, _ = make_problem("mask", seed=6)
+    opts = dict(K=10, M=1, rho=5.0, sweeps=1, alpha=0.0, draws=2, trajectory="interpolate",
+                init="adjoint", sweep="jacobi")
+    prior.velocity = LargestBatch(prior.velocity)
+    auto = MSFlow(**opts).solve(A, y, prior, 0.05)
+    assert prior.velocity.largest == CPU_MAX_BATCH == 16
+    prior.velocity.largest = 0
+    whole = MSFlow(**opts, max_batch=None).solve(A, y, prior, 0.05)
+    assert prior.velocity.largest == 20
+    assert torch.allclose(auto.image, whole.image, atol=1e-10)
