@@ -116,8 +116,8 @@ def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str
 
 
 def batch_cost(prior, device: str, batches) -> List[Dict[str, Any]]:
-    """Seconds per image of one velocity call at each batch size (best of 3 repeats of about
-    128 images each, random inputs, after a warm-up call)."""
+    """Milliseconds per image of one velocity call at each batch size (best of 3 repeats of
+    about 128 images each, random inputs, after a warm-up call)."""
     v = prior.velocity
     gen = torch.Generator().manual_seed(0)
     out = []
@@ -145,8 +145,8 @@ def summarise(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Per (draws, K): mean PSNR of both sweeps, their difference, mean time per sweep and the
     ratio."""
     out = []
-    for d, K in sorted({(r.get("draws", 8), r["K"]) for r in rows}, key=lambda dk: (-dk[0], dk[1])):
-        sel = [r for r in rows if r["K"] == K and r.get("draws", 8) == d]
+    for d, K in sorted({(r["draws"], r["K"]) for r in rows}, key=lambda dk: (-dk[0], dk[1])):
+        sel = [r for r in rows if r["K"] == K and r["draws"] == d]
         gs = [r for r in sel if r["sweep"] == "gauss-seidel"]
         ja = [r for r in sel if r["sweep"] == "jacobi"]
         if not gs or not ja:
@@ -166,14 +166,14 @@ def table(payload: Dict[str, Any]) -> str:
              f"`{payload['command']}`; {payload['device']}, {payload['torch_threads']} torch "
              f"thread(s); TEST slices, 64x64, {VIEWS} views, {100 * NOISE:g} % noise; options "
              f"`{json.dumps(payload['options'])}` (K and draws vary, M = 1; Jacobi relaxation "
-             f"{payload.get('jacobi_relaxation', 0.5):g}, max_batch auto).", "",
+             f"{payload['jacobi_relaxation']:g}, max_batch auto).", "",
              "| draws | K | images | PSNR GS [dB] | PSNR Jacobi [dB] | GS - Jacobi [dB] "
              "| s/sweep GS | s/sweep Jacobi | speed-up (GS/Jacobi) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for s in payload["summary"]:
-        lines.append(f"| {s.get('draws', 8)} | {s['K']} | {s['images']} | {s['psnr_gs']:.2f} | {s['psnr_jacobi']:.2f} "
-                     f"| {s['psnr_gap']:+.2f} | {s['sweep_s_gs']:.3f} | {s['sweep_s_jacobi']:.3f} "
-                     f"| {s['speedup']:.2f}x |")
+        lines.append(f"| {s['draws']} | {s['K']} | {s['images']} | {s['psnr_gs']:.2f} "
+                     f"| {s['psnr_jacobi']:.2f} | {s['psnr_gap']:+.2f} | {s['sweep_s_gs']:.3f} "
+                     f"| {s['sweep_s_jacobi']:.3f} | {s['speedup']:.2f}x |")
     if payload.get("batch_cost"):
         lines += ["", "One velocity call, milliseconds per image (best of 3):", "",
                   "| batch | " + " | ".join(str(c["batch"]) for c in payload["batch_cost"]) + " |",
@@ -189,10 +189,11 @@ def _plot(summary: List[Dict[str, Any]]) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4))
-    for draws in sorted({s.get("draws", 8) for s in summary}, reverse=True):
-        sel = [s for s in summary if s.get("draws", 8) == draws]
+    all_draws = sorted({s["draws"] for s in summary}, reverse=True)
+    for draws in all_draws:
+        sel = [s for s in summary if s["draws"] == draws]
         K = [s["K"] for s in sel]
-        line = "-" if draws == max(s.get("draws", 8) for s in summary) else "--"
+        line = "-" if draws == all_draws[0] else "--"
         for ax, key, unit in ((axes[0], "sweep_s", "seconds per sweep"),
                               (axes[1], "psnr", "mean PSNR [dB]")):
             ax.plot(K, [s[f"{key}_gs"] for s in sel], "o" + line, color="C0",
