@@ -185,7 +185,7 @@ def summary(results: Dict[str, Dict]) -> Dict:
 
 
 def write_outputs(payload: Dict, out: Path) -> None:
-    from ctflow.atomic_io import atomic_write_bytes, atomic_write_json
+    from ctflow.data.atomic import atomic_write_bytes, atomic_write_json
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "convergence.json", payload, default=float)
     meta, summ = payload["meta"], payload["summary"]
@@ -242,7 +242,7 @@ def _plot(payload: Dict, path: Path) -> None:
     m = payload["meta"]
     fig.suptitle(f"MS-Flow convergence (K={m['K']}, M={m['M']}, ρ={m['rho']}, {m['device']})")
     fig.tight_layout()
-    from ctflow.atomic_io import atomic_save
+    from ctflow.data.atomic import atomic_save
     atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=path.suffix)
     plt.close(fig)
 

@@ -58,7 +58,7 @@ def _options(quick: bool) -> Dict[str, Any]:
 
 def _problems(quick: bool, device: str, prior):
     from ctflow.data import heldout_files, read_dicom_slices
-    from ctflow.dicom_recon import (make_ct_operator, simulate_measurement, slice_seed,
+    from ctflow.tasks.series import (make_ct_operator, simulate_measurement, slice_seed,
                                     to_working_size)
     files = heldout_files("test")[: 1 if quick else 10]
     size = int(prior.image_size)
@@ -76,7 +76,7 @@ def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str
         prior: str = "ct64", verbose: bool = True) -> Dict[str, Any]:
     """Run the comparison and write ``jacobi.{json,md,png}`` to ``out``."""
     from ctflow import load_prior, psnr
-    from ctflow.dicom_recon import atomic_write_bytes, atomic_write_json, run_solver
+    from ctflow.tasks.series import atomic_write_bytes, atomic_write_json, run_solver
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -89,7 +89,7 @@ def load_velocity_prior(device: str, *, allow_bundled: bool = True):
 def _validation_slice(hu_window) -> "object":
     """The first held-out VALIDATION slice, prepared exactly as the CT prior saw its data."""
     from ctflow.data import samples
-    from ctflow.flow.datasets import CTSliceDataset
+    from ctflow.training.datasets import CTSliceDataset
     hu = samples.heldout_slices("validation")[0].hu
     ds = CTSliceDataset([hu], image_size=IMAGE_SIZE, hu_window=tuple(hu_window), augment=False)
     return ds[0][None].float().contiguous()
@@ -261,7 +261,7 @@ def _seconds_cell(r: Optional[Dict]) -> str:
 
 
 def write_outputs(rows: List[Dict], meta: Dict, out: Path) -> Dict[str, Path]:
-    from ctflow.atomic_io import atomic_write_bytes, atomic_write_json
+    from ctflow.data.atomic import atomic_write_bytes, atomic_write_json
     out.mkdir(parents=True, exist_ok=True)
     checks = acceptance(rows)
     payload = {"meta": meta, "rows": rows, "acceptance": checks}
@@ -306,7 +306,7 @@ def _plot(rows, meta, path: Path) -> None:
     axes[0].legend()
     fig.suptitle(f"Peak memory vs N ({meta['device']}, {IMAGE_SIZE}×{IMAGE_SIZE}, batch 1)")
     fig.tight_layout()
-    from ctflow.atomic_io import atomic_save
+    from ctflow.data.atomic import atomic_save
     atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=path.suffix)
     plt.close(fig)
 

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # allow `python benchmarks/operators.py`
     sys.path.insert(0, str(ROOT))
 
-from ctflow.atomic_io import atomic_write_bytes, atomic_write_json  # noqa: E402
+from ctflow.data.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
 from ctflow.operators.ct import ParallelBeam2D, RayTransform  # noqa: E402
 from ctflow.operators.ct import torch_backend  # noqa: E402
 

@@ -22,7 +22,7 @@ from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ctflow.atomic_io import atomic_save, atomic_write_bytes
+from ctflow.data.atomic import atomic_save, atomic_write_bytes
 
 from .runner import CASE_SUITES, ResultStore
 

@@ -10,13 +10,13 @@ forward evaluations over one short segment only and memory stays constant in the
 >>> prior = ctflow.load_prior("ct64")
 >>> result = ctflow.reconstruct(y, A, prior, method="msflow", noise_level=0.01)  # doctest: +SKIP
 """
-__version__ = "0.1.0"
+from ctflow._version import __version__
 
-from .flow import integrate
-from .metrics import psnr, relative_error, ssim
-from .priors import (FlowPrior, LatentFlowPrior, from_diffusers, gaussian_prior, list_priors,
+from ctflow.flow import integrate
+from ctflow.metrics import psnr, relative_error, ssim
+from ctflow.priors import (FlowPrior, LatentFlowPrior, from_diffusers, gaussian_prior, list_priors,
                      load_prior, save_prior)
-from .solvers import DFlow, MSFlow, Reconstruction, reconstruct
+from ctflow.solvers import DFlow, MSFlow, Reconstruction, reconstruct
 
 __all__ = ["__version__", "integrate", "FlowPrior", "LatentFlowPrior", "from_diffusers",
            "gaussian_prior", "load_prior", "list_priors", "save_prior", "reconstruct", "MSFlow",

@@ -14,7 +14,7 @@ VALIDATION_PATIENTS = {"A048383", "A056642"}
 
 bundled = pytest.mark.skipif(
     not (bundled_dir() / f"{NAME}.json").is_file(),
-    reason=f"prior {NAME!r} not bundled yet (python -m ctflow.flow.train bundle runs/ct64 "
+    reason=f"prior {NAME!r} not bundled yet (python -m ctflow.training.prior bundle runs/ct64 "
            f"--name {NAME})")
 
 
@@ -58,7 +58,7 @@ def test_bundle_size_and_notices():
 
 
 def test_pixel_w1_and_heldout_images():
-    from ctflow.priors.evaluate import heldout_images, pixel_w1
+    from ctflow.training.evaluate import heldout_images, pixel_w1
     x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     assert pixel_w1(x, x + 0.1) == pytest.approx(0.1, abs=1e-6)
     assert pixel_w1(x, x.flip(0)) == pytest.approx(0.0, abs=1e-12)  # same values, reordered
@@ -77,7 +77,7 @@ def test_samples_match_heldout_intensities_better_than_phantoms():
     """Acceptance check in miniature (docs/prior.md has the full 64-sample numbers): the
     pixel-histogram W1 distance to the held-out test slices is far below that of ellipses."""
     from ctflow.data import EllipsesDataset
-    from ctflow.priors.evaluate import heldout_images, pixel_w1
+    from ctflow.training.evaluate import heldout_images, pixel_w1
     try:
         ref = heldout_images(64, (-1024.0, 1024.0), split="test")
     except FileNotFoundError:

@@ -134,7 +134,7 @@ def test_reconstruct_image_npy_h5_png(tmp_path, cli):
 
 
 def test_reconstruct_sinogram(tmp_path, cli):
-    from ctflow.dicom_recon import make_ct_operator
+    from ctflow.tasks.series import make_ct_operator
 
     n, views = 24, 40
     img = disk_image(n)
@@ -308,9 +308,9 @@ def test_reconstruct_dicom_file_input_is_prepared_like_the_prior(tmp_path, cli):
     import h5py
 
     from ctflow.data import read_dicom_slices
-    from ctflow.dicom_recon import to_working_size
+    from ctflow.tasks.series import to_working_size
 
-    src = REPO / "data" / "samples" / "chest-subset" / "1-31.dcm"
+    src = REPO / "ctflow" / "data" / "samples" / "chest-subset" / "1-31.dcm"
     out = tmp_path / "r.h5"
     proc = cli("--quiet", "reconstruct", src, "-o", out, "--method", "fbp", "--prior", "none",
                "--hu-window", "-1000", "1000", "--size", "32", "--views", "40")

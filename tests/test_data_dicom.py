@@ -192,7 +192,7 @@ def test_split_is_by_patient_and_split_files(tmp_path):
     assert all(f.name.split("_")[0] in cd.TEST_PATIENTS for _, fs in got for f in fs)
     with pytest.raises(FileNotFoundError, match="lung-pet-ct-dx-a0001"):
         cd.split_files("train", tmp_path)
-    assert len(cd.split_files("train", tmp_path, strict=False)) == 7
+    assert len(cd.split_files("train", tmp_path, strict=False)) == 10
 
 
 # ---------------------------------------------------------------------- synthetic reading

@@ -1,4 +1,4 @@
-"""The offline demo: ``ctflow demo --quick`` end to end, and :func:`ctflow.demo.run_demo`."""
+"""The offline demo: ``ctflow demo --quick`` end to end, and :func:`ctflow.tasks.demo.run_demo`."""
 from __future__ import annotations
 
 import os
@@ -28,7 +28,7 @@ def test_demo_quick_cli_writes_figure_and_table(tmp_path):
 
 
 def test_run_demo_rows_are_consistent(tmp_path):
-    from ctflow.demo import DEMO_SLICE, run_demo
+    from ctflow.tasks.demo import DEMO_SLICE, run_demo
     from ctflow.data import TEST_PATIENTS
 
     assert DEMO_SLICE.split("_")[0] in TEST_PATIENTS  # never a training/validation slice

@@ -1,4 +1,4 @@
-"""``ctflow reconstruct-dicom`` / :func:`ctflow.dicom_recon.reconstruct_dicom` on the bundled
+"""``ctflow reconstruct-dicom`` / :func:`ctflow.tasks.series.reconstruct_dicom` on the bundled
 chest subset (Lung-PET-CT-Dx, 512 x 512 slices): derived series, summary, montage, resume."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 
 from helpers import REPO, cli, run_cli  # noqa: F401 - cli is a fixture
 
-CHEST = REPO / "data" / "samples" / "chest-subset"
+CHEST = REPO / "ctflow" / "data" / "samples" / "chest-subset"
 
 # Small and fast: FBP at 32 x 32 with 20 views, no prior (window [-1024, 3071] HU).
 FAST = ["--method", "fbp", "--prior", "none", "--size", "32", "--views", "20"]
@@ -142,7 +142,7 @@ def test_library_metrics_seeding_and_hu_mapping(series, tmp_path):
     """Per-slice noise depends on (seed, SOPInstanceUID) only; the summary's metrics are those
     of the reconstruction; the written HU are the window-mapped reconstruction."""
     from ctflow.data import read_dicom_series
-    from ctflow.dicom_recon import (DEFAULT_HU_WINDOW, from_working_size, make_ct_operator,
+    from ctflow.tasks.series import (DEFAULT_HU_WINDOW, from_working_size, make_ct_operator,
                                     reconstruct_dicom, run_solver, simulate_measurement,
                                     slice_seed, to_working_size)
     from ctflow.metrics import psnr, ssim
@@ -176,7 +176,7 @@ def test_library_metrics_seeding_and_hu_mapping(series, tmp_path):
 
 
 def test_noise_convention_is_relative_rms():
-    from ctflow.dicom_recon import make_ct_operator, simulate_measurement
+    from ctflow.tasks.series import make_ct_operator, simulate_measurement
 
     A = make_ct_operator(16, 12)
     x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -192,7 +192,7 @@ def test_noise_convention_is_relative_rms():
 
 
 def test_working_size_round_trip():
-    from ctflow.dicom_recon import from_working_size, to_working_size
+    from ctflow.tasks.series import from_working_size, to_working_size
 
     # An image already at the working size is taken as it is.
     img = torch.rand(16, 16, generator=torch.Generator().manual_seed(0))
@@ -215,7 +215,7 @@ def test_measured_sinogram_and_fan_geometry(series, tmp_path):
     slices, FBP reproduces what FBP gives on the same data computed here; fan beam works too;
     a sinogram of the wrong shape is refused before anything is written."""
     from ctflow.data import read_dicom_series
-    from ctflow.dicom_recon import (DEFAULT_HU_WINDOW, make_ct_operator, reconstruct_dicom,
+    from ctflow.tasks.series import (DEFAULT_HU_WINDOW, make_ct_operator, reconstruct_dicom,
                                     run_solver, to_working_size)
     from ctflow.metrics import psnr
 

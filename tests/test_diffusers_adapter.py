@@ -217,7 +217,7 @@ def test_reconstruct_dicom_cli_takes_a_diffusers_folder(parts, tmp_path, capsys)
     tr.save_pretrained(model / "transformer")
     vae.save_pretrained(model / "vae")
     sch.save_pretrained(model / "scheduler")
-    chest = Path(__file__).resolve().parents[1] / "data" / "samples" / "chest-subset"
+    chest = Path(__file__).resolve().parents[1] / "ctflow" / "data" / "samples" / "chest-subset"
     src = tmp_path / "in"
     src.mkdir()
     shutil.copy2(sorted(chest.glob("*.dcm"))[0], src)

@@ -11,7 +11,7 @@ import torch
 import ctflow.solvers.common as common
 from ctflow.flow import GaussianVelocity, integrate
 from ctflow.flow.autoencoder import AutoEncoder, LatentCodec
-from ctflow.flow.datasets import ellipses_dataset
+from ctflow.training.datasets import ellipses_dataset
 from ctflow.flow.unet import UNet
 from ctflow.operators import Inpainting, LinearOperator
 from ctflow.priors import FlowPrior, LatentFlowPrior, load_prior, save_latent_prior
@@ -260,9 +260,9 @@ def test_latent_prior_file_round_trip_and_checks(tmp_path):
 
 
 def test_autoencoder_training_resumes_exactly_and_bundles(tmp_path):
-    from ctflow.flow.datasets import ImageTensorDataset
-    from ctflow.flow.train import train_prior
-    from ctflow.flow.train_autoencoder import (bundle_latent, encode_pool, load_autoencoder,
+    from ctflow.training.datasets import ImageTensorDataset
+    from ctflow.training.prior import train_prior
+    from ctflow.training.autoencoder import (bundle_latent, encode_pool, load_autoencoder,
                                                read_codec, train_autoencoder, write_codec)
     ds = ellipses_dataset(6, image_size=16, seed=0)
 

@@ -45,7 +45,7 @@ def test_records_training_on_training_patients_only():
 
 def test_autoencoder_reproduces_a_validation_slice(prior):
     from ctflow.data import samples
-    from ctflow.flow.datasets import CTSliceDataset
+    from ctflow.training.datasets import CTSliceDataset
     from ctflow.metrics import psnr
     hu = samples.heldout_slices("validation")[0].hu
     x = CTSliceDataset([hu], image_size=128, hu_window=prior.hu_window, augment=False)[0][None]
@@ -77,7 +77,7 @@ def test_reconstruct_api_and_reconstruct_dicom_cli(tmp_path, capsys):
                          ("dflow", dict(N=2, iterations=1, max_iter=2))):
         res = reconstruct(y, A, NAME, method=method, noise_level=0.1, **opts)
         assert res.image.shape == (1, 1, 128, 128) and bool(torch.isfinite(res.image).all())
-    chest = Path(__file__).resolve().parents[1] / "data" / "samples" / "chest-subset"
+    chest = Path(__file__).resolve().parents[1] / "ctflow" / "data" / "samples" / "chest-subset"
     src = tmp_path / "in"
     src.mkdir()
     shutil.copy2(sorted(chest.glob("*.dcm"))[0], src)

@@ -37,7 +37,7 @@ from ctflow.distributed import RayOptions  # noqa: E402
 from ctflow.flow.gaussian import GaussianVelocity  # noqa: E402
 from ctflow.priors.base import FlowPrior, gaussian_prior  # noqa: E402
 
-CHEST = REPO / "data" / "samples" / "chest-subset"
+CHEST = REPO / "ctflow" / "data" / "samples" / "chest-subset"
 N = 16          # working size of every solve here
 #: Tiny MS-Flow settings (the same code path as the real ones).
 MSFLOW = {"K": 2, "M": 1, "sweeps": 2, "init": "fbp"}
@@ -98,7 +98,7 @@ def strip(obj):
 # ---------------------------------------------------------------------------------------------
 # reconstruct-dicom
 def test_reconstruct_dicom_on_ray_equals_in_process(local_ray, series, tmp_path):
-    from ctflow.dicom_recon import reconstruct_dicom
+    from ctflow.tasks.series import reconstruct_dicom
 
     kw = dict(views=12, method="msflow", prior=tiny_prior(), size=N, seed=3, progress=False,
               **MSFLOW)
@@ -119,7 +119,7 @@ def test_reconstruct_dicom_on_ray_equals_in_process(local_ray, series, tmp_path)
 
 def test_killed_worker_is_retried_and_every_slice_written_once(local_ray, series, tmp_path):
     from ctflow.data import read_dicom_series
-    from ctflow.dicom_recon import reconstruct_dicom
+    from ctflow.tasks.series import reconstruct_dicom
 
     vol = read_dicom_series(series)
     victim = vol.slices[1].sop_instance_uid
@@ -156,7 +156,7 @@ def test_killed_worker_is_retried_and_every_slice_written_once(local_ray, series
 
 def test_a_failing_slice_stops_the_run_and_resume_finishes_it(local_ray, series, tmp_path):
     from ctflow.data import read_dicom_series
-    from ctflow.dicom_recon import reconstruct_dicom
+    from ctflow.tasks.series import reconstruct_dicom
 
     victim = read_dicom_series(series).slices[0].sop_instance_uid
 

@@ -18,7 +18,7 @@ if str(REPO) not in sys.path:
 def test_core_and_cli_do_not_import_ray():
     code = (
         "import sys\n"
-        "import ctflow, ctflow.cli, ctflow.dicom_recon, ctflow.distributed\n"
+        "import ctflow, ctflow.cli, ctflow.tasks.series, ctflow.distributed\n"
         "import ctflow.distributed.slices, ctflow.distributed.cases, ctflow.distributed.tune\n"
         "import benchmarks.runner, benchmarks.suites.tuning\n"
         "p = ctflow.cli.build_parser()\n"
@@ -47,7 +47,7 @@ def test_missing_ray_is_a_clear_error(monkeypatch, tmp_path, capsys):
             pass
     src = tmp_path / "in"
     src.mkdir()
-    for f in sorted((REPO / "data" / "samples" / "chest-subset").glob("*.dcm"))[:1]:
+    for f in sorted((REPO / "ctflow" / "data" / "samples" / "chest-subset").glob("*.dcm"))[:1]:
         (src / f.name).write_bytes(f.read_bytes())
     rc = main(["reconstruct-dicom", str(src), str(tmp_path / "out"), "--method", "fbp",
                "--prior", "none", "--size", "16", "--views", "8", "--quiet", "--ray"])

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ctflow.flow.datasets import CTSliceDataset, DicomSliceDataset, ellipses_dataset, hu_to_unit
-from ctflow.flow.train import (EMA, flow_matching_loss, latest_checkpoint, lr_at, ot_couple,
+from ctflow.training.datasets import CTSliceDataset, DicomSliceDataset, ellipses_dataset, hu_to_unit
+from ctflow.training.prior import (EMA, flow_matching_loss, latest_checkpoint, lr_at, ot_couple,
                                train_main, train_prior)
 from ctflow.flow.unet import UNet
 
@@ -148,7 +148,7 @@ def test_ct_slice_dataset_window_and_augmentation():
 
 
 def test_dicom_dataset_excludes_patients():
-    root = Path(__file__).resolve().parents[1] / "data" / "samples" / "ct-heldout"
+    root = Path(__file__).resolve().parents[1] / "ctflow" / "data" / "samples" / "ct-heldout"
     if not root.is_dir():
         pytest.skip("bundled held-out DICOM sample not present")
     files = sorted(f for f in root.glob("*.dcm")
@@ -187,7 +187,7 @@ def test_medmnist_npz_dataset_and_cli(tmp_path):
     imgs = rng.integers(0, 256, (6, 28, 28), dtype=np.uint8)
     np.savez(tmp_path / "organamnist.npz", train_images=imgs,
              train_labels=np.zeros((6, 1), dtype=np.int64))
-    from ctflow.flow.datasets import medmnist_dataset
+    from ctflow.training.datasets import medmnist_dataset
     ds = medmnist_dataset("organamnist", split="train", size=28, root=tmp_path, image_size=16)
     assert len(ds) == 6 and ds[0].shape == (1, 16, 16)
     full = medmnist_dataset("organamnist", split="train", size=28, root=tmp_path)

@@ -5,7 +5,7 @@ Data (the same for every method):
 1. the held-out COVID-19-NY-SBU slices of ``ctflow.data.samples.heldout_slices`` (TEST: 10 slices
    of 5 patients; VALIDATION: 4 slices of 2 patients, used only for tuning), read in HU with the
    scanner padding (-3024/-2048) clipped to -1024 HU;
-2. prepared exactly as the prior's training data (``ctflow.flow.datasets.CTSliceDataset`` without
+2. prepared exactly as the prior's training data (``ctflow.training.datasets.CTSliceDataset`` without
    augmentation): the prior's ``hu_window`` :math:`[l, h]` mapped to :math:`[0, 1]` by
    :math:`\mathrm{clip}((\mathrm{HU} - l)/(h - l), 0, 1)`, padded to a square with 0, resized
    with antialiasing (bilinear) to ``prior.image_size`` (64).
@@ -100,7 +100,7 @@ def image_ids(split: str, n: Optional[int] = None) -> List[str]:
 def prepare_slice(hu, *, image_size: int, hu_window: Tuple[float, float]) -> torch.Tensor:
     """One HU slice -> ``(1, 1, S, S)`` float32 in ``[0, 1]``, exactly as the prior was trained
     (HU below the window -> 0, window to ``[0, 1]``, square pad, antialiased resize)."""
-    datasets = require("ctflow.flow.datasets", "the prior's CT data pipeline")
+    datasets = require("ctflow.training.datasets", "the prior's CT data pipeline")
     ds = datasets.CTSliceDataset([hu], image_size=int(image_size), hu_window=tuple(hu_window),
                                  augment=False)
     return ds[0][None].to(torch.float32).contiguous()

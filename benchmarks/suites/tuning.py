@@ -50,7 +50,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from ctflow.atomic_io import atomic_write_json
+from ctflow.data.atomic import atomic_write_json
 
 from ..runner import (REPO_ROOT, Case, ResultStore, RunSummary, _canonical, case_to_dict,
                       environment, read_json_object, run_cases, task_context)

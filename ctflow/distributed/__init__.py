@@ -18,6 +18,6 @@ The in-process path stays the default everywhere; Ray is used only when asked fo
 
 See ``docs/scaling.md`` for measured throughput and the arithmetic for large series.
 """
-from .cluster import RayOptions, as_ray_options, connect, require_ray
+from ctflow.distributed.cluster import RayOptions, as_ray_options, connect, require_ray
 
 __all__ = ["RayOptions", "as_ray_options", "connect", "require_ray"]

@@ -19,7 +19,7 @@ import importlib
 import sys
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .cluster import RayOptions, as_completed, cancel, connect, task_resources, worker_setup
+from ctflow.distributed.cluster import RayOptions, as_completed, cancel, connect, task_resources, worker_setup
 
 __all__ = ["map_on_ray", "call_task", "resolve_target"]
 

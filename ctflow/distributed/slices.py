@@ -3,9 +3,9 @@ r"""The slices of ``reconstruct-dicom`` as Ray tasks (``ctflow reconstruct-dicom
 One task per slice. A task receives the prepared working-size slice ``x`` (``n × n``, a few
 kB; the driver has read and windowed the series), its SOPInstanceUID ``key`` and, for measured
 data, its sinogram; it builds (once per worker process, then cached) the operator and the prior
-and runs :func:`ctflow.dicom_recon.solve_slice` -- the same function the in-process path runs,
+and runs :func:`ctflow.tasks.series.solve_slice` -- the same function the in-process path runs,
 so the results are the same. The task returns the reconstruction and the HU slice; it writes
-nothing. The driver (:func:`ctflow.dicom_recon.reconstruct_dicom`) writes every result as it
+nothing. The driver (:func:`ctflow.tasks.series.reconstruct_dicom`) writes every result as it
 arrives, atomically and keyed by the SOPInstanceUID, so:
 
 * a task whose worker dies (killed, out of memory, a lost node) is re-run by Ray up to
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
-from .cluster import (RayOptions, as_completed, cancel, connect, task_resources,
+from ctflow.distributed.cluster import (RayOptions, as_completed, cancel, connect, task_resources,
                       worker_setup)
 
 __all__ = ["solve_slices_on_ray", "slice_task"]
@@ -48,8 +48,8 @@ def slice_task(job: Dict[str, Any], spec: Dict[str, Any], prior_box: List[Any],
     loaded once per worker process and run token (``token``)."""
     import torch
 
-    from ..dicom_recon import make_ct_operator, resolve_prior, solve_slice
-    from ..info import resolve_device
+    from ctflow.tasks.series import make_ct_operator, resolve_prior, solve_slice
+    from ctflow.tasks.info import resolve_device
 
     worker_setup(threads)
     if hook is not None:
@@ -61,7 +61,7 @@ def slice_task(job: Dict[str, Any], spec: Dict[str, Any], prior_box: List[Any],
         if p is None:
             return None
         if not isinstance(p, str):
-            from .cluster import require_ray
+            from ctflow.distributed.cluster import require_ray
             ray = require_ray()
             if isinstance(p, ray.ObjectRef):
                 p = ray.get(p)

@@ -6,7 +6,7 @@ r"""Measure ``reconstruct-dicom`` throughput in-process and on Ray (``docs/scali
         [--method msflow] [--prior ct64] [--views 60] [--option KEY=VALUE ...] [--json FILE]
 
 For each configuration the same slices are reconstructed into a fresh temporary folder and
-the wall time of the whole :func:`ctflow.dicom_recon.reconstruct_dicom` call is taken
+the wall time of the whole :func:`ctflow.tasks.series.reconstruct_dicom` call is taken
 (reading the series, every solve, every write, the summary and the montage):
 
 * in-process with torch's default thread count and with one thread;
@@ -16,7 +16,7 @@ the wall time of the whole :func:`ctflow.dicom_recon.reconstruct_dicom` call is 
   imports and the prior's loading, which *is* in the wall time.
 
 Throughput is slices / wall seconds. The default options are the demo's MS-Flow settings
-(``ctflow.demo.DEMO_SETTINGS["msflow"]``) on the demo problem (``ct64``, 64 x 64, 60 views,
+(``ctflow.tasks.demo.DEMO_SETTINGS["msflow"]``) on the demo problem (``ct64``, 64 x 64, 60 views,
 1 % noise).
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ __all__ = ["measure", "main"]
 
 
 def _run(in_dir, out_dir, *, ray, kw) -> Dict[str, Any]:
-    from ..dicom_recon import reconstruct_dicom
+    from ctflow.tasks.series import reconstruct_dicom
 
     t0 = time.perf_counter()
     s = reconstruct_dicom(in_dir, out_dir, ray=ray, progress=False, **kw)
@@ -57,10 +57,10 @@ def measure(in_dir, *, workers: Sequence[int] = (1, 2), slices=None, method: str
     of the in-process runs (default: torch's default, then 1)."""
     import torch
 
-    from .cluster import RayOptions, connect
+    from ctflow.distributed.cluster import RayOptions, connect
 
     if options is None:
-        from ..demo import DEMO_SETTINGS
+        from ctflow.tasks.demo import DEMO_SETTINGS
         options = dict(DEMO_SETTINGS.get(method, {}))
     kw = dict(views=views, method=method, prior=prior, noise_level=noise_level, seed=seed,
               slices=slices, device=device, **options)
@@ -89,7 +89,7 @@ def measure(in_dir, *, workers: Sequence[int] = (1, 2), slices=None, method: str
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..cli import parse_options, parse_slices
+    from ctflow.cli import parse_options, parse_slices
 
     p = argparse.ArgumentParser(prog="python -m ctflow.distributed.throughput",
                                 description=__doc__.split("\n\n")[0])

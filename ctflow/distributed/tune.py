@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from .cluster import RayOptions, connect, task_resources, worker_setup
+from ctflow.distributed.cluster import RayOptions, connect, task_resources, worker_setup
 
 __all__ = ["DISTRIBUTIONS", "check_space", "search_space", "run_search", "trial_task"]
 
@@ -128,7 +128,7 @@ def trial_task(config: Dict[str, Any], target: str = "", paths: Sequence[str] = 
     ``payload`` is shared by all trials (put into the object store once)."""
     from ray import tune
 
-    from .cases import resolve_target
+    from ctflow.distributed.cases import resolve_target
 
     worker_setup(threads)
     config = {k: _plain(v) for k, v in config.items()}

@@ -15,7 +15,7 @@ depends only on nearby latent pixels):
 The downsampling factor is :math:`f = 2^{L-1}`; an image of side :math:`S` has a latent of
 shape ``(latent_channels, S/f, S/f)``.
 
-Training (:mod:`ctflow.flow.train_autoencoder`) minimises
+Training (:mod:`ctflow.training.autoencoder`) minimises
 :math:`\mathbb E\,\|D(E(x) + \sigma_n\varepsilon) - x\|_1/n
 + \|D(E(x)+\sigma_n\varepsilon) - x\|_2^2/n + \beta\,\|E(x)\|^2/m` (noise injection
 :math:`\sigma_n` and the latent penalty :math:`\beta` keep the latent scale

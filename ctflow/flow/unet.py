@@ -46,20 +46,44 @@ def timestep_embedding(t: torch.Tensor, dim: int, *, max_period: float = 10000.0
     return emb
 
 
-def _norm(ch: int, groups: int) -> nn.GroupNorm:
-    g = math.gcd(ch, groups)
-    return nn.GroupNorm(g, ch)
+NORMS = ("group", "channel")
+
+
+class ChannelNorm(nn.Module):
+    """Layer normalisation over the channels of each pixel (no spatial statistics).
+
+    Unlike GroupNorm it does not depend on the image extent, so a network trained on patches
+    computes the same features on a whole image (away from the borders) as on its patches.
+    """
+
+    def __init__(self, ch: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ch))
+        self.bias = nn.Parameter(torch.zeros(ch))
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias,
+                         self.eps)
+        return y.permute(0, 3, 1, 2)
+
+
+def _norm(ch: int, groups: int, kind: str = "group") -> nn.Module:
+    if kind == "channel":
+        return ChannelNorm(ch)
+    return nn.GroupNorm(math.gcd(ch, groups), ch)
 
 
 class ResBlock(nn.Module):
     """GroupNorm–SiLU–conv, plus a time projection, GroupNorm–SiLU–dropout–conv, residual."""
 
-    def __init__(self, cin: int, cout: int, tdim: int, *, groups: int, dropout: float):
+    def __init__(self, cin: int, cout: int, tdim: int, *, groups: int, dropout: float,
+                 norm: str = "group"):
         super().__init__()
-        self.norm1 = _norm(cin, groups)
+        self.norm1 = _norm(cin, groups, norm)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.temb = nn.Linear(tdim, cout)
-        self.norm2 = _norm(cout, groups)
+        self.norm2 = _norm(cout, groups, norm)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)
@@ -76,12 +100,12 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Multi-head self-attention over the pixels of a feature map (residual)."""
 
-    def __init__(self, ch: int, *, heads: int, groups: int):
+    def __init__(self, ch: int, *, heads: int, groups: int, norm: str = "group"):
         super().__init__()
         if ch % heads:
             raise ValueError(f"attention width {ch} is not divisible by num_heads={heads}")
         self.heads = heads
-        self.norm = _norm(ch, groups)
+        self.norm = _norm(ch, groups, norm)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = nn.Conv2d(ch, ch, 1)
         nn.init.zeros_(self.proj.weight)
@@ -128,6 +152,11 @@ class UNet(nn.Module):
         num_heads: attention heads.
         dropout: dropout rate in the residual blocks.
         groups: GroupNorm groups (reduced to a divisor of the width where needed).
+        norm: ``"group"`` (GroupNorm, statistics over the whole feature map) or
+            ``"channel"`` (:class:`ChannelNorm`, per pixel): a network trained on patches
+            and applied to whole images needs ``"channel"``.
+        mid_attention: self-attention in the middle block (its cost grows with the square
+            of the pixel count, so a size-agnostic prior leaves it out).
         image_size: the image side the model is meant for (recorded in the config and checked
             in :meth:`forward` to be divisible by the total downsampling), or ``None``.
 
@@ -140,8 +169,11 @@ class UNet(nn.Module):
     def __init__(self, *, channels: int = 1, base: int = 16,
                  channel_mults: Sequence[int] = (1, 2, 4, 6), num_res_blocks: int = 2,
                  attention_levels: Sequence[int] = (2,), num_heads: int = 4,
-                 dropout: float = 0.0, groups: int = 8, image_size: int | None = 64):
+                 dropout: float = 0.0, groups: int = 8, image_size: int | None = 64,
+                 norm: str = "group", mid_attention: bool = True):
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         channel_mults = tuple(int(m) for m in channel_mults)
         attention_levels = tuple(int(a) for a in attention_levels)
         if channels < 1 or base < 1 or num_res_blocks < 1 or not channel_mults:
@@ -162,11 +194,16 @@ class UNet(nn.Module):
             "dropout": float(dropout), "groups": int(groups),
             "image_size": None if image_size is None else int(image_size),
         }
+        if norm != "group":
+            self.config["norm"] = norm
+        if not mid_attention:
+            self.config["mid_attention"] = False
         self.base = base
         tdim = 4 * base
         self.time_mlp = nn.Sequential(nn.Linear(base, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
         self.stem = nn.Conv2d(channels, base, 3, padding=1)
-        kw = dict(groups=groups, dropout=dropout)
+        kw = dict(groups=groups, dropout=dropout, norm=norm)
+        akw = dict(heads=num_heads, groups=groups, norm=norm)
 
         self.down = nn.ModuleList()
         skips = [base]
@@ -176,16 +213,17 @@ class UNet(nn.Module):
                 blocks = [ResBlock(ch, base * mult, tdim, **kw)]
                 ch = base * mult
                 if lvl in attention_levels:
-                    blocks.append(AttnBlock(ch, heads=num_heads, groups=groups))
+                    blocks.append(AttnBlock(ch, **akw))
                 self.down.append(nn.ModuleList(blocks))
                 skips.append(ch)
             if lvl != len(channel_mults) - 1:
                 self.down.append(nn.ModuleList([Downsample(ch)]))
                 skips.append(ch)
 
-        self.mid = nn.ModuleList([ResBlock(ch, ch, tdim, **kw),
-                                  AttnBlock(ch, heads=num_heads, groups=groups),
-                                  ResBlock(ch, ch, tdim, **kw)])
+        mid = [ResBlock(ch, ch, tdim, **kw)]
+        if mid_attention:
+            mid.append(AttnBlock(ch, **akw))
+        self.mid = nn.ModuleList(mid + [ResBlock(ch, ch, tdim, **kw)])
 
         self.up = nn.ModuleList()
         for lvl, mult in reversed(list(enumerate(channel_mults))):
@@ -193,12 +231,12 @@ class UNet(nn.Module):
                 blocks = [ResBlock(ch + skips.pop(), base * mult, tdim, **kw)]
                 ch = base * mult
                 if lvl in attention_levels:
-                    blocks.append(AttnBlock(ch, heads=num_heads, groups=groups))
+                    blocks.append(AttnBlock(ch, **akw))
                 self.up.append(nn.ModuleList(blocks))
             if lvl != 0:
                 self.up.append(nn.ModuleList([Upsample(ch)]))
 
-        self.out_norm = _norm(ch, groups)
+        self.out_norm = _norm(ch, groups, norm)
         self.out_conv = nn.Conv2d(ch, channels, 3, padding=1)
         nn.init.zeros_(self.out_conv.weight)
         nn.init.zeros_(self.out_conv.bias)
@@ -211,7 +249,7 @@ class UNet(nn.Module):
         if kind != "UNet":
             raise ValueError(f"config describes a {kind!r}, not a UNet")
         allowed = {"channels", "base", "channel_mults", "num_res_blocks", "attention_levels",
-                   "num_heads", "dropout", "groups", "image_size"}
+                   "num_heads", "dropout", "groups", "image_size", "norm", "mid_attention"}
         unknown = sorted(set(cfg) - allowed)
         if unknown:
             raise ValueError(f"unknown UNet config keys: {unknown}")

@@ -15,8 +15,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ..flow.gaussian import GaussianVelocity
-from ..flow.integrate import integrate
+from ctflow.flow.gaussian import GaussianVelocity
+from ctflow.flow.integrate import integrate
 
 __all__ = ["FlowPrior", "gaussian_prior"]
 

@@ -17,7 +17,7 @@ and, when a prior is built, the tensor names and shapes equal those the architec
 implies.
 
 Training checkpoints (``format = "ctflow-train-checkpoint"``, written by
-:mod:`ctflow.flow.train`) use the same two-file layout with the tensors prefixed ``model.``,
+:mod:`ctflow.training.prior`) use the same two-file layout with the tensors prefixed ``model.``,
 ``ema.``, ``optim.`` and ``rng.``; :func:`load_prior_file` accepts them too and takes the EMA
 weights.
 """
@@ -32,7 +32,7 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-from ..atomic_io import atomic_write_bytes, atomic_write_json
+from ctflow.data.atomic import atomic_write_bytes, atomic_write_json
 
 __all__ = ["PRIOR_FORMAT", "TRAIN_FORMAT", "CheckpointError", "save_prior", "load_prior_file",
            "write_checkpoint", "read_checkpoint", "resolve_checkpoint", "sha256_file",
@@ -51,7 +51,7 @@ class CheckpointError(ValueError):
 
 def _version() -> str:
     try:
-        from .. import __version__
+        from ctflow._version import __version__
         return __version__
     except ImportError:  # pragma: no cover - partially initialised package
         return "unknown"
@@ -184,7 +184,7 @@ def build_velocity(model_config: dict) -> torch.nn.Module:
     """The velocity network an architecture config describes."""
     kind = model_config.get("type", "UNet")
     if kind == "UNet":
-        from ..flow.unet import UNet
+        from ctflow.flow.unet import UNet
         return UNet.from_config(model_config)
     raise ValueError(f"unknown velocity model type {kind!r}")
 
@@ -222,7 +222,7 @@ def save_prior(prior_or_model, path_stem: PathLike, *, model_config: Optional[di
     ``training`` the run (steps, final loss, command, wall time). Weights are stored in
     ``dtype`` (float32 or float16); loading converts back to float32. Returns the JSON path.
     """
-    from .base import FlowPrior
+    from ctflow.priors.base import FlowPrior
 
     if isinstance(prior_or_model, FlowPrior):
         prior = prior_or_model
@@ -277,12 +277,12 @@ def load_prior_file(path: PathLike, *, device=None, verify: bool = True):
     missing files and :class:`CheckpointError` (a ``ValueError``) for corrupt, truncated or
     mismatched ones, naming the file.
     """
-    from .base import FlowPrior
+    from ctflow.priors.base import FlowPrior
 
     json_path, _ = resolve_checkpoint(path)
     tensors, meta = read_checkpoint(path, verify=verify)
     if meta.get("kind") in ("latent", "latent-codec"):   # latent priors: ctflow.priors.latent
-        from .latent import latent_prior_from_checkpoint
+        from ctflow.priors.latent import latent_prior_from_checkpoint
         latent = latent_prior_from_checkpoint(tensors, meta, json_path)
         if device is not None:
             latent.to(device=device)

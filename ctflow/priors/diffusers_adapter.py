@@ -45,7 +45,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .latent import LatentFlowPrior
+from ctflow.priors.latent import LatentFlowPrior
 
 __all__ = ["from_diffusers", "SD3Velocity", "SD3Codec", "sigma_to_t", "t_to_sigma",
            "velocity_from_model_output", "model_output_from_velocity"]

@@ -28,8 +28,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ..flow.integrate import integrate
-from .base import FlowPrior
+from ctflow.flow.integrate import integrate
+from ctflow.priors.base import FlowPrior
 
 __all__ = ["LatentFlowPrior", "is_latent_prior", "save_latent_prior",
            "latent_prior_from_checkpoint", "LATENT_KIND"]
@@ -194,7 +194,7 @@ def save_latent_prior(velocity: torch.nn.Module, codec, path_stem, *, image_size
     """Save a U-Net latent velocity and a :class:`~ctflow.flow.autoencoder.LatentCodec` as one
     latent prior ``<path_stem>.safetensors`` + ``<path_stem>.json`` (``"kind": "latent"``).
     Returns the JSON path."""
-    from .checkpoint import FORMAT_VERSION, PRIOR_FORMAT, write_checkpoint
+    from ctflow.priors.checkpoint import FORMAT_VERSION, PRIOR_FORMAT, write_checkpoint
 
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
@@ -231,13 +231,13 @@ def latent_prior_from_checkpoint(tensors: Dict[str, torch.Tensor], meta: dict,
     """Build a :class:`LatentFlowPrior` from the tensors and description that
     :func:`ctflow.priors.checkpoint.read_checkpoint` returned for a ``"kind": "latent"`` file
     (shapes checked against the architecture configs; errors name the file)."""
-    from ..flow.autoencoder import AutoEncoder, LatentCodec
-    from .checkpoint import CheckpointError, _check_state, build_velocity
+    from ctflow.flow.autoencoder import AutoEncoder, LatentCodec
+    from ctflow.priors.checkpoint import CheckpointError, _check_state, build_velocity
 
     if meta.get("kind") == CODEC_KIND:
         raise CheckpointError(f"{json_path}: this is an autoencoder codec (kind "
                               f"{CODEC_KIND!r}), not a prior; bundle it with its latent flow "
-                              f"(python -m ctflow.flow.train_autoencoder bundle)")
+                              f"(python -m ctflow.training.autoencoder bundle)")
     for key in ("model", "autoencoder", "image_size", "latent_shape"):
         if key not in meta:
             raise CheckpointError(f"{json_path}: latent prior description lacks {key!r}")

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import List, Union
 
-from .checkpoint import load_prior_file, resolve_checkpoint
+from ctflow.priors.checkpoint import load_prior_file, resolve_checkpoint
 
 __all__ = ["list_priors", "load_prior", "bundled_dir", "bundled_path"]
 
@@ -62,7 +62,7 @@ def load_prior(name_or_path: Union[str, os.PathLike], *, device=None, verify: bo
     """
     s = os.fspath(name_or_path)
     if _is_diffusers_folder(s):    # a local diffusers SD3 folder: ctflow.priors.from_diffusers
-        from .diffusers_adapter import from_diffusers
+        from ctflow.priors.diffusers_adapter import from_diffusers
         return from_diffusers(s, device=device)
     if not isinstance(name_or_path, os.PathLike) and _is_plain_name(s):
         # a plain name: a bundled prior first, else a checkpoint stem in the working folder

@@ -2,11 +2,12 @@ r"""``ctflow.reconstruct``: one entry point for every solver.
 
 .. code-block:: python
 
-    result = ctflow.reconstruct(y, A, prior, method="msflow", noise_level=0.01, K=8, M=2)
+    result = ctflow.reconstruct(y, A, prior, method="msflow", sigma=0.01, K=8, M=2)
     result.image, result.history, result.nfe, result.seconds, result.peak_memory_bytes
 
 Methods and the classes behind them (each constructed with the keyword ``**options`` and
-called as ``.solve(operator, y, prior, noise_level)``):
+called as ``.solve(operator, y, prior, sigma)``; the table is
+:data:`ctflow.solvers.registry.METHODS`):
 
 =============  ==============================================  ===============
 ``method``     class                                           needs a prior
@@ -26,8 +27,9 @@ Solver modules are imported on first use. Everything is checked before any work:
   solver class (``ValueError`` naming the option and the allowed values);
 * ``y`` must be a floating tensor of shape ``(B, C, *range_shape)``, ``(C, *range_shape)``
   or ``range_shape`` (for one channel) without NaN or inf;
-* ``noise_level`` (the standard deviation :math:`\sigma` of the Gaussian noise in ``y``, in
-  the units of ``y``) must be a finite number ``> 0``;
+* ``sigma`` (the absolute standard deviation :math:`\sigma` of the Gaussian noise in ``y``,
+  in the units of ``y``) must be a finite number, ``> 0`` for the flow methods, ``>= 0``
+  (or ``None``) for the classical ones;
 * ``prior`` (a :class:`~ctflow.priors.FlowPrior` or the name of a bundled prior, loaded with
   ``ctflow.priors.load_prior``) must model images of the operator's domain shape.
 
@@ -45,66 +47,41 @@ from typing import Any, Dict, Tuple
 
 import torch
 
-from .common import check_noise_level, check_prior, prepare_measurement
-from .result import Reconstruction
+from ctflow.solvers import registry
+from ctflow.solvers.common import check_noise_level, check_prior, prepare_measurement
+from ctflow.solvers.registry import METHODS
+from ctflow.solvers.result import Reconstruction
 
 __all__ = ["reconstruct", "METHODS", "solver_class"]
 
-#: method name -> (module under ctflow.solvers, class name, needs a prior)
-METHODS: Dict[str, Tuple[str, str, bool]] = {
-    "msflow": ("msflow", "MSFlow", True),
-    "dflow": ("dflow", "DFlow", True),
-    "pnpflow": ("pnpflow", "PnPFlow", True),
-    "otode": ("otode", "OTODE", True),
-    "fbp": ("classical", "FBPSolver", False),
-    "tv": ("classical", "TV", False),
-    "cgls": ("classical", "CGLS", False),
-    "landweber": ("classical", "Landweber", False),
-}
-
-
-#: Methods that accept latent priors (:mod:`ctflow.priors.latent`): their states live in the
-#: latent space and the data term goes through the decoder (:mod:`ctflow.solvers.latent`).
-LATENT_METHODS = ("msflow", "dflow")
-
-
-def _check_method(method: Any) -> str:
-    if not isinstance(method, str) or method.lower() not in METHODS:
-        raise ValueError(f"reconstruct: method must be one of {', '.join(map(repr, METHODS))}, "
-                         f"got {method!r}")
-    return method.lower()
 
 
 def solver_class(method: str):
-    """The solver class behind ``method`` (imported lazily)."""
-    method = _check_method(method)
-    module, cls, _ = METHODS[method]
+    """The solver class behind ``method`` (imported lazily; see :mod:`ctflow.solvers.registry`)."""
+    return _method(method).solver_class()
+
+
+def _method(name: Any):
     try:
-        mod = importlib.import_module(f"{__package__}.{module}")
-    except ImportError as exc:
-        raise ValueError(f"reconstruct: method {method!r} is unavailable: its module "
-                         f"ctflow.solvers.{module} failed to import ({exc})") from exc
-    try:
-        return getattr(mod, cls)
-    except AttributeError as exc:
-        raise ValueError(f"reconstruct: method {method!r} is unavailable: "
-                         f"ctflow.solvers.{module} has no {cls}") from exc
+        return registry.method(name)
+    except ValueError as exc:
+        raise ValueError(f"reconstruct: {exc}") from None
 
 
 def _load_prior(name: str):
     try:
-        from ..priors import load_prior  # type: ignore[attr-defined]
+        from ctflow.priors import load_prior  # type: ignore[attr-defined]
     except ImportError:
         try:
-            from ..priors.registry import load_prior  # type: ignore
+            from ctflow.priors.registry import load_prior  # type: ignore
         except ImportError as exc:
             raise ValueError(f"reconstruct: prior {name!r} given by name, but ctflow cannot "
                              f"load bundled priors here ({exc}); pass a FlowPrior") from exc
     return load_prior(name)
 
 
-def reconstruct(y: torch.Tensor, operator, prior=None, method: str = "msflow",
-                noise_level: float = 0.01, **options: Any) -> Reconstruction:
+def reconstruct(y: torch.Tensor, operator, prior=None, method: str = "msflow", *,
+                sigma: float | None = None, **options: Any) -> Reconstruction:
     r"""Reconstruct an image from the measurement ``y = A x + noise`` with ``method``.
 
     Args:
@@ -115,7 +92,11 @@ def reconstruct(y: torch.Tensor, operator, prior=None, method: str = "msflow",
             ``"fbp"``, ``"tv"`` and ``"cgls"`` (which ignore it).
         method: ``"msflow"``, ``"dflow"``, ``"pnpflow"``, ``"otode"``, ``"fbp"``, ``"tv"``
             or ``"cgls"``.
-        noise_level: standard deviation :math:`\sigma` of the Gaussian noise in ``y``.
+        sigma: the absolute standard deviation :math:`\sigma` of the Gaussian noise in
+            ``y`` (units of ``y``); required (``> 0``) by the methods whose registry entry
+            has ``needs_sigma``, optional (``None`` or ``0``) for FBP, TV, CGLS and
+            Landweber. A relative level (a fraction of the RMS of the data) is converted by
+            :func:`ctflow.operators.noise.GaussianNoise.std` before the call.
         **options: keyword options of the solver class (see each class); unknown names or
             bad values raise ``ValueError``; ``seed`` (default 0) and ``progress``.
 
@@ -123,23 +104,28 @@ def reconstruct(y: torch.Tensor, operator, prior=None, method: str = "msflow",
         a :class:`~ctflow.solvers.result.Reconstruction` (image in ``[0, 1]`` in the layout
         of ``y``, history, NFE, seconds, peak memory).
     """
-    method = _check_method(method)
-    _, _, needs_prior = METHODS[method]
+    if "noise_level" in options:
+        raise TypeError("reconstruct: 'noise_level' was renamed: pass sigma= (the absolute "
+                        "noise standard deviation in the units of y)")
+    spec = _method(method)
+    method, needs_prior = spec.name, spec.needs_prior
     own = f"reconstruct(method={method!r})"
     if not hasattr(operator, "range_shape") or not hasattr(operator, "domain_shape"):
         raise ValueError(f"{own}: operator must be a LinearOperator (with domain_shape and "
                          f"range_shape), got {type(operator).__name__}")
-    sigma = check_noise_level(noise_level, owner=own)
+    if sigma is None and not spec.needs_sigma:
+        sigma = 0.0
+    sigma = check_noise_level(sigma, owner=own, allow_zero=not spec.needs_sigma)
     if isinstance(prior, str):
         prior = _load_prior(prior)
     if needs_prior and prior is None:
         raise ValueError(f"{own}: this method needs a prior (a FlowPrior or a bundled prior "
                          f"name); only 'fbp', 'tv' and 'cgls' run without one")
     if prior is not None and needs_prior:
-        check_prior(prior, operator, owner=own, allow_latent=method in LATENT_METHODS)
+        check_prior(prior, operator, owner=own, allow_latent="latent" in spec.prior_kinds)
     channels = getattr(prior, "channels", None) if prior is not None else None
     meas = prepare_measurement(operator, y, owner=own, channels=channels)
-    cls = solver_class(method)
+    cls = spec.solver_class()
     try:
         solver = cls(**options)
     except TypeError as exc:   # a class without its own option check

@@ -32,9 +32,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .common import (check_bool, check_choice, check_float, check_int, check_problem,
+from ctflow.solvers.common import (check_bool, check_choice, check_float, check_int, check_problem,
                      check_seed, check_x_init)
-from .result import Reconstruction, SolveMeter
+from ctflow.solvers.result import Reconstruction, SolveMeter
 
 __all__ = ["CGLS", "Landweber", "TV", "FBPSolver", "cgls", "landweber", "pdhg_tv",
            "gradient", "divergence", "tv_iso", "FBP_FILTERS"]

@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, T
 
 import torch
 
-from ..flow.integrate import CountingVelocity, integrate
+from ctflow.flow.integrate import CountingVelocity, integrate
 
 #: Default relative TV weight of ``init="tv"`` (the start every flow solver can take),
 #: tuned on the restoration validation slices (``benchmarks/configs/restoration.json``).
@@ -472,7 +472,7 @@ def make_problem(operator, y: torch.Tensor, prior, sigma: float):
     :class:`ctflow.solvers.latent.LatentDataProblem` (data seen through the decoder) for
     latent priors."""
     if getattr(prior, "is_latent", False):
-        from .latent import LatentDataProblem
+        from ctflow.solvers.latent import LatentDataProblem
         return LatentDataProblem(operator, y, prior, sigma)
     return ModelSpaceProblem(operator, y, prior.scale, prior.shift, sigma)
 
@@ -579,7 +579,7 @@ def fbp_initialiser(operator) -> Optional[Callable[[torch.Tensor], torch.Tensor]
     if geometry is None:
         return None
     try:
-        from ..operators.ct import FBP  # type: ignore[attr-defined]
+        from ctflow.operators.ct import FBP  # type: ignore[attr-defined]
     except ImportError:
         return None
     try:
@@ -644,7 +644,7 @@ def initial_image(init: Any, operator, y: torch.Tensor, *, owner: str,
             elif init == "tv":
                 if noise_level is None:
                     raise ValueError(f"{owner}: init='tv' needs the noise level")
-                from .classical import pdhg_tv      # classical imports this module
+                from ctflow.solvers.classical import pdhg_tv      # classical imports this module
                 sigma = float(noise_level)           # relative weight: lambda = w * sigma
                 x, _ = pdhg_tv(operator, y, weight=tv_weight * sigma,
                                tol=1e-6, scale=sigma * sigma if sigma > 0 else 1.0)

@@ -30,13 +30,13 @@ from typing import Any, Dict
 
 import torch
 
-from ..flow.integrate import integrate
-from .common import (FlowSolverBase, SolverVelocity, blend_init,
+from ctflow.flow.integrate import integrate
+from ctflow.solvers.common import (FlowSolverBase, SolverVelocity, blend_init,
                      check_choice, check_int, check_positive,
                      check_probability, initial_image, make_generator,
                      make_problem, merge_flow_options, progress_bar, radial_prior,
                      TV_START_WEIGHT)
-from .result import Reconstruction, SolveMeter
+from ctflow.solvers.result import Reconstruction, SolveMeter
 
 __all__ = ["DFlow"]
 

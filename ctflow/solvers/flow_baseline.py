@@ -13,9 +13,9 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from ..flow.integrate import CountingVelocity
-from .classical import _common_options
-from .common import (TV_START_WEIGHT, check_float, check_init, check_int, check_problem,
+from ctflow.flow.integrate import CountingVelocity
+from ctflow.solvers.classical import _common_options
+from ctflow.solvers.common import (TV_START_WEIGHT, check_float, check_init, check_int, check_problem,
                      initial_image, make_generator)
 
 __all__ = ["FlowSolve", "begin_solve", "check_flow_prior", "randn_like", "start_image",

@@ -33,7 +33,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .common import per_item_norm, per_item_sq
+from ctflow.solvers.common import per_item_norm, per_item_sq
 
 __all__ = ["LatentDataProblem", "ARMIJO_C"]
 

@@ -130,13 +130,13 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
-from ..flow.integrate import METHODS, integrate
-from .common import (FlowSolverBase, SolverVelocity, blend_init,
+from ctflow.flow.integrate import METHODS, integrate
+from ctflow.solvers.common import (FlowSolverBase, SolverVelocity, blend_init,
                      check_choice, check_int, check_positive,
                      check_probability, data_step, initial_image, make_generator,
                      make_problem, merge_flow_options, per_item_dot, per_item_sq,
                      progress_bar, radial_prior, radial_prox, TV_START_WEIGHT)
-from .result import Reconstruction, SolveMeter
+from ctflow.solvers.result import Reconstruction, SolveMeter
 
 __all__ = ["MSFlow"]
 

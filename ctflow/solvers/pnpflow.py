@@ -44,10 +44,10 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .classical import _finish, _operator_norm, _progress, _rel_residual
-from .common import TV_START_WEIGHT, check_float, check_int
-from .flow_baseline import begin_solve, randn_like, start_image, start_options, times
-from .result import Reconstruction, SolveMeter
+from ctflow.solvers.classical import _finish, _operator_norm, _progress, _rel_residual
+from ctflow.solvers.common import TV_START_WEIGHT, check_float, check_int
+from ctflow.solvers.flow_baseline import begin_solve, randn_like, start_image, start_options, times
+from ctflow.solvers.result import Reconstruction, SolveMeter
 
 __all__ = ["PnPFlow"]
 

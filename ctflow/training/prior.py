@@ -31,7 +31,7 @@ JSON (:mod:`ctflow.priors.checkpoint`; no pickle). ``resume=True`` continues bit
 the newest valid checkpoint in ``out_dir``. The loss log ``loss.jsonl`` holds one JSON line
 per ``log_every`` steps (mean loss over the interval, lr, wall time).
 
-Command line: ``python -m ctflow.flow.train dicom ...`` (train on DICOM), ``... bundle ...``
+Command line: ``python -m ctflow.training.prior dicom ...`` (train on DICOM), ``... bundle ...``
 (export the EMA weights of the newest checkpoint as a prior); see :func:`train_main`.
 """
 from __future__ import annotations
@@ -51,10 +51,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..priors.base import FlowPrior
-from ..priors.checkpoint import (TRAIN_FORMAT, CheckpointError, read_checkpoint, save_prior,
+from ctflow.priors.base import FlowPrior
+from ctflow.priors.checkpoint import (TRAIN_FORMAT, CheckpointError, read_checkpoint, save_prior,
                                  write_checkpoint)
-from .unet import UNet
+from ctflow.flow.unet import UNet
 
 __all__ = ["train_prior", "TrainResult", "ot_couple", "sample_times", "flow_matching_loss",
            "EMA", "latest_checkpoint", "bundle_checkpoint", "train_main", "lr_at"]
@@ -92,7 +92,7 @@ def flow_matching_loss(model: Callable, x1: torch.Tensor, x0: torch.Tensor,
     """:math:`\\operatorname{mean}\\|v(x_t, t) - (x_1 - x_0)\\|^2`, :math:`x_t = t x_1 + (1-t) x_0`."""
     tb = t.to(x1).reshape(-1, *([1] * (x1.ndim - 1)))
     xt = tb * x1 + (1 - tb) * x0
-    return (model(xt, t.to(x1)) - (x1 - x0)).pow(2).mean()
+    return (model(xt, t.to(x1)).float() - (x1 - x0)).pow(2).mean()
 
 
 class EMA:
@@ -353,12 +353,13 @@ def train_prior(dataset, *, out_dir, steps: int, batch_size: int = 16, lr: float
                 scale: float = 2.0, shift: float = -1.0, hu_window=None, name: str = "prior",
                 data_description: Optional[dict] = None, command: Optional[str] = None,
                 device=None, num_threads: Optional[int] = None, channels_last: bool = False,
+                autocast: Optional[str] = None,
                 stop: Optional[Callable[[], bool]] = None) -> TrainResult:
     """Train a flow-matching prior on ``dataset`` (see the module docstring for the maths).
 
     Args:
         dataset: an object with ``sample(batch_size, generator) -> (B, C, S, S)`` images in
-            ``[0, 1]`` (the datasets of :mod:`ctflow.flow.datasets`), or a tensor
+            ``[0, 1]`` (the datasets of :mod:`ctflow.training.datasets`), or a tensor
             ``(N, C, S, S)`` in ``[0, 1]``.
         out_dir: checkpoints ``ckpt-<step>.safetensors/.json`` and ``loss.jsonl`` go here.
         steps: total optimisation steps (a resumed run continues up to ``steps``).
@@ -375,6 +376,8 @@ def train_prior(dataset, *, out_dir, steps: int, batch_size: int = 16, lr: float
             checkpoint and returns early (used for SIGTERM in the command line).
         channels_last: run the network in channels-last memory format (about 20 % faster
             convolutions on CPUs; checkpoints are the same).
+        autocast: ``"bf16"`` runs the network's forward and backward under bfloat16
+            autocast (weights, optimiser and loss stay float32); ``None``: float32.
 
     Returns:
         :class:`TrainResult` with the EMA prior (eval mode), the step reached, the last
@@ -384,6 +387,8 @@ def train_prior(dataset, *, out_dir, steps: int, batch_size: int = 16, lr: float
         raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
     if time_sampling not in TIME_SAMPLINGS:
         raise ValueError(f"time_sampling must be one of {TIME_SAMPLINGS}, got {time_sampling!r}")
+    if autocast not in (None, "bf16"):
+        raise ValueError(f"autocast must be None or 'bf16', got {autocast!r}")
     if steps < 0 or batch_size < 1 or checkpoint_every < 1 or log_every < 1:
         raise ValueError("steps >= 0, batch_size >= 1, checkpoint_every >= 1 and "
                          f"log_every >= 1 required; got steps={steps}, batch_size={batch_size}, "
@@ -392,7 +397,7 @@ def train_prior(dataset, *, out_dir, steps: int, batch_size: int = 16, lr: float
         torch.set_num_threads(int(num_threads))
     device = torch.device(device or "cpu")
     if isinstance(dataset, torch.Tensor):
-        from .datasets import ImageTensorDataset
+        from ctflow.training.datasets import ImageTensorDataset
         dataset = ImageTensorDataset(dataset)
     if not hasattr(dataset, "sample"):
         raise ValueError("dataset must offer sample(batch_size, generator) or be a tensor")
@@ -425,7 +430,8 @@ def train_prior(dataset, *, out_dir, steps: int, batch_size: int = 16, lr: float
                    min_lr_ratio=float(min_lr_ratio), ema_decay=float(ema_decay),
                    ema_warmup=bool(ema_warmup), grad_clip=float(grad_clip), coupling=coupling,
                    time_sampling=time_sampling, seed=int(seed),
-                   checkpoint_every=int(checkpoint_every), log_every=int(log_every))
+                   checkpoint_every=int(checkpoint_every), log_every=int(log_every),
+                   autocast=autocast)
     prior_meta = {"name": name, "image_size": image_size, "channels": channels,
                   "scale": float(scale), "shift": float(shift),
                   "hu_window": list(hu_window) if hu_window is not None else None}
@@ -471,7 +477,8 @@ def train_prior(dataset, *, out_dir, steps: int, batch_size: int = 16, lr: float
             x1 = x1.contiguous(memory_format=fmt)
             x0 = x0.contiguous(memory_format=fmt)
         t = sample_times(batch_size, gen, time_sampling).to(device)
-        return flow_matching_loss(model, x1, x0, t), {}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+            return flow_matching_loss(model, x1, x0, t), {}
 
     end = training_loop(
         model=model, opt=opt, ema=ema, loss_step=loss_step,
@@ -579,6 +586,12 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--num-res-blocks", type=int, default=2)
         q.add_argument("--attention-levels", default="2")
         q.add_argument("--device", default=None)
+        q.add_argument("--norm", choices=["group", "channel"], default="group",
+                       help="normalisation (channel: per pixel, for size-agnostic priors)")
+        q.add_argument("--no-mid-attention", action="store_true",
+                       help="no self-attention in the middle block")
+        q.add_argument("--autocast", choices=["bf16"], default=None,
+                       help="bfloat16 autocast for the network")
 
     d = sub.add_parser("dicom", help="train on CT slices from DICOM files/folders")
     d.add_argument("paths", nargs="+", help="DICOM folders or files")
@@ -590,6 +603,16 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--scale-range", default="0.85,1.0")
     d.add_argument("--no-augment", action="store_true")
     common(d)
+
+    pt = sub.add_parser("patches", help="train a size-agnostic prior on patches of the "
+                        "full-resolution training split")
+    pt.add_argument("root", help="local copy of the CT source folders (ctflow.data.splits)")
+    pt.add_argument("--split", default="train")
+    pt.add_argument("--hu-window", default="-1024,2000")
+    pt.add_argument("--pixel-mm", default="0.6,2.0", help="patch pixel sizes in mm (min,max)")
+    pt.add_argument("--rotate-deg", type=float, default=10.0)
+    pt.add_argument("--nifti-step", type=int, default=2)
+    common(pt)
 
     e = sub.add_parser("ellipses", help="train on random ellipse phantoms")
     e.add_argument("--count", type=int, default=1024)
@@ -633,7 +656,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    from . import datasets as D
+    from ctflow.training import datasets as D
 
     hu_window = None
     if args.cmd == "dicom":
@@ -643,6 +666,15 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
                                  exclude_patients=excl, augment=not args.no_augment,
                                  scale_range=_floats(args.scale_range),
                                  nifti_paths=args.nifti, nifti_step=args.nifti_step)
+    elif args.cmd == "patches":
+        from ctflow.training.patches import PatchDataset, split_slices
+        hu_window = _floats(args.hu_window)
+        if args.split != "train":
+            raise ValueError("a prior is trained on the train split only")
+        ds = PatchDataset(split_slices(args.root, args.split, nifti_step=args.nifti_step,
+                                       progress=True),
+                          patch_size=args.image_size, hu_window=hu_window,
+                          pixel_mm_range=_floats(args.pixel_mm), rotate_deg=args.rotate_deg)
     elif args.cmd == "ellipses":
         ds = D.ellipses_dataset(args.count, image_size=args.image_size, seed=args.seed)
     else:
@@ -655,7 +687,9 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     model = UNet(channels=int(ds.sample(1, torch.Generator().manual_seed(0)).shape[1]),
                  base=args.base, channel_mults=_ints(args.channel_mults),
                  num_res_blocks=args.num_res_blocks,
-                 attention_levels=_ints(args.attention_levels), image_size=args.image_size)
+                 attention_levels=_ints(args.attention_levels),
+                 image_size=None if args.cmd == "patches" else args.image_size,
+                 norm=args.norm, mid_attention=not args.no_mid_attention)
     print(f"{len(ds)} training images, model {model.num_parameters():,} parameters, "
           f"out {args.out}", flush=True)
     flag = {"stop": False}
@@ -674,7 +708,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
                           keep_every=args.keep_every, log_every=args.log_every,
                           resume=not args.no_resume, progress=args.progress,
                           hu_window=hu_window, name=args.name, device=args.device,
-                          channels_last=args.channels_last,
+                          channels_last=args.channels_last, autocast=args.autocast,
                           command="ctflow train " + " ".join(shlex.quote(a) for a in argv),
                           stop=lambda: flag["stop"])
     finally:

@@ -83,7 +83,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from .geometry import FanBeam2D, Geometry2D, ParallelBeam2D
+from ctflow.operators.ct.geometry import FanBeam2D, Geometry2D, ParallelBeam2D
 
 __all__ = ["TomosipoRayBackend", "status", "check_usable", "tomosipo_vectors", "volume_spec",
            "tomosipo_geometries", "INSTALL", "ALTERNATIVES", "MIN_NUMPY2_VERSION"]

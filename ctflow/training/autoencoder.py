@@ -3,20 +3,20 @@ r"""Training a latent flow prior: an autoencoder on CT slices, then a flow on it
 Three steps, each resumable (checkpoints as safetensors + JSON, never pickle):
 
 1. ``autoencoder`` — :func:`train_autoencoder` fits :class:`~ctflow.flow.autoencoder.AutoEncoder`
-   to images from a dataset of :mod:`ctflow.flow.datasets` (augmented whole slices, cut into
+   to images from a dataset of :mod:`ctflow.training.datasets` (augmented whole slices, cut into
    random ``crop × crop`` patches: the model is fully convolutional and local, so patches
    train it for whole images at a fraction of the cost) by minimising
 
    .. math:: \|D(E(x) + \sigma_n\varepsilon) - x\|_1/n + \|D(E(x) + \sigma_n\varepsilon) - x\|_2^2/n
              + \beta\,\|E(x)\|_2^2/m
 
-   with AdamW, warm-up and cosine decay (:func:`ctflow.flow.train.lr_at`), gradient clipping
-   and EMA weights (:class:`ctflow.flow.train.EMA`; the EMA weights are the autoencoder used
+   with AdamW, warm-up and cosine decay (:func:`ctflow.training.prior.lr_at`), gradient clipping
+   and EMA weights (:class:`ctflow.training.prior.EMA`; the EMA weights are the autoencoder used
    afterwards).
 2. ``flow`` — the EMA autoencoder encodes the (un-augmented) training slices to fit the latent
    normalisation (per-channel mean and standard deviation, :class:`~ctflow.flow.autoencoder.
    LatentCodec`), then a pool of ``repeats`` augmented copies of every slice, and
-   :func:`ctflow.flow.train.train_prior` (the project's flow-matching trainer, unchanged)
+   :func:`ctflow.training.prior.train_prior` (the project's flow-matching trainer, unchanged)
    trains a U-Net velocity field on the normalised codes (``scale = 1, shift = 0``: the codes
    *are* the flow's model space). The codec (autoencoder + normalisation) is written beside
    the flow checkpoints as ``codec.safetensors`` / ``codec.json``.
@@ -26,11 +26,11 @@ Three steps, each resumable (checkpoints as safetensors + JSON, never pickle):
 
 Command line::
 
-    python -m ctflow.flow.train_autoencoder autoencoder <DICOM folders> --exclude-patients ...
+    python -m ctflow.training.autoencoder autoencoder <DICOM folders> --exclude-patients ...
         --image-size 128 --out runs/ct128ae --steps 4000 ...
-    python -m ctflow.flow.train_autoencoder flow <DICOM folders> --exclude-patients ...
+    python -m ctflow.training.autoencoder flow <DICOM folders> --exclude-patients ...
         --autoencoder runs/ct128ae --out runs/ct128flow --steps 6000 ...
-    python -m ctflow.flow.train_autoencoder bundle runs/ct128flow --name ct128latent
+    python -m ctflow.training.autoencoder bundle runs/ct128flow --name ct128latent
 
 SIGTERM/SIGINT write a checkpoint and exit; rerunning the same command resumes bit-for-bit.
 """
@@ -48,10 +48,10 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from ..priors.checkpoint import (PRIOR_FORMAT, TRAIN_FORMAT, CheckpointError, read_checkpoint,
+from ctflow.priors.checkpoint import (PRIOR_FORMAT, TRAIN_FORMAT, CheckpointError, read_checkpoint,
                                  write_checkpoint)
-from .autoencoder import AutoEncoder, LatentCodec
-from .train import (EMA, _prune, _read_log, latest_checkpoint, lr_at, restore_training_state,
+from ctflow.flow.autoencoder import AutoEncoder, LatentCodec
+from ctflow.training.prior import (EMA, _prune, _read_log, latest_checkpoint, lr_at, restore_training_state,
                     training_loop, training_state)
 
 __all__ = ["train_autoencoder", "AutoEncoderResult", "autoencoder_loss", "load_autoencoder",
@@ -249,8 +249,8 @@ def bundle_latent(flow_run, dest_stem, *, name: Optional[str] = None,
     ``codec.*`` into one latent prior ``<dest_stem>.safetensors/.json``
     (:func:`ctflow.priors.latent.save_latent_prior`), recording both trainings (steps,
     losses, wall times, commands) and the training data. Returns the JSON path."""
-    from ..priors.latent import save_latent_prior
-    from .unet import UNet
+    from ctflow.priors.latent import save_latent_prior
+    from ctflow.flow.unet import UNet
 
     run = Path(flow_run)
     ckpt = latest_checkpoint(run)
@@ -289,7 +289,7 @@ def _floats(s: str) -> tuple:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ctflow.flow.train_autoencoder",
+    p = argparse.ArgumentParser(prog="python -m ctflow.training.autoencoder",
                                 description="Train a latent flow prior (autoencoder, then a "
                                             "flow on its codes) or bundle one.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -356,7 +356,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _dataset(args):
-    from .datasets import DicomSliceDataset
+    from ctflow.training.datasets import DicomSliceDataset
     excl = [s.strip() for s in args.exclude_patients.split(",") if s.strip()]
     return DicomSliceDataset(args.paths, image_size=args.image_size,
                              hu_window=_floats(args.hu_window), exclude_patients=excl,
@@ -377,7 +377,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = ("python -m ctflow.flow.train_autoencoder "
+    command = ("python -m ctflow.training.autoencoder "
                + " ".join(shlex.quote(a) for a in argv))
     flag = {"stop": False}
 
@@ -406,9 +406,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"step {res.step} loss {res.final_loss} wall {res.seconds:.0f} s "
                   f"checkpoint {res.checkpoint}", flush=True)
             return 0
-        from ..flow.datasets import ImageTensorDataset
-        from .train import train_prior
-        from .unet import UNet
+        from ctflow.training.datasets import ImageTensorDataset
+        from ctflow.training.prior import train_prior
+        from ctflow.flow.unet import UNet
         ae, ae_meta = load_autoencoder(args.autoencoder)
         codec = LatentCodec(ae)
         codec.fit_normalisation(ds._plain)

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-from .geometry import Geometry2D
+from ctflow.operators.ct.geometry import Geometry2D
 
 __all__ = ["BackendInfo", "available_backends", "format_backends", "make_backend",
            "register_backend", "backend_names"]
@@ -35,19 +35,19 @@ class BackendInfo:
 
 
 def _torch_factory(geometry: Geometry2D, **options):
-    from .torch_backend import TorchRayBackend
+    from ctflow.operators.ct.torch_backend import TorchRayBackend
 
     return TorchRayBackend(geometry, **options)
 
 
 def _odl_factory(geometry: Geometry2D, **options):
-    from .odl_backend import OdlRayBackend
+    from ctflow.operators.ct.odl_backend import OdlRayBackend
 
     return OdlRayBackend(geometry, **options)
 
 
 def _tomosipo_factory(geometry: Geometry2D, **options):
-    from .tomosipo_backend import TomosipoRayBackend
+    from ctflow.operators.ct.tomosipo_backend import TomosipoRayBackend
 
     return TomosipoRayBackend(geometry, **options)
 
@@ -134,7 +134,7 @@ def available_backends() -> List[BackendInfo]:
     else:
         out.append(BackendInfo("odl/skimage", "odl", "skimage", True,
                                "parallel beam only; adjoint is approximate"))
-    from .tomosipo_backend import status as tomosipo_status
+    from ctflow.operators.ct.tomosipo_backend import status as tomosipo_status
 
     ok, why = tomosipo_status()  # import, CUDA and NumPy checks only; no ASTRA 3D call
     out.append(BackendInfo("tomosipo", "tomosipo", "astra_cuda", ok, why))

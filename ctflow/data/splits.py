@@ -8,11 +8,14 @@ split                     contents                                              
 ``test`` (held out)       COVID-19-NY-SBU patients A058062, A062055, A067967,         10
                           A072894, A098752 (2 single slices each)
 ``validation`` (tuning)   COVID-19-NY-SBU patients A048383, A056642                   4
-``train``                 Lung-PET-CT-Dx Lung_Dx-A0001 (64-slice series),             137 DICOM
+``train``                 Lung-PET-CT-Dx Lung_Dx-A0001 (64-slice series),             498 DICOM
                           POPI/ITKElastix thorax phase 00 (47 slices),                + NIfTI
                           TotalSegmentator example (20 DICOM slices and the NIfTI
                           volume's axial slices), COVID-19-NY-SBU patients
-                          A002304, A027284, A046441 (6 slices)
+                          A002304, A027284, A046441 (6 slices), and three
+                          full-resolution series: LIDC-IDRI-0314 (92 chest slices),
+                          TCGA-DE-A4MA (135, skull base to thigh), Pancreas-CT-CB_001
+                          (134, pelvis to chest)
 ========================  =========================================================  ======
 
 The test and validation files ship with ctflow (``ctflow.data.samples``); the training data
@@ -23,6 +26,9 @@ is read from a local copy of the source folders, laid out as
     <root>/popi-4dct-itkelastix/00-sliceNNN.dcm
     <root>/totalseg-example/dicom/CT.<SOPInstanceUID>
     <root>/totalseg-example/example_ct.nii.gz
+    <root>/lidc-idri-0314/NNNNNN.dcm
+    <root>/tcga-thca-de-a4ma/1-NNN.dcm
+    <root>/pancreatic-ct-cbct-seg-001/1-NNN.dcm
 
 and :func:`split_files` lists the files of one split under such a root.
 """
@@ -86,6 +92,10 @@ SPLITS: dict[str, tuple[SplitPart, ...]] = {
         SplitPart("popi-4dct-itkelastix", "POPI-00", "dicom-series", "00-slice*.dcm", 47, 47),
         SplitPart("totalseg-example", "totalseg-dicom", "dicom-series", "dicom/CT.*", 20, 20),
         SplitPart("totalseg-example", "totalseg-nifti", "nifti", "example_ct.nii.gz", 1, None),
+        SplitPart("lidc-idri-0314", "LIDC-IDRI-0314", "dicom-series", "*.dcm", 92, 92),
+        SplitPart("tcga-thca-de-a4ma", "TCGA-DE-A4MA", "dicom-series", "*.dcm", 135, 135),
+        SplitPart("pancreatic-ct-cbct-seg-001", "Pancreas-CT-CB_001", "dicom-series", "*.dcm",
+                  134, 134),
     ) + _covid(TRAIN_COVID_PATIENTS),
     "validation": _covid(VALIDATION_PATIENTS),
     "test": _covid(TEST_PATIENTS),

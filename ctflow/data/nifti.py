@@ -24,7 +24,7 @@ import torch
 from nibabel.orientations import (apply_orientation, axcodes2ornt, inv_ornt_aff,
                                   io_orientation, ornt_transform)
 
-from .volume import SliceMeta, Volume
+from ctflow.data.volume import SliceMeta, Volume
 
 __all__ = ["read_nifti", "write_nifti"]
 

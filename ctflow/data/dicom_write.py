@@ -42,8 +42,8 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import (PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian,
                          generate_uid)
 
-from .dicom import DicomError
-from .volume import Volume
+from ctflow.data.dicom import DicomError
+from ctflow.data.volume import Volume
 
 __all__ = [
     "write_dicom_series",

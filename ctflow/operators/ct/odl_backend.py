@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .geometry import FanBeam2D, Geometry2D, ParallelBeam2D
+from ctflow.operators.ct.geometry import FanBeam2D, Geometry2D, ParallelBeam2D
 
 __all__ = ["OdlRayBackend", "default_impl", "IMPLS"]
 

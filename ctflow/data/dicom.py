@@ -26,7 +26,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_rescale
 
-from .volume import SliceMeta, Volume, clip_hu
+from ctflow.data.volume import SliceMeta, Volume, clip_hu
 
 __all__ = [
     "DicomError",

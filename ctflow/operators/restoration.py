@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import LinearOperator, check_batched
+from ctflow.operators.base import LinearOperator, check_batched
 
 __all__ = ["GaussianBlur", "Inpainting", "SuperResolution", "Denoising",
            "random_mask", "box_mask", "freeform_mask"]

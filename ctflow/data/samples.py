@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .dicom import DicomSlice, list_dicom_files, read_dicom_slices
-from .splits import TEST_PATIENTS, VALIDATION_PATIENTS
-from .volume import HU_MAX, HU_MIN
+from ctflow.data.dicom import DicomSlice, list_dicom_files, read_dicom_slices
+from ctflow.data.splits import TEST_PATIENTS, VALIDATION_PATIENTS
+from ctflow.data.volume import HU_MAX, HU_MIN
 
 __all__ = ["SAMPLE_NAMES", "sample_path", "sample_files", "heldout_files", "heldout_slices"]
 

@@ -80,7 +80,7 @@ def _say(verbose: bool, msg: str) -> None:
 
 def _load_slice(name: str):
     """The demo slice (HU, clipped to [-1024, 3071]) and its metadata; it must be TEST split."""
-    from .data import heldout_files, read_dicom_slices
+    from ctflow.data import heldout_files, read_dicom_slices
 
     files = {f.name: f for f in heldout_files("test")}
     if name not in files:
@@ -111,7 +111,7 @@ def _figure(path: Path, truth: np.ndarray, sino: np.ndarray, rows: List[Dict[str
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from .dicom_recon import atomic_write_bytes
+    from ctflow.tasks.series import atomic_write_bytes
 
     m = len(rows)
     cols = 2 + m
@@ -179,10 +179,10 @@ def run_demo(out: Any = "ctflow-demo.png", device: Any = None, quick: bool = Fal
         "skipped": {method: reason}, "seconds_total": ...}``; each row holds ``method``,
         ``psnr``, ``ssim``, ``seconds``, ``nfe``, ``peak_memory_bytes`` (and ``image``).
     """
-    from .dicom_recon import (make_ct_operator, resolve_prior, run_solver,
+    from ctflow.tasks.series import (make_ct_operator, resolve_prior, run_solver,
                               simulate_measurement, slice_seed, to_working_size)
-    from .info import resolve_device
-    from .metrics import psnr, ssim
+    from ctflow.tasks.info import resolve_device
+    from ctflow.metrics import psnr, ssim
 
     t_start = time.perf_counter()
     explicit = methods is not None

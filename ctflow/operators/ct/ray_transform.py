@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..base import AdjointFunction, LinearOperator
-from .backends import make_backend
-from .geometry import FanBeam2D, Geometry2D, ParallelBeam2D
+from ctflow.operators.base import AdjointFunction, LinearOperator
+from ctflow.operators.ct.backends import make_backend
+from ctflow.operators.ct.geometry import FanBeam2D, Geometry2D, ParallelBeam2D
 
 __all__ = ["RayTransform", "check_float"]
 

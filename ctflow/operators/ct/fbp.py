@@ -43,10 +43,10 @@ from typing import Dict, Tuple
 
 import torch
 
-from ..base import AdjointFunction, LinearOperator
-from .geometry import FanBeam2D, Geometry2D, ParallelBeam2D
-from .ray_transform import check_float
-from .torch_backend import TorchRayBackend
+from ctflow.operators.base import AdjointFunction, LinearOperator
+from ctflow.operators.ct.geometry import FanBeam2D, Geometry2D, ParallelBeam2D
+from ctflow.operators.ct.ray_transform import check_float
+from ctflow.operators.ct.torch_backend import TorchRayBackend
 
 __all__ = ["FBP", "ramp_filter_response", "angle_weights", "FILTERS"]
 

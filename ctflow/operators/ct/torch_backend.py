@@ -52,7 +52,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
-from .geometry import FanBeam2D, Geometry2D, ParallelBeam2D
+from ctflow.operators.ct.geometry import FanBeam2D, Geometry2D, ParallelBeam2D
 
 __all__ = ["SystemMatrix", "system_matrix", "clear_cache", "cache_info", "symmetry_plan",
            "TorchRayBackend"]

@@ -7,7 +7,7 @@ temporary file is created ``0o600``), and is then renamed over the target with
 The folder of the target must exist.
 
 Used for checkpoints (:mod:`ctflow.priors.checkpoint`), the DICOM pipeline's outputs and
-summary (:mod:`ctflow.dicom_recon`), the command line's outputs and the benchmark results.
+summary (:mod:`ctflow.tasks.series`), the command line's outputs and the benchmark results.
 """
 from __future__ import annotations
 

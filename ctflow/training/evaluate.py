@@ -13,7 +13,7 @@ As a reference the same distance is computed for ``n`` random-ellipse phantoms; 
 learned CT intensities (air, fat, soft tissue, bone in their proportions) must score clearly
 lower. :func:`sample_grid` writes a PNG with prior samples next to real held-out slices.
 
-Command line: ``python -m ctflow.priors.evaluate ct64 --png docs/prior-samples.png``.
+Command line: ``python -m ctflow.training.evaluate ct64 --png docs/prior-samples.png``.
 """
 from __future__ import annotations
 
@@ -32,12 +32,12 @@ __all__ = ["heldout_images", "pixel_w1", "evaluate_prior", "sample_grid", "loss_
 def heldout_images(image_size: int = 64, hu_window=(-1024.0, 1024.0), *, split: str = "test",
                    paths: Optional[Sequence] = None) -> torch.Tensor:
     """The held-out slices as a ``(N, 1, S, S)`` tensor in ``[0, 1]``, prepared like the
-    training data (:class:`~ctflow.flow.datasets.CTSliceDataset` without augmentation).
+    training data (:class:`~ctflow.training.datasets.CTSliceDataset` without augmentation).
 
     ``paths`` (DICOM files/folders) default to the bundled held-out sample of the ``split``
     patients (``ctflow.data.heldout_files``)."""
     from ctflow.data import heldout_files, read_dicom_slices
-    from ..flow.datasets import CTSliceDataset
+    from ctflow.training.datasets import CTSliceDataset
 
     files = list(paths) if paths is not None else heldout_files(split)
     slices = []
@@ -147,10 +147,10 @@ def loss_curve_png(loss_log, path, *, smooth: int = 20) -> Path:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m ctflow.priors.evaluate PRIOR [--png P] [--json J]``."""
-    from .registry import load_prior
+    """``python -m ctflow.training.evaluate PRIOR [--png P] [--json J]``."""
+    from ctflow.priors.registry import load_prior
 
-    ap = argparse.ArgumentParser(prog="python -m ctflow.priors.evaluate")
+    ap = argparse.ArgumentParser(prog="python -m ctflow.training.evaluate")
     ap.add_argument("prior", help="bundled name or checkpoint path")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--steps", type=int, default=50)

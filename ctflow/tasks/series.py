@@ -12,7 +12,7 @@ Per slice :math:`k` (HU image :math:`h_k` of the original matrix size):
    0, 1)` -- HU outside the window are clipped and **do not come back**;
 3. pad to a square (with 0) and resize to the working size :math:`n` with antialiased bilinear
    interpolation -- exactly the preparation of the prior's training data
-   (``ctflow.flow.datasets.CTSliceDataset`` without augmentation): :math:`x_k \in [0, 1]^{n
+   (``ctflow.training.datasets.CTSliceDataset`` without augmentation): :math:`x_k \in [0, 1]^{n
    \times n}`;
 4. measure: :math:`y = A x_k + \sigma\varepsilon`, :math:`\sigma = \eta\,\|A x_k\|_2/\sqrt m`
    (the fraction :math:`\eta` = ``noise_level`` of the RMS of the clean data, the benchmarks'
@@ -66,7 +66,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic_io import atomic_write_bytes, atomic_write_json
+from ctflow.data.atomic import atomic_write_bytes, atomic_write_json
 
 __all__ = ["reconstruct_dicom", "solve_slice", "make_ct_operator", "simulate_measurement",
            "resolve_prior", "run_solver", "infer_size", "load_sinograms", "read_h5_array",
@@ -198,7 +198,7 @@ def run_solver(y: torch.Tensor, operator, prior, *, method: str, noise_level: fl
     ``seed`` and ``progress`` are passed on to the solvers that take them (the flow solvers
     and TV) unless ``options`` already set them.
     """
-    from .solvers import api
+    from ctflow.solvers import api
 
     if seed is not None and "seed" not in options and _solver_accepts(api, method, "seed"):
         options["seed"] = int(seed) % 2**31
@@ -243,7 +243,7 @@ def resolve_prior(prior: Any, *, device: Any = None):
     in eval mode. A prior that cannot be found raises ``FileNotFoundError``."""
     if prior is None:
         return None
-    from .priors.base import FlowPrior
+    from ctflow.priors.base import FlowPrior
 
     if isinstance(prior, FlowPrior):
         return prior.to(device=device) if device is not None else prior
@@ -289,7 +289,7 @@ def to_working_size(x: Any, size: int, *, hu_window: Optional[Tuple[float, float
     """A 2-D slice → ``(size, size)`` float32 in [0, 1].
 
     * ``hu_window=(lo, hi)`` (HU slices): exactly the preparation of the priors' training data
-      (``ctflow.flow.datasets.CTSliceDataset`` without augmentation): ``clip((HU - lo)/(hi -
+      (``ctflow.training.datasets.CTSliceDataset`` without augmentation): ``clip((HU - lo)/(hi -
       lo), 0, 1)``, zero-padded to a centred square, antialiased bilinear resize through twice
       the working size.
     * ``hu_window=None`` (images already in [0, 1]): clipped to [0, 1], zero-padded to a
@@ -302,7 +302,7 @@ def to_working_size(x: Any, size: int, *, hu_window: Optional[Tuple[float, float
         raise ValueError(f"expected a 2-D slice, got shape {arr.shape}")
     size = int(size)
     if hu_window is not None:
-        from .flow.datasets import CTSliceDataset
+        from ctflow.training.datasets import CTSliceDataset
 
         window = (float(hu_window[0]), float(hu_window[1]))
         ds = CTSliceDataset([arr], image_size=size, hu_window=window, augment=False)
@@ -549,7 +549,7 @@ def solve_slice(x: torch.Tensor, *, operator, prior, method: str, noise_level: f
     ``seconds`` (the solve), ``nfe``, ``peak_memory_bytes``, ``noise_sigma`` and
     ``noise_seed`` (``None`` for a measured sinogram).
     """
-    from .metrics import psnr as _psnr, ssim as _ssim
+    from ctflow.metrics import psnr as _psnr, ssim as _ssim
 
     n = int(x.shape[-1])
     s_seed = slice_seed(seed, key)
@@ -653,8 +653,8 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
     Returns:
         The summary dict (also written to ``out_dir/summary.json``).
     """
-    from .info import resolve_device
-    from .metrics import psnr as _psnr, ssim as _ssim
+    from ctflow.tasks.info import resolve_device
+    from ctflow.metrics import psnr as _psnr, ssim as _ssim
 
     t_start = time.perf_counter()
     in_dir, out_dir = Path(in_dir), Path(out_dir)
@@ -673,7 +673,7 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
                          f"{', '.join(CLASSICAL)})")
     ray_opts = None
     if ray is not None and ray is not False:
-        from .distributed.cluster import as_ray_options, check_installed
+        from ctflow.distributed.cluster import as_ray_options, check_installed
 
         ray_opts = as_ray_options(ray)
         check_installed()
@@ -865,7 +865,7 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
                                             window=window, device=dev,
                                             measured=job["measured"], **options))
             elif pending:
-                from .distributed.slices import solve_slices_on_ray
+                from ctflow.distributed.slices import solve_slices_on_ray
 
                 spec = {"method": method, "noise_level": float(noise_level), "seed": int(seed),
                         "size": n, "views": int(views), "geometry": geometry,

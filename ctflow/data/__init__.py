@@ -2,19 +2,19 @@
 
 This package imports nothing from the rest of ctflow.
 """
-from .volume import HU_MAX, HU_MIN, SliceMeta, Volume, clip_hu, unwindow_hu, window_hu
-from .dicom import (NON_DICOM_SUFFIXES, DicomError, DicomSlice, list_dicom_files,
+from ctflow.data.volume import HU_MAX, HU_MIN, SliceMeta, Volume, clip_hu, unwindow_hu, window_hu
+from ctflow.data.dicom import (NON_DICOM_SUFFIXES, DicomError, DicomSlice, list_dicom_files,
                     read_dicom_series, read_dicom_slices)
-from .dicom_write import (choose_rescale, derived_file_name, derived_series_uid,
+from ctflow.data.dicom_write import (choose_rescale, derived_file_name, derived_series_uid,
                           write_dicom_series, write_dicom_slice)
-from .nifti import read_nifti, write_nifti
-from .phantoms import (MODIFIED_SHEPP_LOGAN_ELLIPSES, SHEPP_LOGAN_ELLIPSES, EllipsesDataset,
+from ctflow.data.nifti import read_nifti, write_nifti
+from ctflow.data.phantoms import (MODIFIED_SHEPP_LOGAN_ELLIPSES, SHEPP_LOGAN_ELLIPSES, EllipsesDataset,
                        ellipse_image, shepp_logan)
-from .medmnist import MEDMNIST_SIZES, MedMNIST, medmnist_file
-from .hdf5 import LODOPAB_PARTS, LoDoPaB, ResultStore
-from .splits import (SPLIT_NAMES, SPLITS, TEST_PATIENTS, TRAIN_COVID_PATIENTS,
+from ctflow.data.medmnist import MEDMNIST_SIZES, MedMNIST, medmnist_file
+from ctflow.data.hdf5 import LODOPAB_PARTS, LoDoPaB, ResultStore
+from ctflow.data.splits import (SPLIT_NAMES, SPLITS, TEST_PATIENTS, TRAIN_COVID_PATIENTS,
                      VALIDATION_PATIENTS, SplitPart, split_files, split_of_patient, split_parts)
-from .samples import SAMPLE_NAMES, heldout_files, heldout_slices, sample_files, sample_path
+from ctflow.data.samples import SAMPLE_NAMES, heldout_files, heldout_slices, sample_files, sample_path
 
 __all__ = [
     # volume and windowing

@@ -7,7 +7,7 @@
     demo               the offline demo (FBP, TV, D-Flow, MS-Flow on a held-out CT slice)
     reconstruct        reconstruct a sinogram or image file (.npy, .h5, DICOM)
     reconstruct-dicom  reconstruct a DICOM series slice by slice into a derived series
-    train              train a flow-matching prior (delegates to ctflow.flow.train)
+    train              train a flow-matching prior (delegates to ctflow.training.prior)
     bench              run the benchmark suite (delegates to benchmarks/, run from the repo root)
     tune               search solver hyper-parameters with Ray Tune on the validation split
     info               versions, CUDA, CT backends usable here and why not, bundled priors
@@ -272,7 +272,7 @@ works as without Ray. The reconstructions equal the in-process ones (same seeds)
 """
 
 TRAIN_EPILOG = """\
-All arguments after 'train' are passed to the trainer (ctflow.flow.train); run
+All arguments after 'train' are passed to the trainer (ctflow.training.prior); run
 'ctflow train --help' for its options.
 """
 
@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="CT reconstruction with flow-matching priors (MS-Flow: trajectory "
                     "stitching).")
     try:
-        from . import __version__
+        from ctflow._version import __version__
     except ImportError:  # pragma: no cover
         __version__ = "unknown"
     parser.add_argument("--version", action="version", version=f"ctflow {__version__}")
@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reconstruct_dicom)
 
     # train / bench: pass everything through
-    p = add("train", "train a flow-matching prior (delegates to ctflow.flow.train)",
+    p = add("train", "train a flow-matching prior (delegates to ctflow.training.prior)",
             TRAIN_EPILOG, add_help=False, prefix_chars="\x00")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_train)
@@ -465,7 +465,7 @@ def _ray_settings(args):
     """``RayOptions`` from the command's --ray options, or ``None`` without --ray."""
     if getattr(args, "ray", None) is None:
         return None
-    from .distributed.cluster import RayOptions
+    from ctflow.distributed.cluster import RayOptions
 
     if args.ray_retries < 0:
         raise CLIError(f"--ray-retries must be >= 0, got {args.ray_retries}")
@@ -478,7 +478,7 @@ def _ray_settings(args):
 
 # ---------------------------------------------------------------------- commands
 def cmd_info(args) -> int:
-    from .info import format_info, info
+    from ctflow.tasks.info import format_info, info
 
     data = info()
     if args.json:
@@ -489,7 +489,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import DEMO_METHODS, run_demo
+    from ctflow.tasks.demo import DEMO_METHODS, run_demo
 
     methods = None
     if args.methods:
@@ -499,7 +499,7 @@ def cmd_demo(args) -> int:
             raise CLIError(f"--methods: unknown demo method(s) {bad}; choose from "
                            f"{', '.join(DEMO_METHODS)}")
     if getattr(args, "threads", None) is None:
-        from .info import resolve_device
+        from ctflow.tasks.info import resolve_device
         if torch_device_type(resolve_device(args.device)) == "cpu":
             # the demo's 64x64 solves are fastest single-threaded, and a torch thread pool on a
             # small CPU shared with other jobs made them up to ~100x slower (--threads overrides)
@@ -516,7 +516,7 @@ def torch_device_type(device) -> str:
 
 
 def cmd_reconstruct_dicom(args) -> int:
-    from .dicom_recon import reconstruct_dicom
+    from ctflow.tasks.series import reconstruct_dicom
 
     method = check_method(args.method)
     options = parse_options(args.option)
@@ -558,7 +558,7 @@ def _default_prior(method: str, given: Optional[str]) -> Optional[str]:
     if method not in CLASSICAL_METHODS:
         return "ct64"
     try:
-        from .priors.registry import list_priors
+        from ctflow.priors.registry import list_priors
         return "ct64" if "ct64" in list_priors() else None
     except Exception:  # noqa: BLE001 - no registry: the classical methods need no prior
         return None
@@ -571,7 +571,7 @@ def _load_reconstruct_input(args, path: Path):
     """→ (kind, float32 array (Z, a, b), hu_source) for ``ctflow reconstruct``."""
     import numpy as np
 
-    from .dicom_recon import read_h5_array, slice_stack
+    from ctflow.tasks.series import read_h5_array, slice_stack
 
     suffix = path.suffix.lower()
     if suffix == ".npy":
@@ -587,7 +587,7 @@ def _load_reconstruct_input(args, path: Path):
                                        "data"))
         source = "array"
     else:
-        from .data import read_dicom_series, read_dicom_slices
+        from ctflow.data import read_dicom_series, read_dicom_slices
 
         if path.is_dir():
             vol = read_dicom_series(path)
@@ -617,7 +617,7 @@ def _load_reconstruct_input(args, path: Path):
 
 def _atomic_save(out: Path, writer: Callable[[Path], None]) -> None:
     """``writer(tmp)`` on a temporary file with ``out``'s extension, renamed to ``out``."""
-    from .atomic_io import atomic_save
+    from ctflow.data.atomic import atomic_save
 
     atomic_save(out, writer, suffix=out.suffix)
 
@@ -662,10 +662,10 @@ def cmd_reconstruct(args) -> int:
     import numpy as np
     import torch
 
-    from .dicom_recon import (DEFAULT_HU_WINDOW, infer_size, make_ct_operator, relative_sigma,
+    from ctflow.tasks.series import (DEFAULT_HU_WINDOW, infer_size, make_ct_operator, relative_sigma,
                               resolve_prior, run_solver, simulate_measurement, slice_seed,
                               to_working_size)
-    from .metrics import psnr, ssim
+    from ctflow.metrics import psnr, ssim
 
     method = check_method(args.method)
     path = Path(args.input)
@@ -799,7 +799,7 @@ def _call_entry(mod_names: Sequence[str], fn_names: Sequence[str], argv: List[st
 def _check_passed_device(rest: Sequence[str]) -> None:
     """Validate a ``--device`` given to a delegated runner (train, bench) before it starts, so
     that CUDA requested but absent is a one-line error there too."""
-    from .info import resolve_device
+    from ctflow.tasks.info import resolve_device
 
     for i, a in enumerate(rest):
         value = None
@@ -813,7 +813,7 @@ def _check_passed_device(rest: Sequence[str]) -> None:
 
 def cmd_train(args) -> int:
     _check_passed_device(args.rest)
-    return _call_entry(["ctflow.flow.train", "ctflow.priors.train"],
+    return _call_entry(["ctflow.training.prior", "ctflow.priors.train"],
                        ["train_main", "main", "cli"], list(args.rest), "ctflow train", "")
 
 
@@ -841,7 +841,7 @@ def cmd_bench(args) -> int:
     help_only = any(a in ("-h", "--help") for a in rest)
     if not help_only and rest:
         if args.device not in (None, "auto") and "--device" not in rest:
-            from .info import resolve_device
+            from ctflow.tasks.info import resolve_device
             rest += ["--device", str(resolve_device(args.device))]
         if args.seed and "--seed" not in rest:
             rest += ["--seed", str(args.seed)]
@@ -908,7 +908,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # this machine lacks); every other command checks the device here.
         if args.command not in ("train", "bench", "info", "tune") and \
                 getattr(args, "ray", None) is None:
-            from .info import resolve_device
+            from ctflow.tasks.info import resolve_device
             args.device = str(resolve_device(args.device))
         set_threads(args.threads)
         _seed_everything(args.seed)

@@ -1,0 +1,1 @@
+"""Application tasks: problem set-up, DICOM series reconstruction, the demo, ``ctflow info``."""

@@ -1,0 +1,1 @@
+"""Training of flow priors and autoencoders (datasets, patches, the loop, evaluation)."""
