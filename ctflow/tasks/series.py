@@ -67,11 +67,12 @@ import torch
 import torch.nn.functional as F
 
 from ctflow.data.atomic import atomic_write_bytes, atomic_write_json
+from ctflow.operators.noise import GaussianNoise
 
 __all__ = ["reconstruct_dicom", "solve_slice", "make_ct_operator", "simulate_measurement",
            "resolve_prior", "run_solver", "infer_size", "load_sinograms", "read_h5_array",
            "slice_stack", "write_montage", "to_working_size", "from_working_size", "slice_seed",
-           "relative_sigma", "atomic_write_bytes", "atomic_write_json", "versions",
+           "atomic_write_bytes", "atomic_write_json", "versions",
            "DEFAULT_HU_WINDOW", "FAN_DISTANCES", "DEFAULT_SIZE", "CLASSICAL", "MONTAGE_MAX"]
 
 #: HU window used when no prior is given (``prior=None``): the full 12-bit CT range.
@@ -208,33 +209,19 @@ def run_solver(y: torch.Tensor, operator, prior, *, method: str, noise_level: fl
                            **options)
 
 
-def relative_sigma(values: torch.Tensor, level: float) -> torch.Tensor:
-    r"""Per-item noise standard deviation :math:`\sigma_b = \eta\,\|v_b\|_2/\sqrt m` (the
-    fraction :math:`\eta` of the RMS of item ``b``'s ``m`` values), shape ``(B,)``. This is the
-    benchmarks' "relative" noise convention (``benchmarks/README.md``): "1 % noise" means
-    :math:`\eta = 0.01`."""
-    if isinstance(level, bool) or not isinstance(level, (int, float)) or \
-            not math.isfinite(level) or level < 0:
-        raise ValueError(f"noise level must be a finite number >= 0, got {level!r}")
-    flat = values.detach().flatten(1).double()
-    return (float(level) * flat.norm(dim=1) / math.sqrt(flat.shape[1])).to(values.dtype)
-
-
-def simulate_measurement(operator, x: torch.Tensor, noise_level: float, *,
+def simulate_measurement(operator, x: torch.Tensor, noise: GaussianNoise, *,
                          generator: Optional[torch.Generator] = None
                          ) -> Tuple[torch.Tensor, torch.Tensor]:
-    r"""Noisy data :math:`y = A x + \sigma\varepsilon`, :math:`\varepsilon \sim N(0, I)`, with
-    :math:`\sigma = \eta\,\|Ax\|_2/\sqrt m` per item (:func:`relative_sigma`; the benchmarks'
-    convention, :math:`\eta` = ``noise_level``). :math:`\varepsilon` is drawn in float64 on the
-    CPU from ``generator`` (a CPU :class:`torch.Generator`), so the draw is the same on every
-    device. Returns ``(y, sigma)``, ``sigma`` of shape ``(B,)``."""
+    r"""Noisy data :math:`y = A x + \sigma\varepsilon` with the noise model ``noise``
+    (:class:`~ctflow.operators.noise.GaussianNoise`: an absolute ``sigma`` or a ``relative``
+    level :math:`\sigma = \eta\,\|Ax\|_2/\sqrt m` per item, the benchmarks' convention).
+    :math:`\varepsilon` is drawn in float64 on the CPU from ``generator``, so the draw is the
+    same on every device. Returns ``(y, sigma)``, ``sigma`` of shape ``(B,)``."""
+    if not isinstance(noise, GaussianNoise):
+        raise TypeError("simulate_measurement: noise must be a GaussianNoise (sigma= absolute "
+                        f"or relative= level), got {type(noise).__name__}")
     with torch.no_grad():
-        clean = operator(x)
-        sigma = relative_sigma(clean, noise_level)
-        eps = torch.randn(tuple(clean.shape), generator=generator, dtype=torch.float64)
-        noise = sigma.double().cpu().view(-1, *([1] * (clean.ndim - 1))) * eps
-        y = clean + noise.to(device=clean.device, dtype=clean.dtype)
-    return y, sigma
+        return noise.simulate(operator(x), generator=generator)
 
 
 def resolve_prior(prior: Any, *, device: Any = None):
