@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(PY) -m ctflow demo
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean-venv:
