@@ -21,8 +21,8 @@ unless ``clip=(lo, hi)`` is passed, which clips the HU values first.
 
 Safety: everything is checked before the first byte is written — the volume's shape and
 finiteness, that the output folder is neither an input folder nor inside one, and that no
-output file exists. Each file is written to a hidden temporary name in the output folder and
-renamed with ``os.replace``; if writing fails part-way, the files written by that call are
+output file exists. Each file is written atomically (:func:`ctflow.data.atomic.atomic_write_bytes`: a hidden
+temporary name in the output folder, then a rename); if writing fails part-way, the files written by that call are
 removed again.
 """
 from __future__ import annotations
@@ -31,7 +31,6 @@ import copy
 import datetime as _dt
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,6 +41,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import (PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian,
                          generate_uid)
 
+from ctflow.data.atomic import atomic_write_bytes
 from ctflow.data.dicom import DicomError
 from ctflow.data.volume import Volume
 
@@ -308,24 +308,11 @@ def _write_all(out: Path, items: list[tuple[Path, bytes]]) -> list[Path]:
     created_dir = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    tmp = None
     try:
         for path, data in items:
-            fd, name = tempfile.mkstemp(dir=out, prefix=f".{path.name}.", suffix=".tmp")
-            tmp = Path(name)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            if path.exists():
-                raise FileExistsError(f"{path}: output file appeared while writing; refusing "
-                                      f"to overwrite it")
-            os.replace(tmp, path)
-            tmp = None
+            atomic_write_bytes(path, data, overwrite=False)
             written.append(path)
     except BaseException:
-        if tmp is not None and tmp.exists():
-            tmp.unlink()
         for p in written:
             p.unlink(missing_ok=True)
         if created_dir:
