@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ctflow.operators.ct import (FBP, FanBeam2D, ParallelBeam2D, RayTransform, available_backends,
-                                 tomosipo_backend as tb)
+                                 tomosipo_backend as tb, tomosipo_checks as tc)
 from test_ct_helpers import shepp_logan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def test_broken_tomosipo_import_under_numpy2_is_explained(monkeypatch):
 
     monkeypatch.delitem(sys.modules, "tomosipo", raising=False)
     monkeypatch.setattr(sys, "meta_path", [Breaker()] + sys.meta_path)
-    monkeypatch.setattr(tb, "_numpy_version", lambda: "2.4.0")
+    monkeypatch.setattr(tc, "_numpy_version", lambda: "2.4.0")
     with pytest.raises(RuntimeError) as err:
         RayTransform(PARALLEL, backend="tomosipo")
     msg = str(err.value)
@@ -137,7 +137,7 @@ def test_old_tomosipo_under_numpy2_is_refused_before_any_call(monkeypatch):
     monkeypatch.setitem(sys.modules, "tomosipo", _stub_tomosipo(version="0.6.0"))
     monkeypatch.setitem(sys.modules, "astra", _stub_astra(use_cuda=True))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(tb, "_numpy_version", lambda: "2.4.0")
+    monkeypatch.setattr(tc, "_numpy_version", lambda: "2.4.0")
     with pytest.raises(RuntimeError) as err:
         RayTransform(PARALLEL, backend="tomosipo")
     msg = str(err.value)
@@ -154,7 +154,7 @@ def test_old_tomosipo_under_numpy2_is_refused_before_any_call(monkeypatch):
     with pytest.raises(RuntimeError, match="fails under NumPy 2.4.0"):
         RayTransform(PARALLEL, backend="tomosipo")
     assert calls, "the NumPy probe should have run"
-    monkeypatch.setattr(tb, "_numpy_version", lambda: "1.26.4")
+    monkeypatch.setattr(tc, "_numpy_version", lambda: "1.26.4")
     with pytest.raises(RuntimeError, match="building a tomosipo geometry failed"):
         RayTransform(PARALLEL, backend="tomosipo")
 
@@ -315,11 +315,11 @@ def test_real_tomosipo_geometry_objects_without_cuda():
     """Where tomosipo is installed (CUDA not needed: no ASTRA 3D call), its geometry objects
     carry our vectors into ASTRA's ``(x, y, z)`` order with the ``(v, angle, u)`` data shape."""
     try:
-        ts = tb._import_tomosipo()
+        ts = tc._import_tomosipo()
     except RuntimeError as exc:
         pytest.skip(str(exc))
-    if tb._numpy_problem(ts) is not None:
-        pytest.skip(tb._numpy_problem(ts))
+    if tc._numpy_problem(ts) is not None:
+        pytest.skip(tc._numpy_problem(ts))
     for g, k in ((ParallelBeam2D(8, 5, detectors=11), 3),
                  (FanBeam2D(8, 4, source_origin=3.0, origin_detector=1.5), 1)):
         vg, pg = tb.tomosipo_geometries(ts, g, k)
