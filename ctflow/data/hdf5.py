@@ -220,8 +220,8 @@ class ResultStore:
 
     Every change (:meth:`write`, :meth:`write_many`, :meth:`set_attrs`, :meth:`delete`) copies
     the current file to a temporary file in the same folder, applies the change there, flushes it
-    to disk and renames it over the original (:func:`ctflow.data.atomic.atomic_save`). A crash therefore leaves either
-    the old or the new file, never a half-written one; the price is one file copy per change, so
+    to disk and renames it over the original (:func:`ctflow.data.atomic.atomic_save`). A crash
+    therefore leaves either the old or the new file, never a half-written one; the price is one file copy per change, so
     batch many small arrays with :meth:`write_many`.
 
     Names are slash-separated paths (``"msflow/seed0/recon"``); groups are created as needed.
