@@ -29,10 +29,11 @@ from typing import Optional
 import torch
 
 from ctflow.priors.base import FlowPrior
-from ctflow.priors.checkpoint_io import (FORMAT_VERSION, PRIOR_FORMAT, TRAIN_FORMAT, CheckpointError,
-                                         PathLike, build_velocity, check_safetensors_file,
-                                         check_state, ctflow_version, read_checkpoint,
-                                         resolve_checkpoint, sha256_file, write_checkpoint)
+from ctflow.priors.checkpoint_io import (FORMAT_VERSION, PRIOR_FORMAT, TRAIN_FORMAT,
+                                         CheckpointError, PathLike, build_velocity,
+                                         check_safetensors_file, check_state, ctflow_version,
+                                         read_checkpoint, resolve_checkpoint, sha256_file,
+                                         write_checkpoint)
 from ctflow.priors.latent import latent_prior_from_checkpoint
 
 __all__ = ["PRIOR_FORMAT", "TRAIN_FORMAT", "FORMAT_VERSION", "CheckpointError", "save_prior",

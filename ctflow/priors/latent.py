@@ -31,8 +31,8 @@ import torch
 from ctflow.flow.autoencoder import AutoEncoder, LatentCodec
 from ctflow.flow.integrate import integrate
 from ctflow.priors.base import FlowPrior
-from ctflow.priors.checkpoint_io import (FORMAT_VERSION, PRIOR_FORMAT, CheckpointError, build_velocity,
-                                         check_state, write_checkpoint)
+from ctflow.priors.checkpoint_io import (FORMAT_VERSION, PRIOR_FORMAT, CheckpointError,
+                                         build_velocity, check_state, write_checkpoint)
 
 __all__ = ["LatentFlowPrior", "is_latent_prior", "save_latent_prior",
            "latent_prior_from_checkpoint", "LATENT_KIND"]
