@@ -23,10 +23,11 @@ import torch
 
 from ctflow.operators.ct.footprints import build_matrices
 from ctflow.operators.ct.geometry import FanBeam2D, Geometry2D
-from ctflow.operators.ct.symmetry import inverse_transform_image, symmetry_plan, transform_image
+from ctflow.operators.ct.symmetry import (SymmetryPlan, inverse_transform_image, symmetry_plan,
+                                         transform_image)
 
 __all__ = ["SystemMatrix", "system_matrix", "clear_cache", "cache_info", "symmetry_plan",
-           "TorchRayBackend"]
+           "SymmetryPlan", "TorchRayBackend"]
 
 _CACHE: Dict[tuple, "SystemMatrix"] = {}
 _CACHE_LOCK = threading.Lock()
