@@ -1,10 +1,8 @@
-"""One contract for every usable ray-transform backend, and torch vs ODL cross-checks.
+"""Backend-specific checks of the ray transform: ODL's options, errors and angle handling, and
+torch vs ODL cross-checks (sinograms, FBP, gradient descent through an ODL operator).
 
-Backends: torch; odl/astra_cpu; odl/astra_cuda; odl/skimage (unusable ones are skipped with the
-reason from ``available_backends``). Tolerances of the dot test: 1e-6 in float64 for exactly
-matched adjoints (torch, ASTRA: ASTRA computes in float32 but its back-projector is the exact
-transpose of its projector) and 1e-4 in float32; scikit-image's back-projection is only an
-approximate adjoint (interpolation + filtered-back-projection machinery), so it gets 1e-2.
+The generic operator contract of every backend (shapes, dtypes, devices, dot test, autograd)
+is in ``test_operator_contract.py``.
 """
 import math
 
@@ -17,88 +15,8 @@ from test_ct_helpers import shepp_logan
 _INFOS = {i.name: i for i in available_backends()}
 
 
-def _param(name, backend, options):
-    info = _INFOS[name]
-    marks = [] if info.available else [pytest.mark.skip(reason=f"{name}: {info.reason}")]
-    return pytest.param(backend, options, id=name, marks=marks)
-
-
-BACKENDS = [
-    _param("torch-cpu", "torch", {}),
-    _param("odl/astra_cpu", "odl", {"impl": "astra_cpu"}),
-    _param("odl/astra_cuda", "odl", {"impl": "astra_cuda"}),
-    _param("odl/skimage", "odl", {"impl": "skimage"}),
-]
-
 PARALLEL = ParallelBeam2D(12, 10, detectors=17)
 FAN = FanBeam2D(12, 12, source_origin=3.0, origin_detector=1.5, detectors=19)
-
-
-def _geometries(options):
-    return [PARALLEL] if options.get("impl") == "skimage" else [PARALLEL, FAN]
-
-
-def _dot_tol(options, dtype):
-    if options.get("impl") == "skimage":
-        return 1e-2
-    return 1e-6 if dtype == torch.float64 else 1e-4
-
-
-@pytest.mark.parametrize("backend, options", BACKENDS)
-def test_contract_shapes_dtypes_devices(backend, options):
-    for g in _geometries(options):
-        op = RayTransform(g, backend=backend, **options)
-        for dtype in (torch.float32, torch.float64):
-            x = torch.rand(2, 3, *g.image_shape, dtype=dtype,
-                           generator=torch.Generator().manual_seed(0))
-            y = op(x)
-            assert y.shape == (2, 3, *g.sinogram_shape)
-            assert y.dtype == dtype and y.device == x.device
-            back = op.adjoint(y)
-            assert back.shape == x.shape and back.dtype == dtype
-            # batching is item-wise
-            assert torch.allclose(op(x[1:2, 2:3]), y[1:2, 2:3], rtol=1e-5, atol=1e-6)
-        with pytest.raises(ValueError, match="shape mismatch"):
-            op(torch.zeros(1, 1, g.image_size + 1, g.image_size))
-        with pytest.raises(ValueError, match="dtype"):
-            op(torch.zeros(1, 1, *g.image_shape, dtype=torch.int64))
-
-
-@pytest.mark.parametrize("backend, options", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-def test_contract_dot_test(backend, options, dtype):
-    for g in _geometries(options):
-        op = RayTransform(g, backend=backend, **options)
-        assert op.dot_test(batch=2, dtype=dtype) <= _dot_tol(options, dtype)
-
-
-@pytest.mark.parametrize("backend, options", BACKENDS)
-def test_contract_autograd(backend, options):
-    g = ParallelBeam2D(5, 4, detectors=7)
-    op = RayTransform(g, backend=backend, **options)
-    x = torch.randn(1, 1, 5, 5, dtype=torch.float64, requires_grad=True,
-                    generator=torch.Generator().manual_seed(1))
-    if op.exact_adjoint:
-        # ASTRA works in float32: a coarser difference step keeps the check meaningful
-        eps, tol = (1e-6, 1e-5) if backend == "torch" else (1e-2, 1e-3)
-        assert torch.autograd.gradcheck(op, (x,), eps=eps, atol=tol, rtol=tol)
-        y = torch.randn(1, 1, 4, 7, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(op.adjoint, (y,), eps=eps, atol=tol, rtol=tol)
-    # the backward is the backend's adjoint (for every backend, exact adjoint or not)
-    g_out = torch.randn(1, 1, 4, 7, dtype=torch.float64)
-    (op(x) * g_out).sum().backward()
-    assert torch.allclose(x.grad, op.adjoint(g_out), atol=1e-12)
-
-
-@pytest.mark.parametrize("backend, options", BACKENDS)
-def test_contract_float64_roundtrip_precision(backend, options):
-    """float64 input gives float64 output that matches the float32 computation."""
-    op = RayTransform(PARALLEL, backend=backend, **options)
-    x = shepp_logan(PARALLEL)
-    y64 = op(x)
-    y32 = op(x.float())
-    assert y64.dtype == torch.float64
-    assert float((y64 - y32.double()).norm() / y64.norm()) < 1e-5
 
 
 # -- ODL specifics -------------------------------------------------------------------------------

@@ -168,18 +168,6 @@ def test_fan_disk_matches_analytic_line_integrals():
     assert float(err.max()) < 0.01
 
 
-@pytest.mark.parametrize("geom", [ParallelBeam2D(5, 4, detectors=6),
-                                  FanBeam2D(5, 5, source_origin=3, origin_detector=1, detectors=7)],
-                         ids=["parallel", "fan"])
-def test_gradcheck(geom):
-    op = RayTransform(geom)
-    x = torch.randn(1, 1, 5, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(op, (x,))
-    y = torch.randn(1, 1, *geom.sinogram_shape, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(op.adjoint, (y,))
-    assert torch.autograd.gradgradcheck(op, (x,))
-
-
 def test_float32_matches_float64_and_batching():
     g = ParallelBeam2D(20, 12, detectors=25)
     op = RayTransform(g)

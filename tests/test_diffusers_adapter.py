@@ -177,7 +177,7 @@ def test_loads_from_a_local_folder_without_network(parts, tmp_path, monkeypatch)
     assert isinstance(by_path, LatentFlowPrior) and by_path.latent_shape == (4, 8, 8)
     A = RayTransform(ParallelBeam2D(image_size=16, angles=6))
     y = A(torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(1)))
-    res = reconstruct(y, A, str(tmp_path), method="msflow", noise_level=0.05, K=2, M=1,
+    res = reconstruct(y, A, str(tmp_path), method="msflow", sigma=0.05, K=2, M=1,
                       sweeps=1, cg_iters=2)
     assert res.image.shape == (1, 1, 16, 16)
     with pytest.raises(FileNotFoundError, match="not found"):
@@ -194,11 +194,11 @@ def test_msflow_and_dflow_run_through_the_adapter(parts):
                            pooled_prompt_embeds=pp)
     A = RayTransform(ParallelBeam2D(image_size=16, angles=8))
     y = A(torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(0)))
-    ms = reconstruct(y, A, prior, method="msflow", noise_level=0.05, K=2, M=2, sweeps=2,
+    ms = reconstruct(y, A, prior, method="msflow", sigma=0.05, K=2, M=2, sweeps=2,
                      cg_iters=3)
     assert ms.image.shape == (1, 1, 16, 16) and torch.isfinite(ms.image).all()
     assert ms.history[-1]["data"] < ms.history[0]["data"]
-    df = reconstruct(y, A, prior, method="dflow", noise_level=0.05, N=3, iterations=1,
+    df = reconstruct(y, A, prior, method="dflow", sigma=0.05, N=3, iterations=1,
                      max_iter=3)
     assert df.history[-1]["objective"] < df.history[0]["objective"]
     assert df.nfe["backward"] > 0

@@ -75,7 +75,7 @@ def test_reconstruct_api_and_reconstruct_dicom_cli(tmp_path, capsys):
     y = A(torch.rand(1, 1, 128, 128, generator=torch.Generator().manual_seed(0)))
     for method, opts in (("msflow", dict(K=2, M=1, sweeps=1, cg_iters=2)),
                          ("dflow", dict(N=2, iterations=1, max_iter=2))):
-        res = reconstruct(y, A, NAME, method=method, noise_level=0.1, **opts)
+        res = reconstruct(y, A, NAME, method=method, sigma=0.1, **opts)
         assert res.image.shape == (1, 1, 128, 128) and bool(torch.isfinite(res.image).all())
     chest = Path(__file__).resolve().parents[1] / "ctflow" / "data" / "samples" / "chest-subset"
     src = tmp_path / "in"

@@ -6,8 +6,11 @@ temporary file is created ``0o600``), and is then renamed over the target with
 :func:`os.replace`. On any failure the temporary file is removed and the target is untouched.
 The folder of the target must exist.
 
-Used for checkpoints (:mod:`ctflow.priors.checkpoint`), the DICOM pipeline's outputs and
-summary (:mod:`ctflow.tasks.series`), the command line's outputs and the benchmark results.
+This is the only temporary-file-and-rename implementation of the package: checkpoints
+(:mod:`ctflow.priors.checkpoint_io`), DICOM files (:mod:`ctflow.data.dicom_write`), NIfTI files
+(:mod:`ctflow.data.nifti`), HDF5 result stores (:mod:`ctflow.data.hdf5`), the DICOM pipeline's
+summary (:mod:`ctflow.tasks.series`), the command line's outputs and the benchmark results all
+write through it.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-__all__ = ["atomic_save", "atomic_write_bytes", "atomic_write_json", "json_default"]
+__all__ = ["atomic_save", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+           "json_default"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -30,16 +34,23 @@ def _file_mode() -> int:
 
 
 def atomic_save(path: PathLike, writer: Callable[[Path], None], *,
-                suffix: str = ".tmp") -> None:
+                suffix: str = ".tmp", overwrite: bool = True) -> None:
     """Call ``writer(tmp)`` on a hidden temporary path beside ``path``, then rename it to
     ``path``. ``suffix`` ends the temporary name (writers that add or check an extension,
-    such as ``numpy.save``, need the target's own)."""
+    such as ``numpy.save`` or ``nibabel.save``, need the target's own). The temporary file
+    exists (empty) when ``writer`` is called; ``writer`` may replace or truncate it.
+
+    ``overwrite=False`` raises ``FileExistsError`` instead of replacing a ``path`` that exists
+    when the new file is complete (one that appeared while writing, say)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         writer(Path(tmp))
         os.chmod(tmp, _file_mode())
+        if not overwrite and os.path.lexists(path):
+            raise FileExistsError(f"{path}: file exists (it appeared while writing); refusing "
+                                  f"to overwrite it")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -47,15 +58,25 @@ def atomic_save(path: PathLike, writer: Callable[[Path], None], *,
         raise
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (flushed and fsynced before the rename)."""
+def atomic_write_bytes(path: PathLike, data: bytes, *, overwrite: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (flushed and fsynced before the rename);
+    ``overwrite`` as for :func:`atomic_save`."""
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
 
-    atomic_save(path, write)
+    atomic_save(path, write, overwrite=overwrite)
+
+
+def atomic_write_text(path: PathLike, text: str, *, encoding: str = "utf-8",
+                      overwrite: bool = True) -> None:
+    """:func:`atomic_write_bytes` of ``text`` encoded with ``encoding`` (no newline
+    translation: what ``text`` holds is what the file holds)."""
+    if not isinstance(text, str):
+        raise TypeError(f"atomic_write_text: text must be a str, got {type(text).__name__}")
+    atomic_write_bytes(path, text.encode(encoding), overwrite=overwrite)
 
 
 def json_default(o: Any) -> Any:
@@ -76,8 +97,7 @@ def json_default(o: Any) -> Any:
 
 def atomic_write_json(path: PathLike, obj: Any, *,
                       default: Optional[Callable[[Any], Any]] = json_default) -> None:
-    """:func:`atomic_write_bytes` of ``obj`` as indented UTF-8 JSON with a final newline.
+    """:func:`atomic_write_text` of ``obj`` as indented UTF-8 JSON with a final newline.
     ``default`` converts values JSON has no type for (:func:`json_default`); ``None`` refuses
     them (``TypeError``)."""
-    text = json.dumps(obj, indent=2, default=default) + "\n"
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_text(path, json.dumps(obj, indent=2, default=default) + "\n")

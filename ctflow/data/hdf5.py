@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -23,6 +22,8 @@ import h5py
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from ctflow.data.atomic import atomic_save
 
 __all__ = ["LoDoPaB", "LODOPAB_PARTS", "ResultStore"]
 
@@ -219,8 +220,8 @@ class ResultStore:
 
     Every change (:meth:`write`, :meth:`write_many`, :meth:`set_attrs`, :meth:`delete`) copies
     the current file to a temporary file in the same folder, applies the change there, flushes it
-    to disk and renames it over the original (``os.replace``). A crash therefore leaves either
-    the old or the new file, never a half-written one; the price is one file copy per change, so
+    to disk and renames it over the original (:func:`ctflow.data.atomic.atomic_save`). A crash
+    therefore leaves either the old or the new file, never a half-written one; the price is one file copy per change, so
     batch many small arrays with :meth:`write_many`.
 
     Names are slash-separated paths (``"msflow/seed0/recon"``); groups are created as needed.
@@ -238,11 +239,7 @@ class ResultStore:
 
     # -- transactions
     def _commit(self, change) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
-                                   suffix=".tmp")
-        os.close(fd)
-        tmp = Path(tmp)
-        try:
+        def apply(tmp: Path) -> None:
             if self.path.exists():
                 shutil.copyfile(self.path, tmp)
                 mode = "r+"
@@ -253,10 +250,8 @@ class ResultStore:
                 f.flush()
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+
+        atomic_save(self.path, apply)
 
     def write(self, name: str, array: Any, *, attrs: Mapping[str, Any] | None = None,
               overwrite: bool = False, compression: str | None = None) -> None:

@@ -15,7 +15,6 @@ applied), assumed to be HU for CT.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -24,6 +23,7 @@ import torch
 from nibabel.orientations import (apply_orientation, axcodes2ornt, inv_ornt_aff,
                                   io_orientation, ornt_transform)
 
+from ctflow.data.atomic import atomic_save
 from ctflow.data.volume import SliceMeta, Volume
 
 __all__ = ["read_nifti", "write_nifti"]
@@ -103,12 +103,5 @@ def write_nifti(volume: Volume, path: str | os.PathLike, *, dtype=np.float32,
     img.set_sform(affine, code=1)
     img.set_qform(affine, code=1)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save(path, lambda tmp: nib.save(img, tmp), suffix=suffix)
     return path

@@ -28,8 +28,11 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from ctflow.flow.autoencoder import AutoEncoder, LatentCodec
 from ctflow.flow.integrate import integrate
 from ctflow.priors.base import FlowPrior
+from ctflow.priors.checkpoint_io import (FORMAT_VERSION, PRIOR_FORMAT, CheckpointError,
+                                         build_velocity, check_state, write_checkpoint)
 
 __all__ = ["LatentFlowPrior", "is_latent_prior", "save_latent_prior",
            "latent_prior_from_checkpoint", "LATENT_KIND"]
@@ -194,8 +197,6 @@ def save_latent_prior(velocity: torch.nn.Module, codec, path_stem, *, image_size
     """Save a U-Net latent velocity and a :class:`~ctflow.flow.autoencoder.LatentCodec` as one
     latent prior ``<path_stem>.safetensors`` + ``<path_stem>.json`` (``"kind": "latent"``).
     Returns the JSON path."""
-    from ctflow.priors.checkpoint import FORMAT_VERSION, PRIOR_FORMAT, write_checkpoint
-
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     cfg = dict(getattr(velocity, "config", None) or {})
@@ -229,11 +230,8 @@ def save_latent_prior(velocity: torch.nn.Module, codec, path_stem, *, image_size
 def latent_prior_from_checkpoint(tensors: Dict[str, torch.Tensor], meta: dict,
                                  json_path: Path) -> LatentFlowPrior:
     """Build a :class:`LatentFlowPrior` from the tensors and description that
-    :func:`ctflow.priors.checkpoint.read_checkpoint` returned for a ``"kind": "latent"`` file
+    :func:`ctflow.priors.checkpoint_io.read_checkpoint` returned for a ``"kind": "latent"`` file
     (shapes checked against the architecture configs; errors name the file)."""
-    from ctflow.flow.autoencoder import AutoEncoder, LatentCodec
-    from ctflow.priors.checkpoint import CheckpointError, _check_state, build_velocity
-
     if meta.get("kind") == CODEC_KIND:
         raise CheckpointError(f"{json_path}: this is an autoencoder codec (kind "
                               f"{CODEC_KIND!r}), not a prior; bundle it with its latent flow "
@@ -252,8 +250,8 @@ def latent_prior_from_checkpoint(tensors: Dict[str, torch.Tensor], meta: dict,
     other = sorted(k for k in tensors if not k.startswith(("flow.", "codec.")))
     if other:
         raise CheckpointError(f"{where}: unexpected tensors {other[:5]} in a latent prior")
-    _check_state(velocity, flow_state, where)
-    _check_state(codec, codec_state, where)
+    check_state(velocity, flow_state, where)
+    check_state(codec, codec_state, where)
     velocity.load_state_dict({k: v.float() for k, v in flow_state.items()})
     codec.load_state_dict({k: v.float() for k, v in codec_state.items()})
     image_size = int(meta["image_size"])

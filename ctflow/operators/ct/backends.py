@@ -134,7 +134,7 @@ def available_backends() -> List[BackendInfo]:
     else:
         out.append(BackendInfo("odl/skimage", "odl", "skimage", True,
                                "parallel beam only; adjoint is approximate"))
-    from ctflow.operators.ct.tomosipo_backend import status as tomosipo_status
+    from ctflow.operators.ct.tomosipo_checks import status as tomosipo_status
 
     ok, why = tomosipo_status()  # import, CUDA and NumPy checks only; no ASTRA 3D call
     out.append(BackendInfo("tomosipo", "tomosipo", "astra_cuda", ok, why))
