@@ -169,7 +169,8 @@ def test_integrator_alias_and_init_checks():
     with pytest.raises(ValueError, match="disagree"):
         MSFlow(method="euler", integrator="heun")
     with pytest.raises(ValueError, match="init image shape mismatch"):
-        reconstruct(y, A, prior, sigma=0.05, K=2, M=1, sweeps=1, init=torch.zeros(1, 1, 4, 4, dtype=DT))
+        reconstruct(y, A, prior, sigma=0.05, K=2, M=1, sweeps=1,
+                    init=torch.zeros(1, 1, 4, 4, dtype=DT))
     called = []
 
     def fbp_like(meas):

@@ -109,7 +109,8 @@ same N = 32 reached 33.1 dB in 9× the wall time): hence ``alpha=1``.
 
 **Draws** (``draws`` :math:`D`): :math:`D` independent MS-Flow solves per measurement, run as
 one batch (their initial states differ by the noise :math:`\varepsilon` of the blend
-initialisation, so this needs ``alpha < 1``: ``draws > 1`` with ``alpha = 1`` is refused); the result is the mean of their images and
+initialisation, so this needs ``alpha < 1``: ``draws > 1`` with ``alpha = 1`` is refused); the
+result is the mean of their images and
 ``Reconstruction.uncertainty`` their pixel-wise standard deviation, a Monte-Carlo estimate of
 the posterior mean and spread. One trajectory keeps its noise: the states near :math:`t = 1`
 carry a fixed noise pattern that the last segment's one-step denoiser

@@ -139,7 +139,8 @@ class Trajectory:
     def _prox_c(z, L, P, a, lam):
         r""":math:`\arg\min_s c(s) + \tfrac L2\|s - z\|^2`, :math:`c = \lambda R +
         \tfrac a2\|\cdot - P\|^2` (per item, only one of the two terms is active)."""
-        anchored = (broadcast_items(a, z) * P + broadcast_items(L, z) * z) / broadcast_items(a + L, z)
+        b = broadcast_items
+        anchored = (b(a, z) * P + b(L, z) * z) / b(a + L, z)
         if bool((lam > 0).any()):
             radial = radial_prox(z, lam, L)
             return torch.where(broadcast_items(lam > 0, z), radial, anchored)
@@ -193,7 +194,8 @@ class Trajectory:
                         return t if full else t[idx]
 
                     Li, Si, gi = take(L), take(S), take(grad)
-                    trial = self._prox_c(Si - gi / broadcast_items(Li, Si), Li, take(P), take(a), take(lam))
+                    trial = self._prox_c(Si - gi / broadcast_items(Li, Si), Li, take(P),
+                                         take(a), take(lam))
                     Ft = self.segments(trial, take(kk))
                     ri = take(r)
                     g1 = 0.5 * ri * per_item_sq(take(T) - Ft)

@@ -170,7 +170,8 @@ class OTODE(Solver):
                     weight = _gamma_weight(opt.gamma, t) * (1.0 - t) / t
                     x = x + h * (vd + weight * g)
                     rn = float(torch.linalg.vector_norm(d))
-                    history.append({"step": k + 1, "t": t, "residual": relative_residual(ax1 - y, y),
+                    history.append({"step": k + 1, "t": t,
+                                    "residual": relative_residual(ax1 - y, y),
                                     "objective": 0.5 * rn * rn * data_scale,
                                     "guidance": float(torch.linalg.vector_norm(g)),
                                     "cg_iterations": cg_its})
@@ -179,7 +180,8 @@ class OTODE(Solver):
                 x_pub = prior.from_model(x.detach())
                 ax = operator.forward(x_pub)
                 rn = float(torch.linalg.vector_norm(ax - y))
-                history.append({"step": steps + 1, "t": 1.0, "residual": relative_residual(ax - y, y),
+                history.append({"step": steps + 1, "t": 1.0,
+                                "residual": relative_residual(ax - y, y),
                                 "objective": 0.5 * rn * rn * data_scale})
         return finish(self, x_pub, history, meter, run.nfe)
 

@@ -19,7 +19,8 @@ estimate of :math:`E[x_1 \mid x_t = z]`.
 Spaces and step size. The iteration runs in the prior's model space
 :math:`x_m = a\,x + b`; the operator acts on public images, so the data term is
 :math:`F(x_m) = \tfrac{1}{2\sigma^2}\|A((x_m - b)/a) - y\|^2`. As in the reference code the
-step is :math:`\sigma^2`-scaled, so :math:`\sigma` cancels (and :math:`\sigma = 0` is fine when the class is called directly; ``reconstruct``
+step is :math:`\sigma^2`-scaled, so :math:`\sigma` cancels (and :math:`\sigma = 0` is fine
+when the class is called directly; ``reconstruct``
 asks for :math:`\sigma > 0`, as the registry says):
 :math:`z = x_m - \eta_n\, a^{-1} A^T(A x - y)` with
 
