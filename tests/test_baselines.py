@@ -13,11 +13,8 @@ import torch
 from ctflow.operators import LinearOperator
 from ctflow.priors import FlowPrior, gaussian_prior
 from ctflow.flow.gaussian import GaussianVelocity
-from ctflow.solvers.classical import (CGLS, FBPSolver, Landweber, TV, cgls, divergence,
-                                      gradient, pdhg_tv, tv_iso)
-from ctflow.solvers.otode import OTODE
-from ctflow.solvers.pnpflow import PnPFlow
-from ctflow.solvers.result import Reconstruction
+from ctflow.solvers import (CGLS, OTODE, TV, FBPSolver, Landweber, PnPFlow, Reconstruction,
+                            cgls, divergence, gradient, pdhg_tv, tv_iso)
 
 from helpers import Dense, Mask
 
@@ -392,11 +389,11 @@ def test_through_reconstruct_dispatcher():
     for method, opts in [("cgls", {"iterations": 5}), ("tv", {"iterations": 10}),
                          ("pnpflow", {"steps": 5}), ("otode", {"steps": 5})]:
         res = api.reconstruct(y, op, prior if method in ("pnpflow", "otode") else None,
-                              method=method, noise_level=0.01, seed=1, **opts)
+                              method=method, sigma=0.01, seed=1, **opts)
         assert res.method == method and res.image.shape == x.shape
         assert res.options["seed"] == 1
     with pytest.raises(ValueError, match="ray transform"):
-        api.reconstruct(y, op, None, method="fbp", noise_level=0.01, seed=0, progress=False)
+        api.reconstruct(y, op, None, method="fbp", sigma=0.01, seed=0, progress=False)
 
 
 def test_progress_bar_runs(capsys):
@@ -463,7 +460,7 @@ def test_bad_problem_refused(cls):
         cls().solve(op, bad, prior, 0.01)
     with pytest.raises(ValueError, match="shape mismatch"):
         cls().solve(op, y[..., :4], prior, 0.01)
-    with pytest.raises(ValueError, match="noise_level"):
+    with pytest.raises(ValueError, match="sigma"):
         cls().solve(op, y, prior, -1.0)
 
 

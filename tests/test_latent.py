@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-import ctflow.solvers.common as common
+import ctflow.solvers as common
 from ctflow.flow import GaussianVelocity, integrate
 from ctflow.flow.autoencoder import AutoEncoder, LatentCodec
 from ctflow.training.datasets import ellipses_dataset
@@ -120,7 +120,7 @@ def test_latent_data_step_reaches_the_linear_least_squares_solution():
     p = torch.randn(2, 2, 3, 3, generator=g, dtype=DT)
     prob = common.make_problem(A, y, prior, sigma)
     assert isinstance(prob, LatentDataProblem)
-    z, how = common.data_step(prob, p, rho, torch.zeros_like(p), cg_iterations=400, cg_tol=0)
+    z, how = common.data_step(prob, p, rho, torch.zeros_like(p), iterations=400, tol=0)
     assert how == "gradient"
     # normal equations: (J^T A^T A J / s^2 + rho I) z = J^T A^T (y - A c) / s^2 + rho p
     J = A.W @ Wd
@@ -161,8 +161,8 @@ def test_latent_dflow_equals_image_space_dflow_for_an_affine_decoder():
     x = image.from_model((mu + sig * torch.randn(1, 8, 8, generator=g, dtype=DT))[None])
     y = A(x) + 0.01 * torch.randn(1, 1, 40, generator=g, dtype=DT)
     opts = dict(N=6, iterations=3, max_iter=5, alpha=0.5, init="adjoint", seed=2)
-    r_img = reconstruct(y, A, image, method="dflow", noise_level=0.01, **opts)
-    r_lat = reconstruct(y, A, latent, method="dflow", noise_level=0.01, **opts)
+    r_img = reconstruct(y, A, image, method="dflow", sigma=0.01, **opts)
+    r_lat = reconstruct(y, A, latent, method="dflow", sigma=0.01, **opts)
     assert torch.allclose(r_img.image, r_lat.image, atol=1e-7)
     assert r_lat.history[-1]["objective"] == pytest.approx(r_img.history[-1]["objective"],
                                                            rel=1e-7)
@@ -177,9 +177,12 @@ def test_latent_msflow_matches_image_space_msflow_for_an_affine_decoder():
     y = A(x) + 0.02 * torch.randn(1, 1, 8, 8, generator=g, dtype=DT)
     for update in ("jacobian-free", "exact"):
         opts = dict(K=3, M=2, sweeps=4, rho=50.0, alpha=0.7, init="adjoint", update=update,
-                    cg_iters=300, cg_tol=0.0, seed=1)
-        r_img = reconstruct(y, A, image, method="msflow", noise_level=0.02, **opts)
-        r_lat = reconstruct(y, A, latent, method="msflow", noise_level=0.02, **opts)
+                    seed=1)
+        # the image prior's data step is closed-form (a mask); the latent one takes
+        # decoder_steps gradient steps through the decoder
+        r_img = reconstruct(y, A, image, method="msflow", sigma=0.02, **opts)
+        r_lat = reconstruct(y, A, latent, method="msflow", sigma=0.02, decoder_steps=300,
+                            decoder_tol=0.0, **opts)
         assert torch.allclose(r_img.image, r_lat.image, atol=1e-6), update
         for h_i, h_l in zip(r_img.history, r_lat.history):
             assert h_l["objective"] == pytest.approx(h_i["objective"], rel=1e-6)
@@ -192,17 +195,17 @@ def test_latent_msflow_exact_gauss_seidel_descends_and_dflow_improves():
     g = torch.Generator().manual_seed(1)
     y = A(torch.rand(1, 1, 16, 16, generator=g))
     sigma = 0.05 * float(y.abs().mean())
-    r = reconstruct(y, A, prior, method="msflow", noise_level=sigma, K=3, M=2, sweeps=3,
-                    update="exact", inner_iters=2, cg_iters=5)
+    r = reconstruct(y, A, prior, method="msflow", sigma=sigma, K=3, M=2, sweeps=3,
+                    update="exact", inner_iters=2, decoder_steps=5)
     obj = [h["objective"] for h in r.history]
     assert all(b <= a * (1 + 1e-9) + 1e-9 for a, b in zip(obj, obj[1:])), obj
     assert obj[-1] < obj[0]
     assert r.image.shape == (1, 1, 16, 16) and bool(torch.isfinite(r.image).all())
     for sweep in ("jacobi",):
-        rj = reconstruct(y, A, prior, method="msflow", noise_level=sigma, K=3, M=2, sweeps=2,
+        rj = reconstruct(y, A, prior, method="msflow", sigma=sigma, K=3, M=2, sweeps=2,
                          sweep=sweep)
         assert rj.history[-1]["data"] < rj.history[0]["data"]
-    d = reconstruct(y[0], A, prior, method="dflow", noise_level=sigma, N=4, iterations=2)
+    d = reconstruct(y[0], A, prior, method="dflow", sigma=sigma, N=4, iterations=2)
     assert d.image.shape == (1, 16, 16)             # the layout of y comes back
     assert d.history[-1]["objective"] < d.history[0]["objective"]
     assert d.nfe["backward"] > 0
@@ -226,7 +229,7 @@ def test_other_methods_refuse_latent_priors(method):
     prior = tiny_latent_prior()
     A = Inpainting(16, mask=torch.ones(16, 16))
     with pytest.raises(ValueError, match="latent prior"):
-        reconstruct(torch.rand(1, 1, 16, 16), A, prior, method=method, noise_level=0.1)
+        reconstruct(torch.rand(1, 1, 16, 16), A, prior, method=method, sigma=0.1)
 
 
 # ------------------------------------------------------------------------------ files

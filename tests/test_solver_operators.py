@@ -68,7 +68,7 @@ def test_every_solver_runs_on_every_operator(op_name, method):
     mean = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1,
                                           count_include_pad=False)[0]
     prior = ctflow.gaussian_prior(mean, torch.full_like(mean, 0.15))
-    result = ctflow.reconstruct(y, op, prior, method=method, noise_level=sigma, seed=0,
+    result = ctflow.reconstruct(y, op, prior, method=method, sigma=sigma, seed=0,
                                 **FAST[method])
     assert result.image.shape == x.shape
     assert torch.isfinite(result.image).all()
@@ -87,6 +87,6 @@ def test_msflow_identical_on_torch_and_odl_backends():
     y = a_t(x)
     mean = torch.full((1, N, N), 0.4, dtype=D64)
     prior = ctflow.gaussian_prior(mean, torch.full_like(mean, 0.2))
-    r_t = ctflow.reconstruct(y, a_t, prior, method="msflow", noise_level=0.01, **FAST["msflow"])
-    r_o = ctflow.reconstruct(y, a_o, prior, method="msflow", noise_level=0.01, **FAST["msflow"])
+    r_t = ctflow.reconstruct(y, a_t, prior, method="msflow", sigma=0.01, **FAST["msflow"])
+    r_o = ctflow.reconstruct(y, a_o, prior, method="msflow", sigma=0.01, **FAST["msflow"])
     assert float((r_t.image - r_o.image).norm() / r_t.image.norm()) < 0.05

@@ -5,9 +5,9 @@ r"""``ctflow.reconstruct``: one entry point for every solver.
     result = ctflow.reconstruct(y, A, prior, method="msflow", sigma=0.01, K=8, M=2)
     result.image, result.history, result.nfe, result.seconds, result.peak_memory_bytes
 
-Methods and the classes behind them (each constructed with the keyword ``**options`` and
-called as ``.solve(operator, y, prior, sigma)``; the table is
-:data:`ctflow.solvers.registry.METHODS`):
+Methods and the classes behind them (each constructed with the keyword ``**options``, which
+build its ``Options`` dataclass, and called as ``.solve(operator, y, prior, sigma)``) are the
+entries of the one registry, :data:`ctflow.solvers.registry.METHODS`:
 
 =============  ==============================================  ===============
 ``method``     class                                           needs a prior
@@ -16,20 +16,23 @@ called as ``.solve(operator, y, prior, sigma)``; the table is
 ``"dflow"``    :class:`ctflow.solvers.dflow.DFlow`             yes
 ``"pnpflow"``  :class:`ctflow.solvers.pnpflow.PnPFlow`         yes
 ``"otode"``    :class:`ctflow.solvers.otode.OTODE`             yes
-``"fbp"``      :class:`ctflow.solvers.classical.FBPSolver`     no
-``"tv"``       :class:`ctflow.solvers.classical.TV`            no
-``"cgls"``     :class:`ctflow.solvers.classical.CGLS`          no
+``"fbp"``      :class:`ctflow.solvers.fbp.FBPSolver`           no
+``"tv"``       :class:`ctflow.solvers.tv.TV`                   no
+``"cgls"``     :class:`ctflow.solvers.cgls.CGLS`               no
+``"landweber"`` :class:`ctflow.solvers.landweber.Landweber`    no
 =============  ==============================================  ===============
 
 Solver modules are imported on first use. Everything is checked before any work:
 
 * ``method`` must be one of the names above; option names and values are checked by the
-  solver class (``ValueError`` naming the option and the allowed values);
+  solver's ``Options`` dataclass (``ValueError`` naming the option and the allowed values,
+  also for an option that has no effect in the given combination);
 * ``y`` must be a floating tensor of shape ``(B, C, *range_shape)``, ``(C, *range_shape)``
   or ``range_shape`` (for one channel) without NaN or inf;
 * ``sigma`` (the absolute standard deviation :math:`\sigma` of the Gaussian noise in ``y``,
-  in the units of ``y``) must be a finite number, ``> 0`` for the flow methods, ``>= 0``
-  (or ``None``) for the classical ones;
+  in the units of ``y``) must be a finite number, ``> 0`` for the methods whose registry
+  entry has ``needs_sigma``, ``>= 0`` (or ``None``) for the others (TV reads its default
+  weight relative to sigma and then asks for ``weight_mode="unscaled"`` at sigma 0);
 * ``prior`` (a :class:`~ctflow.priors.FlowPrior` or the name of a bundled prior, loaded with
   ``ctflow.priors.load_prior``) must model images of the operator's domain shape.
 
@@ -42,18 +45,16 @@ the caller's random state is left untouched. ``progress=True`` (forwarded) shows
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any, Dict, Tuple
+from typing import Any
 
 import torch
 
 from ctflow.solvers import registry
-from ctflow.solvers.common import check_noise_level, check_prior, prepare_measurement
+from ctflow.solvers.inputs import check_prior, check_sigma, prepare_measurement
 from ctflow.solvers.registry import METHODS
 from ctflow.solvers.result import Reconstruction
 
 __all__ = ["reconstruct", "METHODS", "solver_class"]
-
 
 
 def solver_class(method: str):
@@ -89,16 +90,17 @@ def reconstruct(y: torch.Tensor, operator, prior=None, method: str = "msflow", *
             ``range_shape``; finite values only.
         operator: a :class:`~ctflow.operators.LinearOperator` on public ``[0, 1]`` images.
         prior: a :class:`~ctflow.priors.FlowPrior`, a bundled prior name, or ``None`` for
-            ``"fbp"``, ``"tv"`` and ``"cgls"`` (which ignore it).
-        method: ``"msflow"``, ``"dflow"``, ``"pnpflow"``, ``"otode"``, ``"fbp"``, ``"tv"``
-            or ``"cgls"``.
+            the methods that need none (``registry.method_names(needs_prior=False)``).
+        method: a name of :data:`~ctflow.solvers.registry.METHODS` (case-insensitive).
         sigma: the absolute standard deviation :math:`\sigma` of the Gaussian noise in
             ``y`` (units of ``y``); required (``> 0``) by the methods whose registry entry
             has ``needs_sigma``, optional (``None`` or ``0``) for FBP, TV, CGLS and
             Landweber. A relative level (a fraction of the RMS of the data) is converted by
             :func:`ctflow.operators.noise.GaussianNoise.std` before the call.
-        **options: keyword options of the solver class (see each class); unknown names or
-            bad values raise ``ValueError``; ``seed`` (default 0) and ``progress``.
+        **options: keyword options of the solver class (the fields of its ``Options``
+            dataclass, ``registry.method(method).options_type``); unknown names, bad values
+            and options without effect raise ``ValueError``; ``seed`` (default 0) and
+            ``progress``.
 
     Returns:
         a :class:`~ctflow.solvers.result.Reconstruction` (image in ``[0, 1]`` in the layout
@@ -115,24 +117,19 @@ def reconstruct(y: torch.Tensor, operator, prior=None, method: str = "msflow", *
                          f"range_shape), got {type(operator).__name__}")
     if sigma is None and not spec.needs_sigma:
         sigma = 0.0
-    sigma = check_noise_level(sigma, owner=own, allow_zero=not spec.needs_sigma)
+    sigma = check_sigma(sigma, owner=own, allow_zero=not spec.needs_sigma)
     if isinstance(prior, str):
         prior = _load_prior(prior)
     if needs_prior and prior is None:
+        free = registry.method_names(needs_prior=False)
         raise ValueError(f"{own}: this method needs a prior (a FlowPrior or a bundled prior "
-                         f"name); only 'fbp', 'tv' and 'cgls' run without one")
+                         f"name); only {', '.join(map(repr, free))} run without one")
     if prior is not None and needs_prior:
         check_prior(prior, operator, owner=own, allow_latent="latent" in spec.prior_kinds)
     channels = getattr(prior, "channels", None) if prior is not None else None
     meas = prepare_measurement(operator, y, owner=own, channels=channels)
-    cls = spec.solver_class()
-    try:
-        solver = cls(**options)
-    except TypeError as exc:   # a class without its own option check
-        raise ValueError(f"{own}: invalid option(s) {sorted(options)}: {exc}") from exc
-    seed = options.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"{own}: option seed must be an integer, got {seed!r}")
+    solver = spec.solver_class()(**options)      # the Options dataclass checks every option
+    seed = solver.options.seed
     devices = [meas.y.device] if meas.y.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)

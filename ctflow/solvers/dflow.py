@@ -25,85 +25,98 @@ is :math:`x(\Phi_{0\to1}(s_0))` clipped to :math:`[0,1]`.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Any, Dict
 
 import torch
 
 from ctflow.flow.integrate import integrate
-from ctflow.solvers.common import (FlowSolverBase, SolverVelocity, blend_init,
-                     check_choice, check_int, check_positive,
-                     check_probability, initial_image, make_generator,
-                     make_problem, merge_flow_options, progress_bar, radial_prior,
-                     TV_START_WEIGHT)
+from ctflow.solvers.base import FlowOptions, FlowSolver
+from ctflow.solvers.init import blend_init
+from ctflow.solvers.options import check_int, check_positive
+from ctflow.solvers.problem import make_problem
+from ctflow.solvers.progress import progress
+from ctflow.solvers.radial import radial_prior
 from ctflow.solvers.result import Reconstruction, SolveMeter
+from ctflow.solvers.rng import make_generator
+from ctflow.solvers.velocity import SolverVelocity
 
 __all__ = ["DFlow"]
 
-DFLOW_METHODS = ("euler", "midpoint", "heun")
+#: The L-BFGS options, which have no effect with ``iterations=0``.
+LBFGS_OPTIONS = ("max_iter", "history_size", "lr", "tolerance_grad", "tolerance_change")
 
 
-class DFlow(FlowSolverBase):
-    r"""D-Flow solver (see the module docstring).
+class DFlow(FlowSolver):
+    r"""D-Flow solver (see the module docstring); options: :class:`DFlow.Options`.
 
-    Keyword-only options (defaults in :attr:`DEFAULTS`): ``N`` ODE steps, ``method``
-    (``"euler"``, ``"midpoint"``, ``"heun"``; alias ``integrator`` for ``ctflow.reconstruct``),
-    ``lam`` :math:`\lambda`, ``alpha`` (blend),
-    ``init`` (``"auto"``, ``"fbp"``, ``"adjoint"``, ``"cgls"``, ``"tv"``, ``"zeros"``, a tensor
-    or a callable ``y -> image``; ``tv_weight`` the relative TV weight of ``"tv"``),
-    ``iterations`` (outer L-BFGS steps), ``max_iter`` (L-BFGS iterations per step),
-    ``history_size`` (L-BFGS memory), ``lr`` (L-BFGS initial step),
-    ``tolerance_grad``/``tolerance_change`` (L-BFGS stopping), ``cgls_iters``, ``seed``,
-    ``progress``.
-
-    ``DFlow(**options).solve(operator, y, prior, noise_level)`` returns a
-    :class:`~ctflow.solvers.result.Reconstruction`; ``noise_level`` is the noise standard
+    ``DFlow(**options).solve(operator, y, prior, sigma)`` returns a
+    :class:`~ctflow.solvers.result.Reconstruction`; ``sigma`` is the absolute noise standard
     deviation :math:`\sigma` of ``y``.
     """
 
     name = "dflow"
-    DEFAULTS: Dict[str, Any] = dict(
-        N=32, method="euler", integrator=None, lam=1.0, alpha=1.0, init="auto", iterations=10,
-        max_iter=5, history_size=20, lr=1.0, tolerance_grad=1e-9, tolerance_change=1e-12,
-        cgls_iters=10, tv_weight=TV_START_WEIGHT, seed=0, progress=False,
-    )
 
-    @classmethod
-    def validate(cls, options: Dict[str, Any]) -> Dict[str, Any]:
-        own = "DFlow"
-        o = merge_flow_options(options, cls.DEFAULTS, owner=own)
-        o["N"] = check_int("N", o["N"], owner=own)
-        check_choice("method", o["method"], DFLOW_METHODS, owner=own)
-        o["lam"] = check_positive("lam", o["lam"], owner=own, allow_zero=True)
-        o["alpha"] = check_probability("alpha", o["alpha"], owner=own)
-        o["iterations"] = check_int("iterations", o["iterations"], owner=own, minimum=0)
-        o["max_iter"] = check_int("max_iter", o["max_iter"], owner=own)
-        o["history_size"] = check_int("history_size", o["history_size"], owner=own)
-        o["lr"] = check_positive("lr", o["lr"], owner=own)
-        o["tolerance_grad"] = check_positive("tolerance_grad", o["tolerance_grad"], owner=own,
-                                             allow_zero=True)
-        o["tolerance_change"] = check_positive("tolerance_change", o["tolerance_change"],
-                                               owner=own, allow_zero=True)
-        return o
+    @dataclasses.dataclass(frozen=True, eq=False)
+    class Options(FlowOptions):
+        r"""Options of :class:`DFlow` (and the shared flow options ``method``,
+        ``integrator``, ``lam``, ``alpha``, ``init``, ``cgls_iters``, ``tv_weight``, ``seed``,
+        ``progress`` of :class:`~ctflow.solvers.base.FlowOptions`).
 
-    def solve(self, operator, y: torch.Tensor, prior, noise_level: float) -> Reconstruction:
+        Attributes:
+            N: ODE steps of the flow map (int >= 1).
+            iterations: outer L-BFGS steps (int >= 0; 0 returns the start).
+            max_iter: L-BFGS iterations per step (int >= 1).
+            history_size: L-BFGS memory (int >= 1).
+            lr: L-BFGS initial step (> 0).
+            tolerance_grad, tolerance_change: L-BFGS stopping tolerances (>= 0).
+
+        The L-BFGS options are refused with ``iterations=0``; the start options (``init``,
+        ``cgls_iters``, ``tv_weight``) with ``alpha=0``.
+        """
+
+        OWNER = "DFlow"
+        N: int = 32
+        iterations: int = 10
+        max_iter: int = 5
+        history_size: int = 20
+        lr: float = 1.0
+        tolerance_grad: float = 1e-9
+        tolerance_change: float = 1e-12
+
+        def check(self) -> None:
+            super().check()
+            own = self.OWNER
+            self._set("N", check_int("N", self.N, owner=own))
+            self._set("iterations", check_int("iterations", self.iterations, owner=own,
+                                              minimum=0))
+            self._set("max_iter", check_int("max_iter", self.max_iter, owner=own))
+            self._set("history_size", check_int("history_size", self.history_size, owner=own))
+            self._set("lr", check_positive("lr", self.lr, owner=own))
+            for name in ("tolerance_grad", "tolerance_change"):
+                self._set(name, check_positive(name, getattr(self, name), owner=own,
+                                               allow_zero=True))
+            self.refuse_unless(self.iterations > 0, LBFGS_OPTIONS, "with iterations=0")
+            self.check_start()
+
+    def solve(self, operator, y: torch.Tensor, prior, sigma: float) -> Reconstruction:
+        """Reconstruct from ``y`` (``sigma`` > 0: the absolute noise standard deviation)."""
         o = self.options
-        sigma, meas = self.begin(operator, y, prior, noise_level)
+        sigma, meas = self.begin(operator, y, prior, sigma)
         yb = meas.y
         with SolveMeter(yb.device) as meter:
             v = SolverVelocity(prior, yb.device)
             with v.evaluation_mode():
                 t_start = time.perf_counter()
                 problem = make_problem(operator, yb, prior, sigma)  # latent: via decoder
-                x0, init_label = initial_image(o["init"], operator, yb, owner="DFlow",
-                                               cgls_iterations=o["cgls_iters"],
-                                               noise_level=sigma, tv_weight=o["tv_weight"])
-                s0 = blend_init(v, prior, x0, alpha=o["alpha"], steps=o["N"],
-                                method=o["method"], generator=make_generator(o["seed"]))
-                lam = o["lam"]
+                x0, init_label = self.start_image(operator, yb, sigma)
+                s0 = blend_init(v, prior, x0, alpha=o.alpha, steps=o.N, method=o.method,
+                                generator=make_generator(o.seed), like=yb.new_empty(
+                                    (yb.shape[0], yb.shape[1], *operator.domain_shape)))
+                lam = o.lam
 
                 def flow(s):
-                    return integrate(v, s, 0.0, 1.0, o["N"], o["method"], grad=True)
+                    return integrate(v, s, 0.0, 1.0, o.N, o.method, grad=True)
 
                 def terms(s, x1):
                     data = problem.data(x1).sum()
@@ -123,12 +136,12 @@ class DFlow(FlowSolverBase):
 
                 s = s0.detach().clone().requires_grad_(True)
                 with torch.no_grad():
-                    x1 = integrate(v, s.detach(), 0.0, 1.0, o["N"], o["method"], grad=False)
+                    x1 = integrate(v, s.detach(), 0.0, 1.0, o.N, o.method, grad=False)
                 history = [record(0, s.detach(), x1)]
-                opt = torch.optim.LBFGS([s], lr=o["lr"], max_iter=o["max_iter"],
-                                        history_size=o["history_size"],
-                                        tolerance_grad=o["tolerance_grad"],
-                                        tolerance_change=o["tolerance_change"],
+                opt = torch.optim.LBFGS([s], lr=o.lr, max_iter=o.max_iter,
+                                        history_size=o.history_size,
+                                        tolerance_grad=o.tolerance_grad,
+                                        tolerance_change=o.tolerance_change,
                                         line_search_fn="strong_wolfe")
 
                 last = {}
@@ -149,12 +162,12 @@ class DFlow(FlowSolverBase):
                     if "s" in last and torch.equal(last["s"], s.detach()):
                         return last["x1"]
                     with torch.no_grad():
-                        return integrate(v, s.detach(), 0.0, 1.0, o["N"], o["method"],
+                        return integrate(v, s.detach(), 0.0, 1.0, o.N, o.method,
                                          grad=False)
 
-                bar = progress_bar(o["iterations"], enabled=o["progress"], desc="D-Flow")
+                bar = progress(total=o.iterations, enabled=o.progress, desc="D-Flow")
                 try:
-                    for it in range(1, o["iterations"] + 1):
+                    for it in range(1, o.iterations + 1):
                         previous = s.detach().clone(), x1
                         opt.step(closure)
                         x1 = end_state()
@@ -174,4 +187,4 @@ class DFlow(FlowSolverBase):
                 image = prior.from_model(x1).clamp(0.0, 1.0)
         return Reconstruction(image=meas.restore(image.detach()), history=history, nfe=v.nfe,
                               seconds=meter.seconds, peak_memory_bytes=meter.peak_memory_bytes,
-                              method=self.name, options={**o, "init": init_label})
+                              method=self.name, options=self.recorded_options(init=init_label))

@@ -6,14 +6,15 @@ solvers' states are latents :math:`z` and the data misfit is
 .. math:: d(z) = \frac1{2\sigma^2}\,\|A\,D(z) - y\|^2 \qquad\text{(per batch item)}.
 
 :class:`LatentDataProblem` is the latent counterpart of
-:class:`~ctflow.solvers.common.ModelSpaceProblem` (``data``, ``residual``,
-``relative_residual``), and :func:`ctflow.solvers.common.data_step` hands MS-Flow's data
+:class:`~ctflow.solvers.problem.ModelSpaceProblem` (``data``, ``residual``,
+``relative_residual``), and :func:`ctflow.solvers.problem.data_step` hands MS-Flow's data
 block to its :meth:`LatentDataProblem.solve_data_step`:
 
 .. math:: \min_z\; f(z) = \frac1{2\sigma^2}\|A D(z) - y\|^2 + \frac\rho2\|z - p\|^2,
           \qquad p = \Phi_{K-1}(s_{K-1}),
 
-by ``iterations`` gradient steps through the decoder, warm-started at the current
+by ``iterations`` gradient steps through the decoder (MS-Flow's option ``decoder_steps``;
+the relative gradient tolerance is ``decoder_tol``), warm-started at the current
 :math:`s_K`. Each step is :math:`z^+ = z - \tau\nabla f(z)` with a Barzilai–Borwein trial
 step :math:`\tau = \langle\Delta z, \Delta z\rangle / \langle\Delta z, \Delta g\rangle`
 (the previous accepted step when the curvature estimate is not positive; :math:`1/\rho` at
@@ -33,16 +34,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from ctflow.solvers.common import per_item_norm, per_item_sq
+from ctflow.solvers.linalg import broadcast_items, per_item_norm, per_item_sq, relative_residual
 
 __all__ = ["LatentDataProblem", "ARMIJO_C"]
 
 #: Sufficient-decrease constant of the Armijo condition.
 ARMIJO_C = 1e-4
-
-
-def _bc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
 class LatentDataProblem:
@@ -87,7 +84,7 @@ class LatentDataProblem:
 
     def relative_residual(self, z: torch.Tensor) -> float:
         """:math:`\\|A D(z) - y\\| / \\|y\\|` over the whole batch."""
-        return float(self.residual(z).norm()) / max(self.y_norm, 1e-300)
+        return relative_residual(self.residual(z), y_norm=self.y_norm)
 
     # -- MS-Flow's data block ---------------------------------------------------------------
     def _objective(self, z: torch.Tensor, p: torch.Tensor, rho: float) -> torch.Tensor:
@@ -134,10 +131,10 @@ class LatentDataProblem:
             z_new, f_new = z.clone(), f.clone()
             with torch.no_grad():
                 for _bt in range(self.max_backtracks + 1):
-                    zt = z - _bc(trial_tau, z) * g
+                    zt = z - broadcast_items(trial_tau, z) * g
                     ft = self._objective(zt, p, rho)
                     ok = pending & (ft <= f - ARMIJO_C * trial_tau * gn2) & torch.isfinite(ft)
-                    z_new = torch.where(_bc(ok, z), zt, z_new)
+                    z_new = torch.where(broadcast_items(ok, z), zt, z_new)
                     f_new = torch.where(ok, ft, f_new)
                     tau = torch.where(ok, trial_tau, tau)
                     pending &= ~ok

@@ -33,8 +33,10 @@ over all segments (Jacobi, as its sweeps).
 * data block :math:`s_K` (every variant): the exact minimiser of
   :math:`\tfrac1{2\sigma^2}\|A_m s - y_m\|^2 + \tfrac{\rho_{K-1}}2\|s - \Phi_{K-1}(s_{K-1})\|^2`,
   i.e. :math:`(A_m^TA_m + \rho\sigma^2 I)s = A_m^Ty_m + \rho\sigma^2\Phi_{K-1}(s_{K-1})` in model
-  space (:math:`A_m = A/a`, see :mod:`ctflow.solvers.common`), in closed form through
-  ``operator.solve_shifted_normal`` where available, else by ``cg_iters`` warm-started CG steps;
+  space (:math:`A_m = A/a`, see :mod:`ctflow.solvers.problem`), in closed form through
+  ``operator.solve_shifted_normal`` where available, else by ``cg_iters`` warm-started CG steps
+  (for a latent prior: ``decoder_steps`` gradient steps through the decoder,
+  :mod:`ctflow.solvers.latent`);
 * block :math:`k < K` minimises :math:`c_k(s_k) + \tfrac{\rho_k}2\|s_{k+1} - \Phi_k(s_k)\|^2`
   with :math:`c_0 = \lambda R` and
   :math:`c_k = \tfrac{\rho_{k-1}}2\|\cdot - \Phi_{k-1}(s_{k-1})\|^2`.
@@ -43,7 +45,7 @@ over all segments (Jacobi, as its sweeps).
     block problem becomes :math:`\min c_k(s) + \tfrac{\rho_k}2\|s - z\|^2` with
     :math:`z = s_{k+1} - \Phi_k(s_k^\text{old}) + s_k^\text{old}`, solved in closed form:
     :math:`s_k = [\rho_{k-1}\Phi_{k-1}(s_{k-1}) + \rho_k z]/(\rho_{k-1} + \rho_k)` for interior
-    blocks and the radial proximal map (:func:`~ctflow.solvers.common.radial_prox`) for
+    blocks and the radial proximal map (:func:`~ctflow.solvers.radial.radial_prox`) for
     :math:`s_0`. Forward evaluations only; ``relaxation`` :math:`\omega` damps the step,
     :math:`s_k \leftarrow s_k^\text{old} + \omega(s_k - s_k^\text{old})` (also applied after
     exact updates when :math:`\omega \ne 1`; the monotone-descent guarantee below is for
@@ -107,7 +109,8 @@ same N = 32 reached 33.1 dB in 9× the wall time): hence ``alpha=1``.
 
 **Draws** (``draws`` :math:`D`): :math:`D` independent MS-Flow solves per measurement, run as
 one batch (their initial states differ by the noise :math:`\varepsilon` of the blend
-initialisation, so this needs ``alpha < 1``); the result is the mean of their images and
+initialisation, so this needs ``alpha < 1``: ``draws > 1`` with ``alpha = 1`` is refused); the
+result is the mean of their images and
 ``Reconstruction.uncertainty`` their pixel-wise standard deviation, a Monte-Carlo estimate of
 the posterior mean and spread. One trajectory keeps its noise: the states near :math:`t = 1`
 carry a fixed noise pattern that the last segment's one-step denoiser
@@ -124,21 +127,19 @@ counts every velocity call (a batched call counts once), the initialisation's in
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, List, Optional, Union
 
 import torch
 
-from ctflow.flow.integrate import METHODS, integrate
-from ctflow.solvers.common import (FlowSolverBase, SolverVelocity, blend_init,
-                     check_choice, check_int, check_positive,
-                     check_probability, data_step, initial_image, make_generator,
-                     make_problem, merge_flow_options, per_item_dot, per_item_sq,
-                     progress_bar, radial_prior, radial_prox, TV_START_WEIGHT)
+from ctflow.solvers.base import FlowOptions, FlowSolver
+from ctflow.solvers.msflow_sweeps import Trajectory, node_grid
+from ctflow.solvers.options import check_choice, check_int, check_positive, check_probability
 from ctflow.solvers.result import Reconstruction, SolveMeter
+from ctflow.solvers.velocity import SolverVelocity
 
-__all__ = ["MSFlow"]
+__all__ = ["MSFlow", "node_grid", "CPU_MAX_BATCH"]
 
 UPDATES = ("jacobian-free", "exact", "joint")
 SWEEPS = ("gauss-seidel", "jacobi")
@@ -146,20 +147,14 @@ ORDERS = ("forward", "backward")
 SCHEDULES = ("constant", "continuation", "adaptive")
 JOINT_OPTIMIZERS = ("gd", "adam")
 TRAJECTORIES = ("rollout", "interpolate")
-
-
 NODE_GRIDS = ("uniform", "power")
 
-
-def node_grid(nodes: Any, K: int, *, power: float = 2.0) -> List[float]:
-    r"""The segment nodes :math:`0 = t_0 < \dots < t_K = 1`: ``"uniform"`` (:math:`k/K`),
-    ``"power"`` (:math:`1 - (1 - k/K)^p`, finer towards the data end :math:`t = 1` for
-    :math:`p > 1`) or an explicit list (returned as floats)."""
-    if isinstance(nodes, str):
-        if nodes == "uniform":
-            return [k / K for k in range(K + 1)]
-        return [0.0] + [1.0 - (1.0 - k / K) ** power for k in range(1, K)] + [1.0]
-    return [float(t) for t in nodes]
+#: ``max_batch="auto"`` on a CPU. Per-image time of the bundled ``ct64`` velocity (64 x 64
+#: U-Net) on the 2-core CI-class CPU, idle: 1 thread 25.7 / 24.2 / 31.8 / 34.7 / 40.0 ms and
+#: 2 threads 16.7 / 17.8 / 16.0 / 19.5 / 23.4 ms at batch 8 / 16 / 32 / 64 / 128: past a few
+#: dozen images the activations leave the caches and a larger batch only costs. On a GPU the
+#: opposite holds (small batches leave it idle), hence no limit there.
+CPU_MAX_BATCH = 16
 
 
 def _check_nodes(nodes: Any, K: int, *, owner: str) -> Any:
@@ -177,458 +172,218 @@ def _check_nodes(nodes: Any, K: int, *, owner: str) -> Any:
     return t
 
 
-#: ``max_batch="auto"`` on a CPU. Per-image time of the bundled ``ct64`` velocity (64 x 64
-#: U-Net) on the 2-core CI-class CPU, idle: 1 thread 25.7 / 24.2 / 31.8 / 34.7 / 40.0 ms and
-#: 2 threads 16.7 / 17.8 / 16.0 / 19.5 / 23.4 ms at batch 8 / 16 / 32 / 64 / 128: past a few
-#: dozen images the activations leave the caches and a larger batch only costs. On a GPU the
-#: opposite holds (small batches leave it idle), hence no limit there.
-CPU_MAX_BATCH = 16
+def _check_rho(rho: Any, K: int, *, owner: str) -> Union[float, List[float]]:
+    if isinstance(rho, torch.Tensor):
+        rho = rho.tolist()
+    if isinstance(rho, (list, tuple)):
+        if len(rho) != K:
+            raise ValueError(f"{owner}: option rho must be a number or a list of K={K} "
+                             f"numbers (one per segment), got {len(rho)} values")
+        return [check_positive("rho", r, owner=owner) for r in rho]
+    return check_positive("rho", rho, owner=owner)
 
 
-def _bc(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.reshape((-1,) + (1,) * (like.ndim - 1))
+class MSFlow(FlowSolver):
+    r"""MS-Flow solver (see the module docstring for the mathematics); options:
+    :class:`MSFlow.Options`.
 
-
-class MSFlow(FlowSolverBase):
-    r"""MS-Flow solver (see the module docstring for the mathematics).
-
-    Keyword-only options (defaults in :attr:`DEFAULTS`):
-
-    ``K`` segments, ``M`` steps per segment, ``method`` (``"euler"``, ``"heun"``,
-    ``"midpoint"``; ``integrator`` is an alias, for ``ctflow.reconstruct`` where ``method``
-    names the solver), ``lam`` :math:`\lambda`, ``rho`` (number or per-segment list),
-    ``schedule`` (``"constant"``, ``"continuation"``, ``"adaptive"``), ``rho_growth``,
-    ``rho_max``, ``rho_min``, ``adapt_factor``, ``sweeps`` (outer iterations), ``alpha``
-    (blend), ``init`` (``"auto"``, ``"fbp"``, ``"adjoint"``, ``"cgls"``, ``"zeros"``, a tensor
-    or a callable ``y -> image``), ``update`` (``"jacobian-free"``, ``"exact"``, ``"joint"``),
-    ``sweep`` (``"gauss-seidel"``, ``"jacobi"``), ``order`` (``"forward"``, ``"backward"``),
-    ``relaxation`` :math:`\omega \in (0, 1]` (Jacobian-free steps; default 1 for
-    Gauss–Seidel, 0.5 for Jacobi), ``trajectory``
-    (``"rollout"``, ``"interpolate"``: the initial states), ``nodes`` (``"uniform"``,
-    ``"power"`` or a list of :math:`K+1` times) and ``node_power``, ``draws`` (independent
-    solves averaged; ``Reconstruction.uncertainty`` is their spread), ``inner_iters`` and
-    ``max_backtracks`` (exact and joint updates), ``cg_iters``/``cg_tol`` (data step),
-    ``cgls_iters`` (``init="cgls"``), ``tv_weight`` (``init="tv"``: the relative TV weight, see
-    :func:`~ctflow.solvers.common.initial_image`), ``joint_optimizer`` (``"gd"``, ``"adam"``),
-    ``lr`` (Adam), ``max_batch`` (the most images per velocity call: ``None`` = no limit, an
-    int, or ``"auto"``: :data:`CPU_MAX_BATCH` on a CPU, no limit on a GPU; Jacobi and joint
-    sweeps stack all K segments in one call, run in chunks of this size; the values and the
-    NFE count are unchanged), ``seed``, ``progress`` (tqdm over sweeps).
-
-    ``MSFlow(**options).solve(operator, y, prior, noise_level)`` returns a
+    ``MSFlow(**options).solve(operator, y, prior, sigma)`` (or ``MSFlow(options)``) returns a
     :class:`~ctflow.solvers.result.Reconstruction`; the instance is also callable as
-    ``solver(operator, y, prior, noise_level, options=None)`` (``options`` override).
-    ``noise_level`` is the standard deviation :math:`\sigma` of the Gaussian noise in ``y``.
+    ``solver(operator, y, prior, sigma, options=None)`` (``options`` a dict overriding some).
+    ``sigma`` is the absolute standard deviation :math:`\sigma` of the Gaussian noise in ``y``.
     """
 
     name = "msflow"
-    DEFAULTS: Dict[str, Any] = dict(
-        K=8, M=4, method="euler", integrator=None, lam=1.0, rho=1000.0, schedule="constant",
-        rho_growth=1.5, rho_max=1e8, rho_min=1e-8, adapt_factor=2.0, sweeps=20, alpha=1.0,
-        init="auto", update="jacobian-free", sweep="gauss-seidel", order="forward",
-        relaxation=None,
-        inner_iters=3, max_backtracks=20, cg_iters=10, cg_tol=1e-6, cgls_iters=10,
-        tv_weight=TV_START_WEIGHT, trajectory="rollout", nodes="uniform", node_power=2.0, draws=1,
-        joint_optimizer="gd", lr=1e-2, max_batch="auto", seed=0, progress=False,
-    )
+
+    @dataclasses.dataclass(frozen=True, eq=False)
+    class Options(FlowOptions):
+        r"""Options of :class:`MSFlow`, besides the shared flow options ``method``
+        (``integrator``), ``lam``, ``alpha``, ``init``, ``cgls_iters``, ``tv_weight``,
+        ``seed`` and ``progress`` (:class:`~ctflow.solvers.base.FlowOptions`; the start
+        options are refused with ``alpha=0`` and ``trajectory="rollout"``, which never look
+        at the initial image).
+
+        Attributes:
+            K: segments (int >= 1).
+            M: integrator steps per segment (int >= 1).
+            rho: the penalty :math:`\rho` (> 0), or a list of K, one per segment.
+            schedule: ``"constant"``, ``"continuation"`` or ``"adaptive"`` (module docstring).
+            rho_growth: growth factor :math:`g` of continuation and adaptive (> 0).
+            rho_max: upper bound of the penalties of continuation and adaptive (> 0).
+            rho_min: lower bound of the adaptive penalties (> 0, <= ``rho_max``).
+            adapt_factor: the adaptive clip :math:`\tau \ge 1`.
+            sweeps: outer iterations (int >= 0; 0 returns the initial trajectory).
+            update: ``"jacobian-free"``, ``"exact"`` or ``"joint"``.
+            sweep: ``"gauss-seidel"`` or ``"jacobi"`` (refused with ``update="joint"``).
+            order: ``"forward"`` or ``"backward"`` Gauss–Seidel order (refused with Jacobi
+                and joint updates, which update every block at once).
+            relaxation: :math:`\omega \in (0, 1]` damping the block updates; ``None``: 1
+                for Gauss–Seidel, 0.5 for Jacobi (refused with ``update="joint"``).
+            inner_iters: proximal-gradient steps per block of ``update="exact"`` (int >= 1).
+            max_backtracks: step halvings of the exact and the joint ``"gd"`` updates
+                (int >= 0).
+            cg_iters, cg_tol: CG steps and relative tolerance of the data step of an image
+                prior when the operator has no closed form (refused for latent priors).
+            decoder_steps, decoder_tol: gradient steps through the decoder and relative
+                gradient tolerance of the data step of a latent prior (refused for image
+                priors).
+            trajectory: the initial states, ``"rollout"`` or ``"interpolate"``.
+            nodes: ``"uniform"``, ``"power"`` or a list of K+1 increasing times from 0 to 1.
+            node_power: the exponent :math:`p > 0` of ``nodes="power"`` (refused otherwise).
+            draws: independent solves averaged (int >= 1; ``Reconstruction.uncertainty`` is
+                their spread); needs ``alpha < 1``.
+            joint_optimizer: ``"gd"`` or ``"adam"`` (``update="joint"`` only).
+            lr: Adam's learning rate (> 0; ``joint_optimizer="adam"`` only).
+            max_batch: the most images per velocity call: ``None`` (no limit), an int >= 1,
+                or ``"auto"`` (:data:`CPU_MAX_BATCH` on a CPU, no limit on a GPU); Jacobi and
+                joint sweeps stack all K segments in one call, run in chunks of this size
+                (the values and the NFE count are unchanged).
+        """
+
+        OWNER = "MSFlow"
+        K: int = 8
+        M: int = 4
+        rho: Union[float, List[float]] = 1000.0
+        schedule: str = "constant"
+        rho_growth: float = 1.5
+        rho_max: float = 1e8
+        rho_min: float = 1e-8
+        adapt_factor: float = 2.0
+        sweeps: int = 20
+        update: str = "jacobian-free"
+        sweep: str = "gauss-seidel"
+        order: str = "forward"
+        relaxation: Optional[float] = None
+        inner_iters: int = 3
+        max_backtracks: int = 20
+        cg_iters: int = 10
+        cg_tol: float = 1e-6
+        decoder_steps: int = 10
+        decoder_tol: float = 1e-6
+        trajectory: str = "rollout"
+        nodes: Any = "uniform"
+        node_power: float = 2.0
+        draws: int = 1
+        joint_optimizer: str = "gd"
+        lr: float = 1e-2
+        max_batch: Any = "auto"
+
+        def check(self) -> None:
+            super().check()
+            own = self.OWNER
+            for name in ("K", "M", "inner_iters", "cg_iters", "decoder_steps", "draws"):
+                self._set(name, check_int(name, getattr(self, name), owner=own))
+            for name in ("sweeps", "max_backtracks"):
+                self._set(name, check_int(name, getattr(self, name), owner=own, minimum=0))
+            self._set("rho", _check_rho(self.rho, self.K, owner=own))
+            for name, choices in (("schedule", SCHEDULES), ("update", UPDATES),
+                                  ("sweep", SWEEPS), ("order", ORDERS),
+                                  ("trajectory", TRAJECTORIES),
+                                  ("joint_optimizer", JOINT_OPTIMIZERS)):
+                check_choice(name, getattr(self, name), choices, owner=own)
+            for name in ("rho_growth", "rho_max", "rho_min", "adapt_factor", "node_power",
+                         "lr"):
+                self._set(name, check_positive(name, getattr(self, name), owner=own))
+            for name in ("cg_tol", "decoder_tol"):
+                self._set(name, check_positive(name, getattr(self, name), owner=own,
+                                               allow_zero=True))
+            if self.rho_min > self.rho_max:
+                raise ValueError(f"{own}: option rho_min ({self.rho_min}) must not exceed "
+                                 f"rho_max ({self.rho_max})")
+            if self.adapt_factor < 1:
+                raise ValueError(f"{own}: option adapt_factor must be >= 1, got "
+                                 f"{self.adapt_factor}")
+            self._set("nodes", _check_nodes(self.nodes, self.K, owner=own))
+            if self.relaxation is not None:
+                self._set("relaxation", check_probability("relaxation", self.relaxation,
+                                                          owner=own, open_low=True))
+            if self.max_batch not in (None, "auto"):
+                self._set("max_batch", check_int("max_batch", self.max_batch, owner=own))
+            self._refuse_idle()
+            self.check_start()
+
+        def _refuse_idle(self) -> None:
+            """Refuse the options that have no effect in this combination."""
+            joint, exact = self.update == "joint", self.update == "exact"
+            self.refuse_unless(self.alpha < 1, ("draws",),
+                               "with alpha=1 (every draw starts from the same state and "
+                               "follows the same deterministic sweeps, so all draws are "
+                               "identical); use alpha < 1")
+            self.refuse_unless(not joint, ("sweep", "order", "relaxation"),
+                               "with update='joint' (all states move at once)")
+            self.refuse_unless(self.sweep == "gauss-seidel", ("order",),
+                               "with sweep='jacobi' (every block is updated from the "
+                               "previous sweep's states)")
+            self.refuse_unless(exact, ("inner_iters",), "unless update='exact'")
+            self.refuse_unless(exact or (joint and self.joint_optimizer == "gd"),
+                               ("max_backtracks",),
+                               "unless update='exact' or update='joint' with "
+                               "joint_optimizer='gd'")
+            self.refuse_unless(joint, ("joint_optimizer",), "unless update='joint'")
+            self.refuse_unless(joint and self.joint_optimizer == "adam", ("lr",),
+                               "unless update='joint' and joint_optimizer='adam'")
+            self.refuse_unless(self.schedule != "constant", ("rho_growth", "rho_max"),
+                               "with schedule='constant'")
+            self.refuse_unless(self.schedule == "adaptive", ("rho_min", "adapt_factor"),
+                               "unless schedule='adaptive'")
+            self.refuse_unless(isinstance(self.nodes, str) and self.nodes == "power",
+                               ("node_power",), "unless nodes='power'")
+
+        def start_unused(self) -> Optional[str]:
+            if self.alpha == 0 and self.trajectory == "rollout":
+                return ("with alpha=0 and trajectory='rollout' (the states start from pure "
+                        "noise and never see the initial image)")
+            return None
+
+        def resolved_relaxation(self) -> Optional[float]:
+            """:math:`\omega`: ``relaxation``, or its default for the sweep (1 for
+            Gauss–Seidel, 0.5 for Jacobi: see the module docstring); ``None`` for the joint
+            update, which has none."""
+            if self.update == "joint":
+                return None
+            if self.relaxation is not None:
+                return self.relaxation
+            return 0.5 if self.sweep == "jacobi" else 1.0
+
+        def check_prior_kind(self, latent: bool) -> None:
+            """Refuse the data-step options of the other kind of prior (before any work)."""
+            if latent:
+                self.refuse_unless(False, ("cg_iters", "cg_tol"),
+                                   "for a latent prior (its data step takes decoder_steps "
+                                   "gradient steps through the decoder)")
+            else:
+                self.refuse_unless(False, ("decoder_steps", "decoder_tol"),
+                                   "for an image-space prior (its data step is CG, "
+                                   "cg_iters and cg_tol)")
 
     # -------------------------------------------------------------------------------------
-    @classmethod
-    def validate(cls, options: Dict[str, Any]) -> Dict[str, Any]:
-        """Defaults plus ``options``, checked; ``ValueError`` names a bad option."""
-        own = "MSFlow"
-        o = merge_flow_options(options, cls.DEFAULTS, owner=own)
-        o["K"] = check_int("K", o["K"], owner=own)
-        o["M"] = check_int("M", o["M"], owner=own)
-        check_choice("method", o["method"], tuple(METHODS), owner=own)
-        o["lam"] = check_positive("lam", o["lam"], owner=own, allow_zero=True)
-        rho = o["rho"]
-        if isinstance(rho, torch.Tensor):
-            rho = rho.tolist()
-        if isinstance(rho, (list, tuple)):
-            if len(rho) != o["K"]:
-                raise ValueError(f"{own}: option rho must be a number or a list of K={o['K']} "
-                                 f"numbers (one per segment), got {len(rho)} values")
-            o["rho"] = [check_positive("rho", r, owner=own) for r in rho]
-        else:
-            o["rho"] = check_positive("rho", rho, owner=own)
-        check_choice("schedule", o["schedule"], SCHEDULES, owner=own)
-        o["rho_growth"] = check_positive("rho_growth", o["rho_growth"], owner=own)
-        o["rho_max"] = check_positive("rho_max", o["rho_max"], owner=own)
-        o["rho_min"] = check_positive("rho_min", o["rho_min"], owner=own)
-        if o["rho_min"] > o["rho_max"]:
-            raise ValueError(f"{own}: option rho_min ({o['rho_min']}) must not exceed rho_max "
-                             f"({o['rho_max']})")
-        o["adapt_factor"] = check_positive("adapt_factor", o["adapt_factor"], owner=own)
-        if o["adapt_factor"] < 1:
-            raise ValueError(f"{own}: option adapt_factor must be >= 1, got {o['adapt_factor']}")
-        o["sweeps"] = check_int("sweeps", o["sweeps"], owner=own, minimum=0)
-        o["alpha"] = check_probability("alpha", o["alpha"], owner=own)
-        check_choice("update", o["update"], UPDATES, owner=own)
-        check_choice("sweep", o["sweep"], SWEEPS, owner=own)
-        check_choice("order", o["order"], ORDERS, owner=own)
-        check_choice("trajectory", o["trajectory"], TRAJECTORIES, owner=own)
-        o["node_power"] = check_positive("node_power", o["node_power"], owner=own)
-        o["nodes"] = _check_nodes(o["nodes"], o["K"], owner=own)
-        o["draws"] = check_int("draws", o["draws"], owner=own)
-        if o["relaxation"] is None:      # see the module docstring: Jacobi needs damping
-            o["relaxation"] = 0.5 if o["sweep"] == "jacobi" else 1.0
-        o["relaxation"] = check_probability("relaxation", o["relaxation"], owner=own,
-                                            open_low=True)
-        o["inner_iters"] = check_int("inner_iters", o["inner_iters"], owner=own)
-        o["max_backtracks"] = check_int("max_backtracks", o["max_backtracks"], owner=own,
-                                        minimum=0)
-        o["cg_iters"] = check_int("cg_iters", o["cg_iters"], owner=own)
-        o["cg_tol"] = check_positive("cg_tol", o["cg_tol"], owner=own, allow_zero=True)
-        check_choice("joint_optimizer", o["joint_optimizer"], JOINT_OPTIMIZERS, owner=own)
-        o["lr"] = check_positive("lr", o["lr"], owner=own)
-        if o["max_batch"] not in (None, "auto"):
-            o["max_batch"] = check_int("max_batch", o["max_batch"], owner=own)
-        return o
-
-    # -------------------------------------------------------------------------------------
-    def solve(self, operator, y: torch.Tensor, prior, noise_level: float) -> Reconstruction:
+    def solve(self, operator, y: torch.Tensor, prior, sigma: float) -> Reconstruction:
         """Reconstruct from ``y``; see the class and module docstrings."""
         o = self.options
-        sigma, meas = self.begin(operator, y, prior, noise_level)
+        sigma, meas = self.begin(operator, y, prior, sigma)
+        o.check_prior_kind(bool(getattr(prior, "is_latent", False)))
         yb = meas.y
-        D = o["draws"]
+        D = o.draws
         with SolveMeter(yb.device) as meter:
-            mb = o["max_batch"]
+            mb = o.max_batch
             if mb == "auto":
                 mb = CPU_MAX_BATCH if yb.device.type == "cpu" else None
             v = SolverVelocity(prior, yb.device, max_batch=mb)
             with v.evaluation_mode():
+                t_start = time.perf_counter()
                 # D independent trajectories per measurement in one batch (item i*D + d)
-                run = _Run(o, operator, yb.repeat_interleave(D, dim=0), prior, sigma, v)
+                yd = yb.repeat_interleave(D, dim=0)
+                start = self.start_image(operator, yd, sigma)
+                run = Trajectory(o, operator, yd, prior, sigma, v, start, t_start)
                 history = run.solve()
             images = prior.from_model(run.s[-1]).clamp(0.0, 1.0).detach()
             images = images.reshape(yb.shape[0], D, *images.shape[1:])
             image = images.mean(1)
             spread = images.std(1) if D > 1 else None
+        options = self.recorded_options(init=run.init_label,
+                                        relaxation=o.resolved_relaxation())
         return Reconstruction(image=meas.restore(image), history=history,
                               nfe=run.v.nfe, seconds=meter.seconds,
                               peak_memory_bytes=meter.peak_memory_bytes, method=self.name,
-                              options={**o, "init": run.init_label},
+                              options=options,
                               uncertainty=None if spread is None else meas.restore(spread))
-
-
-class _Run:
-    """State of one MS-Flow solve (states, cached segment flows, penalties)."""
-
-    def __init__(self, o, operator, y, prior, sigma, velocity: SolverVelocity):
-        self.o = o
-        self.K, self.M, self.method = o["K"], o["M"], o["method"]
-        self.N = self.K * self.M
-        self.lam = o["lam"]
-        self.prior = prior
-        self.B = y.shape[0]
-        self.v = velocity
-        self.problem = make_problem(operator, y, prior, sigma)   # latent priors: decoder
-        self.nodes = node_grid(o["nodes"], self.K, power=o["node_power"])
-        self._nodes_t = torch.tensor(self.nodes, dtype=torch.float64)
-        rho = o["rho"]
-        self.rho: List[float] = list(rho) if isinstance(rho, list) else [float(rho)] * self.K
-        self.t_start = time.perf_counter()
-        x0, self.init_label = initial_image(o["init"], operator, y, owner="MSFlow",
-                                            cgls_iterations=o["cgls_iters"],
-                                            noise_level=sigma, tv_weight=o["tv_weight"])
-        gen = make_generator(o["seed"])
-        s0 = blend_init(self.v, prior, x0, alpha=o["alpha"], steps=self.N, method=self.method,
-                        generator=gen)
-        self.s: List[torch.Tensor] = [s0]
-        self.phi: List[torch.Tensor] = []
-        with torch.no_grad():
-            if o["trajectory"] == "rollout":
-                for k in range(self.K):
-                    nxt = self.segment(self.s[k], k)
-                    self.phi.append(nxt)
-                    self.s.append(nxt.clone())
-            else:   # straight line from s_0 to the initial image (the training interpolant)
-                sK = prior.to_model(x0)
-                self.s = [s0 if k == 0 else (1 - t) * s0 + t * sK
-                          for k, t in enumerate(self.nodes)]
-                if o["sweep"] == "jacobi":     # all segments in one batched call, as a sweep
-                    kk = torch.arange(self.K).repeat_interleave(self.B)
-                    F = self.segments(torch.cat(self.s[:-1]), kk)
-                    self.phi = [F[k * self.B:(k + 1) * self.B].clone() for k in range(self.K)]
-                else:   # one segment at a time: the activations of one batch, whatever K is
-                    self.phi = [self.segment(self.s[k], k) for k in range(self.K)]
-
-    # --- flows -----------------------------------------------------------------------
-    def segment(self, x: torch.Tensor, k: int, grad: bool = False) -> torch.Tensor:
-        """:math:`\\Phi_k(x)`."""
-        return integrate(self.v, x, self.nodes[k], self.nodes[k + 1], self.M, self.method,
-                         grad=grad)
-
-    def segments(self, x: torch.Tensor, ks: torch.Tensor, grad: bool = False) -> torch.Tensor:
-        """:math:`\\Phi_{k_i}(x_i)` for a stack of items with segment indices ``ks`` (one
-        batched velocity call per step, one time grid per item)."""
-        if bool((ks == ks[0]).all()):
-            k = int(ks[0])
-            return self.segment(x, k, grad)
-        kc = ks.to("cpu", torch.long)
-        return integrate(self.v, x, self._nodes_t[kc], self._nodes_t[kc + 1], self.M,
-                         self.method, grad=grad)
-
-    # --- objective -------------------------------------------------------------------
-    def record(self, sweep: int) -> Dict[str, Any]:
-        with torch.no_grad():
-            sK = self.s[-1]
-            data = float(self.problem.data(sK).sum())
-            prior = self.lam * float(radial_prior(self.s[0]).sum()) if self.lam else 0.0
-            gaps = [0.5 * float(per_item_sq(self.s[k + 1] - self.phi[k]).sum())
-                    for k in range(self.K)]
-            penalty = sum(r * g for r, g in zip(self.rho, gaps))
-            nfe = self.v.nfe
-            return {"sweep": sweep, "data": data, "prior": prior, "gaps": gaps,
-                    "trajectory_loss": sum(gaps), "penalty": penalty,
-                    "objective": data + prior + penalty,
-                    "residual": self.problem.relative_residual(sK), "rho": list(self.rho),
-                    "nfe_forward": nfe["forward"], "nfe_backward": nfe["backward"],
-                    "seconds": time.perf_counter() - self.t_start}
-
-    # --- block machinery -------------------------------------------------------------
-    def _block_data(self, ks: Sequence[int]):
-        """Stacked per-item data for blocks ``ks`` (all < K) from the current states."""
-        B = self.B
-        S = torch.cat([self.s[k] for k in ks])
-        T = torch.cat([self.s[k + 1] for k in ks])
-        F = torch.cat([self.phi[k] for k in ks])
-        P = torch.cat([self.phi[k - 1] if k > 0 else torch.zeros_like(self.s[0]) for k in ks])
-        dev, dt = S.device, S.dtype
-
-        def per_item(vals):
-            return torch.tensor([v for v in vals for _ in range(B)], dtype=dt, device=dev)
-
-        r = per_item([self.rho[k] for k in ks])
-        a = per_item([self.rho[k - 1] if k > 0 else 0.0 for k in ks])
-        lam = per_item([self.lam if k == 0 else 0.0 for k in ks])
-        kk = torch.tensor([k for k in ks for _ in range(B)])
-        return S, T, F, P, r, a, lam, kk
-
-    @staticmethod
-    def _prox_c(z, L, P, a, lam):
-        r""":math:`\arg\min_s c(s) + \tfrac L2\|s - z\|^2`, :math:`c = \lambda R +
-        \tfrac a2\|\cdot - P\|^2` (per item, only one of the two terms is active)."""
-        anchored = (_bc(a, z) * P + _bc(L, z) * z) / _bc(a + L, z)
-        if bool((lam > 0).any()):
-            radial = radial_prox(z, lam, L)
-            return torch.where(_bc(lam > 0, z), radial, anchored)
-        return anchored
-
-    @staticmethod
-    def _c(s, P, a, lam):
-        out = 0.5 * a * per_item_sq(s - P)
-        if bool((lam > 0).any()):
-            out = out + torch.where(lam > 0, lam * radial_prior(s), torch.zeros_like(out))
-        return out
-
-    def _update_blocks_jf(self, ks: Sequence[int]) -> None:
-        """Jacobian-free closed-form update of blocks ``ks`` (one batched flow call after)."""
-        S, T, F, P, r, a, lam, kk = self._block_data(ks)
-        with torch.no_grad():
-            z = T - F + S
-            new = self._prox_c(z, r, P, a, lam)
-            w = self.o["relaxation"]
-            if w != 1.0:
-                new = S + w * (new - S)
-            Fnew = self.segments(new, kk)
-        self._store(ks, new, Fnew)
-
-    def _update_blocks_exact(self, ks: Sequence[int]) -> None:
-        """Proximal-gradient steps with exact VJPs through one segment per block."""
-        S, T, F, P, r, a, lam, kk = self._block_data(ks)
-        S_old = S.clone()
-        L = r.clone()
-        n_bt = self.o["max_backtracks"]
-        eps = 100.0 * torch.finfo(S.dtype).eps
-        for _ in range(self.o["inner_iters"]):
-            Sg = S.detach().requires_grad_(True)
-            with torch.enable_grad():
-                Fg = self.segments(Sg, kk, grad=True)
-                g_items = 0.5 * r * per_item_sq(T - Fg)
-                grad, = torch.autograd.grad(g_items.sum(), Sg)
-            F = Fg.detach()
-            g0 = g_items.detach()
-            with torch.no_grad():
-                obj0 = g0 + self._c(S, P, a, lam)
-                active = torch.ones_like(r, dtype=torch.bool)
-                n_items = r.shape[0]
-                for _bt in range(n_bt + 1):
-                    idx = active.nonzero().flatten()
-                    if idx.numel() == 0:
-                        break
-                    full = idx.numel() == n_items
-
-                    def take(t, idx=idx, full=full):
-                        return t if full else t[idx]
-
-                    Li, Si, gi = take(L), take(S), take(grad)
-                    trial = self._prox_c(Si - gi / _bc(Li, Si), Li, take(P), take(a), take(lam))
-                    Ft = self.segments(trial, take(kk))
-                    ri = take(r)
-                    g1 = 0.5 * ri * per_item_sq(take(T) - Ft)
-                    d = trial - Si
-                    model = take(g0) + per_item_dot(gi, d) + 0.5 * Li * per_item_sq(d)
-                    obj1 = g1 + self._c(trial, take(P), take(a), take(lam))
-                    o0 = take(obj0)
-                    ok = (g1 <= model + 1e-12 * o0.abs()) & (obj1 <= o0)
-                    if full and bool(ok.all()):          # the common case: every step taken
-                        S, F, L = trial, Ft, L * 0.5
-                        break
-                    # a step below rounding level: the block is stationary, stop trying
-                    settled = ~ok & (per_item_sq(d).sqrt() <= eps * per_item_sq(Si).sqrt())
-                    active[idx[settled]] = False
-                    acc = idx[ok]
-                    if acc.numel():
-                        S[acc] = trial[ok]
-                        F[acc] = Ft[ok]
-                        L[acc] = L[acc] * 0.5
-                    rej = idx[~ok]
-                    L[rej] = L[rej] * 2.0
-                    active[acc] = False
-                # items that never passed keep their state (no increase of J)
-                L[active] = r[active]
-        w = self.o["relaxation"]
-        if w != 1.0:
-            with torch.no_grad():
-                S = S_old + w * (S.detach() - S_old)
-                F = self.segments(S, kk)
-        self._store(ks, S.detach(), F.detach())
-
-    def _store(self, ks, S, F):
-        for j, k in enumerate(ks):
-            self.s[k] = S[j * self.B:(j + 1) * self.B].clone()
-            self.phi[k] = F[j * self.B:(j + 1) * self.B].clone()
-
-    def _data_step(self) -> None:
-        with torch.no_grad():
-            self.s[-1], _ = data_step(self.problem, self.phi[-1], self.rho[-1], self.s[-1],
-                                      cg_iterations=self.o["cg_iters"], cg_tol=self.o["cg_tol"])
-
-    # --- sweeps ----------------------------------------------------------------------
-    def sweep_gauss_seidel(self) -> None:
-        update = (self._update_blocks_exact if self.o["update"] == "exact"
-                  else self._update_blocks_jf)
-        if self.o["order"] == "forward":
-            for k in range(self.K):
-                update([k])
-            self._data_step()
-        else:
-            self._data_step()
-            for k in reversed(range(self.K)):
-                update([k])
-
-    def sweep_jacobi(self) -> None:
-        update = (self._update_blocks_exact if self.o["update"] == "exact"
-                  else self._update_blocks_jf)
-        old_phi_last, old_sK = self.phi[-1], self.s[-1]
-        update(list(range(self.K)))   # every block from the previous sweep's neighbours
-        with torch.no_grad():
-            self.s[-1], _ = data_step(self.problem, old_phi_last, self.rho[-1], old_sK,
-                                      cg_iterations=self.o["cg_iters"], cg_tol=self.o["cg_tol"])
-
-    # --- joint gradient descent --------------------------------------------------------
-    def _joint_objective(self, states: List[torch.Tensor], grad: bool):
-        """:math:`J` and the stacked segment flows (one batched call over all segments)."""
-        K, B = self.K, self.B
-        X = torch.cat(states[:-1])
-        kk = torch.arange(K).repeat_interleave(B)
-        F = self.segments(X, kk, grad=grad)
-        gaps = per_item_sq(torch.cat(states[1:]) - F).reshape(K, B).sum(1)
-        rho = torch.tensor(self.rho, dtype=X.dtype, device=X.device)
-        J = (self.problem.data(states[-1]).sum() + 0.5 * (rho * gaps).sum())
-        if self.lam:
-            J = J + self.lam * radial_prior(states[0]).sum()
-        return J, F
-
-    def _set_from_joint(self, states, F):
-        K, B = self.K, self.B
-        self.s = [st.detach().clone() for st in states]
-        self.phi = [F[k * B:(k + 1) * B].detach().clone() for k in range(K)]
-
-    def joint_setup(self) -> None:
-        self.joint_step = None
-        if self.o["joint_optimizer"] == "adam":
-            self.params = [st.detach().clone().requires_grad_(True) for st in self.s]
-            self.adam = torch.optim.Adam(self.params, lr=self.o["lr"])
-
-    def sweep_joint(self) -> None:
-        if self.o["joint_optimizer"] == "adam":
-            self.adam.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                J, _ = self._joint_objective(self.params, grad=True)
-                grads = torch.autograd.grad(J, self.params)
-            for p, g in zip(self.params, grads):
-                p.grad = g
-            self.adam.step()
-            with torch.no_grad():
-                _, F = self._joint_objective(self.params, grad=False)
-            self._set_from_joint(self.params, F)
-            return
-        params = [st.detach().clone().requires_grad_(True) for st in self.s]
-        with torch.enable_grad():
-            J, _ = self._joint_objective(params, grad=True)
-            grads = torch.autograd.grad(J, params)
-        J0 = float(J.detach())
-        gsq = sum(float(per_item_sq(g).sum()) for g in grads)
-        if self.joint_step is None:
-            self.joint_step = 1.0 / (self.lam + 2.0 * max(self.rho) + 1.0)
-        t = self.joint_step * 2.0
-        with torch.no_grad():
-            for _ in range(self.o["max_backtracks"] + 1):
-                trial = [p.detach() - t * g for p, g in zip(params, grads)]
-                J1, F = self._joint_objective(trial, grad=False)
-                if float(J1) <= J0 - 1e-4 * t * gsq:
-                    self.joint_step = t
-                    self._set_from_joint(trial, F)
-                    return
-                t *= 0.5
-        self.joint_step = t
-
-    # --- penalties ---------------------------------------------------------------------
-    def update_penalties(self) -> None:
-        o = self.o
-        if o["schedule"] == "constant":
-            return
-        if o["schedule"] == "continuation":
-            self.rho = [min(r * o["rho_growth"], o["rho_max"]) for r in self.rho]
-            return
-        with torch.no_grad():
-            d = [math.sqrt(float(per_item_sq(self.s[k + 1] - self.phi[k]).sum()))
-                 for k in range(self.K)]
-        tiny = 1e-300
-        if max(d) <= tiny:
-            factors = [1.0] * self.K
-        else:
-            logs = [math.log(max(x, tiny)) for x in d]
-            mean = math.exp(sum(logs) / len(logs))
-            tau = o["adapt_factor"]
-            factors = [min(max(math.sqrt(max(x, tiny) / mean), 1.0 / tau), tau) for x in d]
-        self.rho = [min(max(r * o["rho_growth"] * f, o["rho_min"]), o["rho_max"])
-                    for r, f in zip(self.rho, factors)]
-
-    # --- driver --------------------------------------------------------------------------
-    def solve(self) -> List[Dict[str, Any]]:
-        o = self.o
-        history = [self.record(0)]
-        bar = progress_bar(o["sweeps"], enabled=o["progress"], desc="MS-Flow")
-        if o["update"] == "joint":
-            self.joint_setup()
-            step = self.sweep_joint
-        elif o["sweep"] == "jacobi":
-            step = self.sweep_jacobi
-        else:
-            step = self.sweep_gauss_seidel
-        try:
-            for j in range(1, o["sweeps"] + 1):
-                step()
-                history.append(self.record(j))
-                bar.update(1)
-                bar.set_postfix(objective=f"{history[-1]['objective']:.4g}",
-                                residual=f"{history[-1]['residual']:.3g}")
-                self.update_penalties()
-        finally:
-            bar.close()
-        return history

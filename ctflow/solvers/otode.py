@@ -35,32 +35,36 @@ public images, so :math:`A_m = A/a` and the residual is :math:`y - A\,\mathrm{fr
 in closed form where the operator solves shifted normal equations, through the push-through
 identity :math:`A^T(r^2AA^T/a^2 + \sigma^2)^{-1} = (a^2/r^2)(A^TA + \sigma^2a^2/r^2\,I)^{-1}A^T`,
 and otherwise by ``cg_iters`` conjugate-gradient steps on
-:math:`(r_t^2 AA^T/a^2 + \sigma^2 I)u = y - A\hat x`. When ``noise_level`` is 0 a floor of
+:math:`(r_t^2 AA^T/a^2 + \sigma^2 I)u = y - A\hat x`. When ``sigma`` is 0 a floor of
 :math:`10^{-6} r_t^2\|A\|^2/a^2` on :math:`\sigma^2` keeps that system definite.
 
 Initialisation (as in the paper): start at :math:`t_0 > 0` from
 :math:`x_{t_0} = t_0\,\mathrm{to\_model}(x_{\text{init}}) + (1 - t_0)\varepsilon`, with
 :math:`x_{\text{init}}` = ``x_init`` if given, else the image ``init`` names (default
 ``"auto"``: FBP for CT operators, else the least-squares scaled :math:`A^Ty`; see
-:func:`ctflow.solvers.common.initial_image`), clipped to [0, 1]. Then ``steps`` Euler steps of size
+:func:`ctflow.solvers.init.initial_image`), clipped to [0, 1]. Then ``steps`` Euler steps of size
 :math:`h = (1 - t_0)/\text{steps}` reach :math:`t = 1`.
 
 Cost: ``steps`` forward and ``steps`` backward (VJP) velocity evaluations.
 """
 from __future__ import annotations
 
-import numbers
-from typing import Any, Dict, List, Optional, Union
+import dataclasses
+from typing import Any, Dict, List, Union
 
 import torch
 
-from ctflow.solvers.classical import _cg, _finish, _operator_norm, _progress, _rel_residual
-from ctflow.solvers.common import TV_START_WEIGHT, check_choice, check_float, check_int
-from ctflow.solvers.flow_baseline import begin_solve, randn_like, start_image, start_options, times
+from ctflow.solvers.base import Solver, finish
+from ctflow.solvers.flow_baseline import StartOptions, begin_solve, start_image, times
+from ctflow.solvers.linalg import conjugate_gradient, operator_norm, relative_residual
+from ctflow.solvers.options import check_choice, check_float, check_int, is_number
+from ctflow.solvers.progress import progress
 from ctflow.solvers.result import Reconstruction, SolveMeter
+from ctflow.solvers.rng import randn
 
-__all__ = ["OTODE"]
+__all__ = ["OTODE", "GAMMA_CHOICES"]
 
+#: The named guidance weights of OT-ODE (``gamma`` may also be a number > 0).
 GAMMA_CHOICES = ("gamma_t", "constant")
 
 
@@ -72,27 +76,9 @@ def _gamma_weight(gamma: Union[str, float], t: float) -> float:
     return float(gamma)
 
 
-class OTODE:
+class OTODE(Solver):
     r"""OT-ODE (Pokle et al., TMLR 2024); see the module docstring for the method.
-
-    Options (keyword-only):
-        steps (int >= 1, default 50): Euler steps from ``t0`` to 1.
-        t0 (float in (0, 1), default 0.2): start time.
-        gamma ("gamma_t" | "constant" | float > 0, default "gamma_t"): guidance weight
-            :math:`\gamma_t`.
-        cg_iters (int >= 1, default 10): CG iterations for the ΠGDM inverse when the operator
-            has no closed form.
-        cg_tol (float >= 0, default 1e-6): relative CG tolerance.
-        init ("auto" | "fbp" | "adjoint" | "cgls" | "zeros" | tensor | callable, default
-            "auto"): ``x_init`` when none is given, through
-            :func:`ctflow.solvers.common.initial_image` ("auto": FBP for CT operators, else
-            the least-squares scaled :math:`A^Ty`; "zeros" is mid-grey 0.5).
-        init_iterations (int >= 1, default 10): CGLS iterations for ``init="cgls"``.
-        tv_weight (float >= 0, default 0.1): relative TV weight for ``init="tv"``.
-        x_init (tensor or None, default None): explicit public starting image (wins over
-            ``init``).
-        seed (int >= 0, default 0): seeds the initial noise :math:`\varepsilon`.
-        progress (bool, default False): show a tqdm bar.
+    Options: :class:`OTODE.Options`.
 
     History: one entry per step with ``step``, ``t``, ``residual`` and ``objective`` (the data
     term :math:`\tfrac{1}{2\sigma^2}\|A\hat x_1 - y\|^2`, or :math:`\tfrac12\|\cdot\|^2` when
@@ -101,49 +87,65 @@ class OTODE:
     (``t = 1``) with the ``residual`` and ``objective`` of the returned image.
     """
 
-    method = "otode"
+    name = "otode"
 
-    def __init__(self, *, steps: int = 50, t0: float = 0.2,
-                 gamma: Union[str, float] = "gamma_t", cg_iters: int = 10,
-                 cg_tol: float = 1e-6, init: Any = "auto", init_iterations: int = 10,
-                 tv_weight: float = TV_START_WEIGHT,
-                 x_init: Optional[torch.Tensor] = None, seed: int = 0,
-                 progress: bool = False):
-        o = type(self).__name__
-        if isinstance(gamma, str):
-            gamma = check_choice("gamma", gamma, GAMMA_CHOICES, owner=o)
-        elif isinstance(gamma, numbers.Real) and not isinstance(gamma, bool):
-            gamma = check_float("gamma", gamma, owner=o, minimum=0.0, min_open=True)
-        else:
-            raise ValueError(f"{o}: option gamma must be 'gamma_t', 'constant' or a number "
-                             f"> 0, got {gamma!r}")
-        self.options: Dict[str, Any] = {
-            "steps": check_int("steps", steps, owner=o, minimum=1),
-            "t0": check_float("t0", t0, owner=o, minimum=0.0, maximum=1.0, min_open=True,
-                              max_open=True),
-            "gamma": gamma,
-            "cg_iters": check_int("cg_iters", cg_iters, owner=o, minimum=1),
-            "cg_tol": check_float("cg_tol", cg_tol, owner=o, minimum=0.0),
-            **start_options(o, init=init, init_iterations=init_iterations, tv_weight=tv_weight,
-                            x_init=x_init,
-                            seed=seed, progress=progress),
-        }
+    @dataclasses.dataclass(frozen=True, eq=False)
+    class Options(StartOptions):
+        r"""Options of :class:`OTODE` (and the start options ``init`` -- default
+        ``"auto"``: FBP for CT operators, else the least-squares scaled :math:`A^Ty` --,
+        ``init_iterations``, ``tv_weight``, ``x_init``, and ``seed``, which seeds the initial
+        noise :math:`\varepsilon`, and ``progress``).
+
+        Attributes:
+            steps: Euler steps from ``t0`` to 1 (int >= 1).
+            t0: start time in (0, 1).
+            gamma: guidance weight :math:`\gamma_t`: ``"gamma_t"``, ``"constant"`` or a
+                number > 0.
+            cg_iters: CG iterations for the ΠGDM inverse when the operator has no closed
+                form (int >= 1).
+            cg_tol: relative CG tolerance (>= 0).
+        """
+
+        OWNER = "OTODE"
+        steps: int = 50
+        t0: float = 0.2
+        gamma: Union[str, float] = "gamma_t"
+        cg_iters: int = 10
+        cg_tol: float = 1e-6
+
+        def check(self) -> None:
+            o = self.OWNER
+            if isinstance(self.gamma, str):
+                check_choice("gamma", self.gamma, GAMMA_CHOICES, owner=o)
+            elif is_number(self.gamma):
+                self._set("gamma", check_float("gamma", self.gamma, owner=o, minimum=0.0,
+                                               min_open=True))
+            else:
+                raise ValueError(f"{o}: option gamma must be 'gamma_t', 'constant' or a "
+                                 f"number > 0, got {self.gamma!r}")
+            self._set("steps", check_int("steps", self.steps, owner=o))
+            self._set("t0", check_float("t0", self.t0, owner=o, minimum=0.0, maximum=1.0,
+                                        min_open=True, max_open=True))
+            self._set("cg_iters", check_int("cg_iters", self.cg_iters, owner=o))
+            self._set("cg_tol", check_float("cg_tol", self.cg_tol, owner=o, minimum=0.0))
+            super().check()
 
     def solve(self, operator, y: torch.Tensor, prior,
-              noise_level: float = 0.0) -> Reconstruction:
-        """Run OT-ODE on ``y = A x + noise`` (``noise_level`` = noise std in y)."""
+              sigma: float = 0.0) -> Reconstruction:
+        """Run OT-ODE on ``y = A x + noise`` (``sigma`` = absolute noise std of y)."""
         o, opt = type(self).__name__, self.options
-        run = begin_solve(o, operator, y, prior, noise_level, opt["seed"])
+        run = begin_solve(o, operator, y, prior, sigma, opt.seed)
         vel, a, sigma, data_scale = run.velocity, run.scale, run.sigma, run.data_scale
-        steps, t0 = opt["steps"], opt["t0"]
+        steps, t0 = opt.steps, opt.t0
         h = (1.0 - t0) / steps
         history: List[Dict[str, Any]] = []
         with SolveMeter(y.device) as meter:
             with torch.no_grad():
                 x_pub = start_image(o, operator, y, opt, run.sigma)
-                norm2 = _operator_norm(o, operator, y) ** 2
-                x = t0 * prior.to_model(x_pub) + (1.0 - t0) * randn_like(x_pub, run.generator)
-            for k in _progress(range(steps), opt["progress"], "ot-ode"):
+                norm2 = operator_norm(o, operator, y) ** 2
+                eps = randn(x_pub.shape, run.generator, x_pub)
+                x = t0 * prior.to_model(x_pub) + (1.0 - t0) * eps
+            for k in progress(range(steps), enabled=opt.progress, desc="ot-ode"):
                 t = t0 + k * h
                 tt = times(t, x)
                 xr = x.detach().requires_grad_(True)
@@ -165,10 +167,11 @@ class OTODE:
                     jtw = torch.zeros_like(w)
                 with torch.no_grad():
                     g = w + (1.0 - t) * jtw
-                    weight = _gamma_weight(opt["gamma"], t) * (1.0 - t) / t
+                    weight = _gamma_weight(opt.gamma, t) * (1.0 - t) / t
                     x = x + h * (vd + weight * g)
                     rn = float(torch.linalg.vector_norm(d))
-                    history.append({"step": k + 1, "t": t, "residual": _rel_residual(ax1, y),
+                    history.append({"step": k + 1, "t": t,
+                                    "residual": relative_residual(ax1 - y, y),
                                     "objective": 0.5 * rn * rn * data_scale,
                                     "guidance": float(torch.linalg.vector_norm(g)),
                                     "cg_iterations": cg_its})
@@ -177,9 +180,10 @@ class OTODE:
                 x_pub = prior.from_model(x.detach())
                 ax = operator.forward(x_pub)
                 rn = float(torch.linalg.vector_norm(ax - y))
-                history.append({"step": steps + 1, "t": 1.0, "residual": _rel_residual(ax, y),
+                history.append({"step": steps + 1, "t": 1.0,
+                                "residual": relative_residual(ax - y, y),
                                 "objective": 0.5 * rn * rn * data_scale})
-        return _finish(o, self.method, x_pub, history, meter, opt, run.nfe)
+        return finish(self, x_pub, history, meter, run.nfe)
 
     def _pigdm(self, operator, d: torch.Tensor, r2: float, s2: float, a: float):
         r""":math:`A_m^T (r^2 A_m A_m^T + s^2 I)^{-1} d` with :math:`A_m = A/a`; returns the
@@ -188,6 +192,8 @@ class OTODE:
         closed = operator.solve_shifted_normal(operator.adjoint(d), shift)
         if closed is not None:
             return (a / r2) * closed, 0
-        u, its = _cg(lambda z: (r2 / (a * a)) * operator.forward(operator.adjoint(z)) + s2 * z,
-                     d, iterations=self.options["cg_iters"], tol=self.options["cg_tol"])
+        u, its = conjugate_gradient(
+            lambda z: (r2 / (a * a)) * operator.forward(operator.adjoint(z)) + s2 * z, d,
+            iterations=self.options.cg_iters, tol=self.options.cg_tol, stop="batch",
+            count=True)
         return operator.adjoint(u) / a, its

@@ -83,13 +83,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "plug-and-play: data gradient step, interpolation, flow denoiser"),
     Method("otode", "OT-ODE", "otode", "OTODE", True, _FLOW, True,
            "ODE sampling with a data-consistency correction of the velocity"),
-    Method("fbp", "FBP", "classical", "FBPSolver", False, (), False,
+    Method("fbp", "FBP", "fbp", "FBPSolver", False, (), False,
            "filtered back-projection (CT operators only)"),
-    Method("tv", "TV", "classical", "TV", False, (), False,
+    Method("tv", "TV", "tv", "TV", False, (), False,
            "total-variation regularised least squares (PDHG)"),
-    Method("cgls", "CGLS", "classical", "CGLS", False, (), False,
+    Method("cgls", "CGLS", "cgls", "CGLS", False, (), False,
            "conjugate gradients on the normal equations (early stopping)"),
-    Method("landweber", "Landweber", "classical", "Landweber", False, (), False,
+    Method("landweber", "Landweber", "landweber", "Landweber", False, (), False,
            "Landweber iteration (gradient descent on the data term)"),
 )}
 
