@@ -5,7 +5,6 @@ distributed layer, the CLI or training)."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,28 +21,29 @@ CHEST = REPO / "ctflow" / "data" / "samples" / "chest-subset"
 FAST = dict(prior=None, size=16, views=10, progress=False)
 
 
+def chest_copy(folder: Path, *, air: bool = False) -> Path:
+    """Two chest slices copied into ``folder``; ``air``: with every pixel set to -1024 HU (an
+    all-air slice, a zero working image)."""
+    folder.mkdir()
+    for f in sorted(CHEST.glob("*.dcm"))[:2]:
+        ds = pydicom.dcmread(f)
+        if air:
+            slope = float(ds.get("RescaleSlope", 1))
+            intercept = float(ds.get("RescaleIntercept", 0))
+            ds.PixelData = np.full(ds.pixel_array.shape, round((-1024 - intercept) / slope),
+                                   dtype=ds.pixel_array.dtype).tobytes()
+        ds.save_as(folder / f.name)
+    return folder
+
+
 @pytest.fixture()
 def series(tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    for f in sorted(CHEST.glob("*.dcm"))[:2]:
-        shutil.copy2(f, src / f.name)
-    return src
+    return chest_copy(tmp_path / "in")
 
 
 @pytest.fixture()
 def air_series(tmp_path):
-    """Two chest slices whose pixels are all air (-1024 HU): a zero working image."""
-    src = tmp_path / "air"
-    src.mkdir()
-    for f in sorted(CHEST.glob("*.dcm"))[:2]:
-        ds = pydicom.dcmread(f)
-        slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
-        raw = np.full(ds.pixel_array.shape, round((-1024 - intercept) / slope),
-                      dtype=ds.pixel_array.dtype)
-        ds.PixelData = raw.tobytes()
-        ds.save_as(src / f.name)
-    return src
+    return chest_copy(tmp_path / "air", air=True)
 
 
 def test_zero_noise_on_an_all_air_slice(air_series, tmp_path):

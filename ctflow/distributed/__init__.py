@@ -3,9 +3,9 @@
 Optional extra ``ctflow[ray]``.
 
 The in-process path stays the default everywhere; Ray is used only when asked for
-(``--ray [ADDRESS]`` on ``ctflow reconstruct-dicom`` and ``ctflow bench``, ``ctflow tune``, or
-``map_slices=ray_slice_mapper(...)`` / ``ray=...`` in Python). Importing this package does not
-import Ray.
+(``--ray [ADDRESS]`` on ``ctflow reconstruct-dicom`` and ``ctflow bench``, ``ctflow tune``; in
+Python ``reconstruct_dicom(..., map_slices=ray_slice_mapper(...))`` or the benchmark runner's
+``ray=...``). Importing this package does not import Ray.
 
 * :mod:`ctflow.distributed.cluster` -- :class:`RayOptions`, :func:`connect` (a private
   loopback-only instance or a cluster address), per-task resources (a GPU each when the
