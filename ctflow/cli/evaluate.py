@@ -6,7 +6,7 @@ import json
 
 from ctflow.cli.common import CLIError, add_command
 from ctflow.data.atomic import atomic_write_json
-from ctflow.flow.integrate import METHODS as ODE_METHODS
+from ctflow.flow import METHODS as ODE_METHODS
 from ctflow.priors import load_prior
 from ctflow.training import prior_report
 

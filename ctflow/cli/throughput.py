@@ -10,7 +10,7 @@ from pathlib import Path
 from ctflow.cli.common import (add_command, add_noise_arguments, default_prior, method_key,
                                noise_from_args, parse_options, parse_slices)
 from ctflow.data.atomic import atomic_write_json
-from ctflow.distributed.throughput import measure
+from ctflow.distributed import measure
 from ctflow.solvers.registry import method_names
 
 __all__ = ["register", "cmd_throughput"]
@@ -57,7 +57,8 @@ def cmd_throughput(args) -> int:
     noise = noise_from_args(args, args.method)
     rows = measure(args.in_dir, workers=args.workers, slices=parse_slices(args.slices),
                    method=args.method, prior=default_prior(args.method, args.prior),
-                   views=args.views, noise=noise, seed=args.seed, in_process=not args.no_in_process,
+                   views=args.views, noise=noise, seed=args.seed,
+                   in_process=not args.no_in_process,
                    options=parse_options(args.option) or None, device=args.device_requested,
                    in_process_threads=args.in_process_threads)
     print(f"{'mode':<44}{'slices':>7}{'wall s':>9}{'slices/s':>10}{'solve s/slice':>15}")

@@ -28,7 +28,7 @@ import torch
 
 from ctflow.cli.common import CLIError, add_command
 from ctflow.flow.autoencoder import AutoEncoder
-from ctflow.flow.unet import UNet
+from ctflow.flow import UNet
 from ctflow.priors.registry import bundled_dir
 from ctflow.training import (COUPLINGS, TIME_SAMPLINGS, DicomSliceDataset, PatchDataset,
                              bundle_checkpoint, bundle_latent, ellipses_dataset,

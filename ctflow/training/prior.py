@@ -86,7 +86,8 @@ def sample_times(n: int, generator: torch.Generator, kind: str = "uniform") -> t
 
 def flow_matching_loss(model: Callable, x1: torch.Tensor, x0: torch.Tensor,
                        t: torch.Tensor) -> torch.Tensor:
-    """:math:`\\operatorname{mean}\\|v(x_t, t) - (x_1 - x_0)\\|^2`, :math:`x_t = t x_1 + (1-t) x_0`."""
+    """:math:`\\operatorname{mean}\\|v(x_t, t) - (x_1 - x_0)\\|^2` with
+    :math:`x_t = t x_1 + (1-t) x_0`."""
     tb = t.to(x1).reshape(-1, *([1] * (x1.ndim - 1)))
     xt = tb * x1 + (1 - tb) * x0
     return (model(xt, t.to(x1)).float() - (x1 - x0)).pow(2).mean()
