@@ -68,14 +68,15 @@ def _run_options(q, *, lr: float, warmup: int, schedule: str) -> None:
     """Options of every trainer: run folder, steps, optimiser, checkpoints, logging."""
     q.add_argument("--out", required=True, help="run directory (checkpoints, loss.jsonl)")
     q.add_argument("--steps", type=int, required=True, help="total optimisation steps")
-    q.add_argument("--batch-size", type=int, default=16)
-    q.add_argument("--lr", type=float, default=lr)
-    q.add_argument("--warmup-steps", type=int, default=warmup)
-    q.add_argument("--lr-schedule", choices=["constant", "cosine"], default=schedule)
-    q.add_argument("--ema-decay", type=float, default=0.999)
-    q.add_argument("--grad-clip", type=float, default=1.0)
-    q.add_argument("--checkpoint-every", type=int, default=200)
-    q.add_argument("--log-every", type=int, default=10)
+    q.add_argument("--batch-size", type=int, default=16, help="images per step")
+    q.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
+    q.add_argument("--warmup-steps", type=int, default=warmup, help="linear warm-up")
+    q.add_argument("--lr-schedule", choices=["constant", "cosine"], default=schedule,
+                   help="after the warm-up")
+    q.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights")
+    q.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: none)")
+    q.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    q.add_argument("--log-every", type=int, default=10, help="steps between loss.jsonl lines")
     q.add_argument("--no-resume", action="store_true",
                    help="start afresh instead of resuming from the newest checkpoint")
     q.add_argument("--progress", action="store_true", help="a progress bar")
@@ -83,26 +84,29 @@ def _run_options(q, *, lr: float, warmup: int, schedule: str) -> None:
 
 def _flow_options(q, *, image_size: Optional[int], base: int, mults: str, blocks: int) -> None:
     """Options of the flow trainers: coupling, time sampling, the U-Net."""
-    q.add_argument("--coupling", choices=list(COUPLINGS), default="ot")
-    q.add_argument("--time-sampling", choices=list(TIME_SAMPLINGS), default="uniform")
+    q.add_argument("--coupling", choices=list(COUPLINGS), default="ot",
+                   help="noise-data coupling (ot: minibatch optimal transport)")
+    q.add_argument("--time-sampling", choices=list(TIME_SAMPLINGS), default="uniform",
+                   help="distribution of the training times")
     if image_size is not None:
-        q.add_argument("--image-size", type=int, default=image_size)
+        q.add_argument("--image-size", type=int, default=image_size, help="image (patch) size")
     q.add_argument("--base", type=int, default=base, help="U-Net width")
-    q.add_argument("--channel-mults", default=mults)
-    q.add_argument("--num-res-blocks", type=int, default=blocks)
-    q.add_argument("--attention-levels", default="2")
+    q.add_argument("--channel-mults", default=mults, help="U-Net width per level")
+    q.add_argument("--num-res-blocks", type=int, default=blocks, help="blocks per level")
+    q.add_argument("--attention-levels", default="2",
+                   help="levels with self-attention (comma-separated; '': none)")
 
 
 def _prior_options(q, *, image_size: Optional[int] = 64) -> None:
     """Options of the pixel-space prior trainers (``image_size=None``: added elsewhere)."""
     _run_options(q, lr=2e-4, warmup=500, schedule="constant")
     _flow_options(q, image_size=image_size, base=16, mults="1,2,4,6", blocks=2)
-    q.add_argument("--weight-decay", type=float, default=0.0)
+    q.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     q.add_argument("--keep-every", type=int, default=None,
                    help="also keep every checkpoint whose step is a multiple of this")
     q.add_argument("--channels-last", action="store_true",
                    help="channels-last memory format (faster CPU convolutions)")
-    q.add_argument("--name", default="prior")
+    q.add_argument("--name", default="prior", help="recorded in the checkpoints")
     q.add_argument("--norm", choices=["group", "channel"], default="group",
                    help="normalisation (channel: per pixel, for size-agnostic priors)")
     q.add_argument("--no-mid-attention", action="store_true",
@@ -115,17 +119,18 @@ def _slice_options(q, *, hu_window: str, image_size: int) -> None:
     """Options of the trainers on DICOM slices."""
     q.add_argument("paths", nargs="+", help="DICOM folders or files")
     q.add_argument("--nifti", nargs="*", default=[], help="NIfTI volumes (axial slices added)")
-    q.add_argument("--nifti-step", type=int, default=2)
+    q.add_argument("--nifti-step", type=int, default=2, help="every k-th NIfTI slice")
     q.add_argument("--exclude-patients", default="",
                    help="comma-separated patient IDs never to train on (held-out split)")
-    q.add_argument("--hu-window", default=hu_window)
-    q.add_argument("--scale-range", default="0.85,1.0")
-    q.add_argument("--image-size", type=int, default=image_size)
+    q.add_argument("--hu-window", default=hu_window, help="LO,HI mapped to [0, 1]")
+    q.add_argument("--scale-range", default="0.85,1.0",
+                   help="random crop sizes (fractions; augmentation)")
+    q.add_argument("--image-size", type=int, default=image_size, help="image (patch) size")
 
 
 def _bundle_options(q, what: str) -> None:
     q.add_argument("run", help=what)
-    q.add_argument("--name", required=True)
+    q.add_argument("--name", required=True, help="the prior's name")
     q.add_argument("--dest", default=None,
                    help="output stem (default: the bundled priors' folder/<name>)")
     q.add_argument("--float16", action="store_true", help="store the weights as float16")
@@ -142,24 +147,24 @@ def register(sub) -> None:
 
     q = add("dicom", "train on CT slices from DICOM files/folders")
     _slice_options(q, hu_window="-1024,1024", image_size=64)
-    q.add_argument("--no-augment", action="store_true")
+    q.add_argument("--no-augment", action="store_true", help="no random crops or flips")
     _prior_options(q, image_size=None)
     q = add("patches", "train a size-agnostic prior on patches of the full-resolution "
             "training split")
     q.add_argument("root", help="local copy of the CT source folders (ctflow.data.splits)")
-    q.add_argument("--split", default="train")
-    q.add_argument("--hu-window", default="-1024,2000")
+    q.add_argument("--split", default="train", help="the split to train on")
+    q.add_argument("--hu-window", default="-1024,2000", help="LO,HI mapped to [0, 1]")
     q.add_argument("--pixel-mm", default="0.6,2.0", help="patch pixel sizes in mm (min,max)")
-    q.add_argument("--rotate-deg", type=float, default=10.0)
-    q.add_argument("--nifti-step", type=int, default=2)
+    q.add_argument("--rotate-deg", type=float, default=10.0, help="random rotations (degrees)")
+    q.add_argument("--nifti-step", type=int, default=2, help="every k-th NIfTI slice")
     _prior_options(q)
     q = add("ellipses", "train on random ellipse phantoms")
-    q.add_argument("--count", type=int, default=1024)
+    q.add_argument("--count", type=int, default=1024, help="number of phantoms")
     _prior_options(q)
     q = add("medmnist", "train on a local MedMNIST .npz file")
     q.add_argument("npz", help="<flag>_<size>.npz (or <flag>.npz for size 28), e.g. "
                                "organamnist_64.npz")
-    q.add_argument("--split", default="train")
+    q.add_argument("--split", default="train", help="the split to train on")
     _prior_options(q)
     _bundle_options(add("bundle", "export the EMA weights of a run as a prior"),
                     "run directory or ckpt-*.json")
@@ -167,18 +172,18 @@ def register(sub) -> None:
     q = add("autoencoder", "latent prior, step 1: train the autoencoder on CT slices")
     _slice_options(q, hu_window="-1024,1024", image_size=128)
     _run_options(q, lr=1e-3, warmup=200, schedule="cosine")
-    q.add_argument("--name", default="ct128latent")
-    q.add_argument("--crop", type=int, default=64)
-    q.add_argument("--latent-channels", type=int, default=4)
-    q.add_argument("--base", type=int, default=16)
-    q.add_argument("--channel-mults", default="1,2,4")
-    q.add_argument("--num-res-blocks", type=int, default=1)
-    q.add_argument("--noise", type=float, default=0.1)
-    q.add_argument("--beta", type=float, default=1e-3)
+    q.add_argument("--name", default="ct128latent", help="recorded in the checkpoints")
+    q.add_argument("--crop", type=int, default=64, help="training patch size")
+    q.add_argument("--latent-channels", type=int, default=4, help="channels of the codes")
+    q.add_argument("--base", type=int, default=16, help="autoencoder width")
+    q.add_argument("--channel-mults", default="1,2,4", help="width per level")
+    q.add_argument("--num-res-blocks", type=int, default=1, help="blocks per level")
+    q.add_argument("--noise", type=float, default=0.1, help="noise on the codes in training")
+    q.add_argument("--beta", type=float, default=1e-3, help="weight of the code penalty")
     q = add("latent-flow", "latent prior, step 2: train a flow on the autoencoder's codes")
     _slice_options(q, hu_window="-1024,1024", image_size=128)
     _run_options(q, lr=1e-3, warmup=200, schedule="cosine")
-    q.add_argument("--name", default="ct128latent")
+    q.add_argument("--name", default="ct128latent", help="recorded in the checkpoints")
     q.add_argument("--autoencoder", required=True, help="autoencoder run folder or ckpt json")
     q.add_argument("--repeats", type=int, default=16,
                    help="augmented copies of every slice in the code pool")
