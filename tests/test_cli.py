@@ -100,7 +100,7 @@ def test_reconstruct_image_npy_h5_png(tmp_path, cli):
     # .npy output: TV on a simulated 30-view measurement is close to the disk image.
     out = tmp_path / "rec.npy"
     proc = run_cli("--quiet", "reconstruct", src, "-o", out, "--method", "tv", "--prior",
-                   "none", "--views", "30", "--noise-level", "0.01", "--option", "iterations=150")
+                   "none", "--views", "30", "--noise-rel", "0.01", "--option", "iterations=150")
     assert proc.returncode == 0, proc.stderr
     rec = np.load(out)
     assert rec.shape == (n, n) and rec.dtype == np.float32
@@ -145,7 +145,7 @@ def test_reconstruct_sinogram(tmp_path, cli):
     np.save(src, sino)
     out = tmp_path / "rec.h5"
     proc = cli("--quiet", "reconstruct", src, "-o", out, "--method", "tv", "--prior",
-               "none", "--noise-level", "0.001", "--option", "iterations=200")
+               "none", "--noise-rel", "0.001", "--option", "iterations=200")
     assert proc.returncode == 0, proc.stderr
     import h5py
     with h5py.File(out) as f:
@@ -196,9 +196,9 @@ def test_error_unknown_method(tmp_path, cli):
     src = tmp_path / "img.npy"
     np.save(src, disk_image(16))
     proc = cli("reconstruct", src, "-o", tmp_path / "r.npy", "--method", "magic")
-    assert_user_error(proc, "unknown method", "magic")
+    assert_user_error(proc, "invalid choice", "magic", "msflow", "landweber")
     proc = cli("reconstruct-dicom", tmp_path, tmp_path / "o", "--method", "magic")
-    assert_user_error(proc, "unknown method", "magic")
+    assert_user_error(proc, "invalid choice", "magic")
     proc = cli("demo", "--methods", "fbp,magic", "--out", tmp_path / "d.png")
     assert_user_error(proc, "magic")
 
@@ -253,13 +253,23 @@ def test_parse_helpers():
 
 
 # ---------------------------------------------------------------------- train, bench
-def test_train_delegates(tmp_path, cli):
-    proc = cli("train", "--help")
-    assert proc.returncode == 0, proc.stderr
-    assert "usage" in (proc.stdout + proc.stderr).lower()
+def test_train(tmp_path, cli, capsys):
+    from ctflow.cli import main
+
+    for argv in (["train", "--help"], ["train", "ellipses", "--help"],
+                 ["train", "latent-flow", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert "usage: ctflow train" in out
+    assert "--autoencoder" in out and "--device" in out
+    # no trainer: a one-line usage error
+    assert_user_error(cli("train"), "required")
     # A two-step training run on 16x16 ellipses writes a checkpoint that loads as a prior.
     out = tmp_path / "run"
-    proc = run_cli("train", "ellipses", "--count", "4", "--out", out, "--steps", "2",
+    proc = run_cli("--device", "cpu", "train", "ellipses", "--count", "4", "--out", out,
+                   "--steps", "2",
                    "--batch-size", "2", "--image-size", "16", "--base", "8",
                    "--channel-mults", "1,2", "--num-res-blocks", "1", "--attention-levels", "",
                    "--checkpoint-every", "2", "--log-every", "1")
@@ -294,10 +304,11 @@ def test_bench_delegates(tmp_path, cli):
 
 
 def test_bench_outside_a_checkout_is_a_clear_error(tmp_path, cli, monkeypatch):
-    import ctflow.cli as cli_mod
+    import ctflow.cli.bench as bench_mod
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli_mod, "__file__", str(tmp_path / "site" / "ctflow" / "cli.py"))
+    monkeypatch.setattr(bench_mod, "__file__",
+                        str(tmp_path / "site" / "ctflow" / "cli" / "bench.py"))
     proc = cli("bench", "--help")
     assert_user_error(proc, "benchmarks/", "repository")
 
@@ -321,3 +332,153 @@ def test_reconstruct_dicom_file_input_is_prepared_like_the_prior(tmp_path, cli):
         np.testing.assert_allclose(f["ground_truth"][()], expected.numpy(), atol=1e-6)
         assert f["reconstruction"].shape == (32, 32)
         assert json.loads(f.attrs["hu_window"]) == [-1000.0, 1000.0]
+
+
+# ---------------------------------------------------------------------- registry, noise
+def _actions(parser, dest):
+    return [a for a in parser._actions if a.dest == dest]
+
+
+def _subparsers(parser):
+    import argparse
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return action.choices
+
+
+def test_method_choices_are_the_registry():
+    """Every ``--method`` of a solver command offers exactly the registered methods."""
+    from ctflow.cli import build_parser
+    from ctflow.solvers.registry import method_names
+
+    commands = _subparsers(build_parser())
+    for name in ("reconstruct", "reconstruct-dicom", "throughput"):
+        (action,) = _actions(commands[name], "method")
+        assert tuple(action.choices) == method_names(), name
+    assert "landweber" in method_names()
+
+
+def test_classical_methods_get_no_default_prior(tmp_path, cli):
+    """A method that needs no prior never gets one by default (landweber once got ct64);
+    ``--noise-rel 0`` / ``--sigma 0`` work for it."""
+    import h5py
+
+    from ctflow.cli.common import default_prior
+    from ctflow.solvers.registry import METHODS
+
+    for name, spec in METHODS.items():
+        assert default_prior(name, None) == ("ct64" if spec.needs_prior else None), name
+    assert default_prior("msflow", "none") is None
+    n = 16
+    src = tmp_path / "img.npy"
+    np.save(src, disk_image(n))
+    for noise in (("--noise-rel", "0"), ("--sigma", "0")):
+        out = tmp_path / f"lw{noise[0]}.h5"
+        proc = cli("--quiet", "reconstruct", src, "-o", out, "--method", "landweber",
+                   "--views", "20", *noise, "--option", "iterations=5")
+        assert proc.returncode == 0, proc.stderr
+        with h5py.File(out) as f:
+            assert f.attrs["prior"] == "" and int(f.attrs["size"]) == n
+            assert json.loads(f.attrs["metrics"])[0]["sigma"] == 0.0
+            np.testing.assert_allclose(f["measurement"][()].std() > 0, True)
+
+
+def test_noise_options(tmp_path, cli):
+    """--sigma and --noise-rel: exclusive; --noise-level is gone (the error names the new
+    options); zero noise is a clear error for the flow methods, before any work starts."""
+    import h5py
+
+    src = tmp_path / "img.npy"
+    np.save(src, disk_image(16))
+    out = tmp_path / "r.h5"
+    assert_user_error(cli("reconstruct", src, "-o", out, "--noise-level", "0.01"),
+                      "--noise-level", "--noise-rel", "--sigma")
+    assert_user_error(cli("reconstruct", src, "-o", out, "--sigma", "1", "--noise-rel", "0.1"),
+                      "not allowed")
+    for method in ("msflow", "dflow"):
+        proc = cli("reconstruct", src, "-o", out, "--method", method, "--noise-rel", "0")
+        assert_user_error(proc, "--noise-rel", method, "fbp")
+        proc = cli("reconstruct-dicom", tmp_path / "nope", tmp_path / "o", "--method", method,
+                   "--sigma", "0")
+        assert_user_error(proc, "--sigma", method)
+    assert not out.exists() and not (tmp_path / "o").exists()
+    assert_user_error(cli("reconstruct", src, "-o", out, "--method", "fbp", "--sigma", "-1"),
+                      "--sigma")
+    # an absolute sigma is the noise standard deviation itself (FBP of a 30-view simulation)
+    proc = cli("--quiet", "reconstruct", src, "-o", out, "--method", "fbp", "--views", "30",
+               "--sigma", "0.25")
+    assert proc.returncode == 0, proc.stderr
+    with h5py.File(out) as f:
+        assert json.loads(f.attrs["noise"]) == {"model": "gaussian", "sigma": 0.25}
+        assert json.loads(f.attrs["metrics"])[0]["sigma"] == 0.25
+
+
+def test_sinogram_relative_noise_is_relative_to_the_measurement(tmp_path, cli):
+    """For a measured sinogram --noise-rel ETA gives sigma = ETA * RMS(y)."""
+    import h5py
+
+    from ctflow.tasks import make_ct_operator
+
+    A = make_ct_operator(16, 20)
+    sino = A(torch.from_numpy(disk_image(16))[None, None])[0, 0].numpy()
+    src = tmp_path / "sino.npy"
+    np.save(src, sino)
+    out = tmp_path / "r.h5"
+    proc = cli("--quiet", "reconstruct", src, "-o", out, "--method", "fbp", "--noise-rel",
+               "0.05")
+    assert proc.returncode == 0, proc.stderr
+    rms = float(np.sqrt(np.mean(sino.astype(np.float64) ** 2)))
+    with h5py.File(out) as f:
+        sigma = json.loads(f.attrs["metrics"])[0]["sigma"]
+    assert sigma == pytest.approx(0.05 * rms, rel=1e-5)
+
+
+def test_bench_results_default_to_the_working_directory(tmp_path, monkeypatch, cli):
+    """Without --out the runner is told ./benchmarks/results (.../quick) of the current
+    directory, never the source tree it was imported from."""
+    import ctflow.cli.bench as bench_mod
+
+    seen = []
+    monkeypatch.setattr(bench_mod, "_runner", lambda what: seen.append)
+    monkeypatch.chdir(tmp_path)
+    assert cli("bench", "ct-sparse", "--quick", "--limit", "1").returncode == 0
+    assert seen[-1][-2:] == ["--out", str(tmp_path / "benchmarks" / "results" / "quick")]
+    assert cli("bench", "report").returncode == 0
+    assert seen[-1][-2:] == ["--out", str(tmp_path / "benchmarks" / "results")]
+    assert cli("bench", "report", "--out", "elsewhere").returncode == 0
+    assert seen[-1] == ["report", "--out", "elsewhere"]
+
+
+def test_every_parser_is_in_the_cli():
+    """The library modules of ctflow hold no argument parser and no sys.argv."""
+    import ast
+
+    root = REPO / "ctflow"
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.is_relative_to(root / "cli"):
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            name = (node.attr if isinstance(node, ast.Attribute) else
+                    node.id if isinstance(node, ast.Name) else None)
+            if name in ("ArgumentParser", "argv"):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders, offenders
+
+
+def test_throughput_and_evaluate_prior_commands(tmp_path, cli, capsys):
+    from ctflow.cli import main
+
+    for cmd in ("throughput", "evaluate-prior"):
+        with pytest.raises(SystemExit) as exc:
+            main([cmd, "--help"])
+        assert exc.value.code == 0
+        assert "examples:" in capsys.readouterr().out
+    out = tmp_path / "w1.json"
+    proc = cli("evaluate-prior", "ct64", "--n", "2", "--steps", "1", "--ode-method", "euler",
+               "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    numbers = json.loads(out.read_text())
+    assert numbers["prior"] == "ct64" and numbers["n_samples"] == 2
+    assert numbers["w1_prior"] >= 0 and numbers["w1_ellipses"] > 0
+    assert json.loads(proc.stdout) == numbers

@@ -142,10 +142,11 @@ def test_library_metrics_seeding_and_hu_mapping(series, tmp_path):
     """Per-slice noise depends on (seed, SOPInstanceUID) only; the summary's metrics are those
     of the reconstruction; the written HU are the window-mapped reconstruction."""
     from ctflow.data import read_dicom_series
-    from ctflow.tasks.series import (DEFAULT_HU_WINDOW, from_working_size, make_ct_operator,
-                                    reconstruct_dicom, run_solver, simulate_measurement,
-                                    slice_seed, to_working_size)
     from ctflow.metrics import psnr, ssim
+    from ctflow.operators.noise import GaussianNoise
+    from ctflow.tasks import (DEFAULT_HU_WINDOW, from_working_size, make_ct_operator,
+                              reconstruct_dicom, run_solver, simulate_measurement, slice_seed,
+                              to_working_size)
 
     kw = dict(method="fbp", prior=None, size=32, views=20, progress=False)
     s_all = reconstruct_dicom(series, tmp_path / "a", slices=slice(0, 2), **kw)
@@ -161,8 +162,9 @@ def test_library_metrics_seeding_and_hu_mapping(series, tmp_path):
     x = to_working_size(np.clip(vol.hu[1], -1024, 3071), 32, hu_window=(lo, hi))
     A = make_ct_operator(32, 20)
     gen = torch.Generator().manual_seed(slice_seed(0, vol.slices[1].sop_instance_uid))
-    y, sigma = simulate_measurement(A, x[None, None], 0.01, generator=gen)
-    rec = run_solver(y, A, None, method="fbp", noise_level=float(sigma[0])).image
+    y, sigma = simulate_measurement(A, x[None, None], GaussianNoise(relative=0.01),
+                                    generator=gen)
+    rec = run_solver(y, A, None, method="fbp", sigma=float(sigma[0])).image
     rec = rec.reshape(32, 32).clamp(0, 1)
     r = s_all["slices"][1]
     assert r["psnr"] == pytest.approx(float(psnr(rec, x)), abs=1e-6)
@@ -176,23 +178,30 @@ def test_library_metrics_seeding_and_hu_mapping(series, tmp_path):
 
 
 def test_noise_convention_is_relative_rms():
-    from ctflow.tasks.series import make_ct_operator, simulate_measurement
+    from ctflow.operators.noise import GaussianNoise
+    from ctflow.tasks import make_ct_operator, simulate_measurement
 
     A = make_ct_operator(16, 12)
     x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    y, sigma = simulate_measurement(A, x, 0.05, generator=torch.Generator().manual_seed(1))
+    rel = GaussianNoise(relative=0.05)
+    y, sigma = simulate_measurement(A, x, rel, generator=torch.Generator().manual_seed(1))
     clean = A(x)
     rms = clean.flatten(1).norm(dim=1) / clean[0].numel() ** 0.5
     torch.testing.assert_close(sigma, 0.05 * rms)
     noise = (y - clean).flatten(1)
     # The empirical noise standard deviation matches sigma (m = 12 * detectors samples).
     assert torch.allclose(noise.std(dim=1), sigma, rtol=0.15)
-    y2, _ = simulate_measurement(A, x, 0.05, generator=torch.Generator().manual_seed(1))
+    y2, _ = simulate_measurement(A, x, rel, generator=torch.Generator().manual_seed(1))
     assert torch.equal(y, y2)
+    # An absolute sigma is the same for every item; a bare number is refused.
+    _, s_abs = simulate_measurement(A, x, GaussianNoise(sigma=0.2))
+    torch.testing.assert_close(s_abs, torch.full((2,), 0.2))
+    with pytest.raises(TypeError, match="GaussianNoise"):
+        simulate_measurement(A, x, 0.05)
 
 
 def test_working_size_round_trip():
-    from ctflow.tasks.series import from_working_size, to_working_size
+    from ctflow.tasks import from_working_size, to_working_size
 
     # An image already at the working size is taken as it is.
     img = torch.rand(16, 16, generator=torch.Generator().manual_seed(0))
@@ -215,9 +224,10 @@ def test_measured_sinogram_and_fan_geometry(series, tmp_path):
     slices, FBP reproduces what FBP gives on the same data computed here; fan beam works too;
     a sinogram of the wrong shape is refused before anything is written."""
     from ctflow.data import read_dicom_series
-    from ctflow.tasks.series import (DEFAULT_HU_WINDOW, make_ct_operator, reconstruct_dicom,
-                                    run_solver, to_working_size)
     from ctflow.metrics import psnr
+    from ctflow.operators.noise import GaussianNoise
+    from ctflow.tasks import (DEFAULT_HU_WINDOW, make_ct_operator, reconstruct_dicom,
+                              run_solver, to_working_size)
 
     vol = read_dicom_series(series)
     for geometry in ("parallel", "fan"):
@@ -230,14 +240,17 @@ def test_measured_sinogram_and_fan_geometry(series, tmp_path):
         out = tmp_path / f"out-{geometry}"
         summ = reconstruct_dicom(series, out, method="fbp", prior=None, size=32, views=24,
                                  geometry=geometry, sinogram=path, progress=False,
-                                 slices=slice(1, 3), noise_level=0.001)
+                                 slices=slice(1, 3), noise=GaussianNoise(relative=0.001))
         assert summ["settings"]["sinogram"] == str(path.resolve())
         assert "measured" in summ["settings"]["series_description"]
         for rec, k in zip(summ["slices"], (1, 2)):
-            ref = run_solver(torch.from_numpy(sino[k])[None, None], A, None, method="fbp",
-                             noise_level=1e-3).image.reshape(32, 32).clamp(0, 1)
+            y = torch.from_numpy(sino[k])[None, None]
+            sigma = 1e-3 * float(y.norm()) / y.numel() ** 0.5   # relative to the RMS of y
+            ref = run_solver(y, A, None, method="fbp",
+                             sigma=sigma).image.reshape(32, 32).clamp(0, 1)
             assert rec["psnr"] == pytest.approx(float(psnr(ref, xs[k])), abs=1e-5)
             assert rec["noise_seed"] is None
+            assert rec["noise_sigma"] == pytest.approx(sigma, rel=1e-5)
         assert len(dcm_files(out)) == 2
     bad = tmp_path / "bad.npy"
     np.save(bad, np.zeros((3, 24, 7), np.float32))

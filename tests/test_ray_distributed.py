@@ -33,7 +33,7 @@ from benchmarks.runner import ResultStore, run_suite  # noqa: E402
 from benchmarks.suites import ct_sparse  # noqa: E402
 from benchmarks.suites.common import SuiteContext  # noqa: E402
 from benchmarks.suites.tuning import load_search, ray_tune_suite  # noqa: E402
-from ctflow.distributed import RayOptions  # noqa: E402
+from ctflow.distributed import RayOptions, ray_slice_mapper  # noqa: E402
 from ctflow.flow.gaussian import GaussianVelocity  # noqa: E402
 from ctflow.priors.base import FlowPrior, gaussian_prior  # noqa: E402
 
@@ -98,12 +98,12 @@ def strip(obj):
 # ---------------------------------------------------------------------------------------------
 # reconstruct-dicom
 def test_reconstruct_dicom_on_ray_equals_in_process(local_ray, series, tmp_path):
-    from ctflow.tasks.series import reconstruct_dicom
+    from ctflow.tasks import reconstruct_dicom
 
     kw = dict(views=12, method="msflow", prior=tiny_prior(), size=N, seed=3, progress=False,
               **MSFLOW)
     a = reconstruct_dicom(series, tmp_path / "here", **kw)
-    b = reconstruct_dicom(series, tmp_path / "ray", ray=True, **kw)
+    b = reconstruct_dicom(series, tmp_path / "ray", map_slices=ray_slice_mapper(True), **kw)
     assert a["executor"] == "in-process" and b["executor"]["ray"] == "local"
     assert b["slices_reconstructed"] == 3 and b["status"] == "complete"
     pa, pb = dicom_pixels(tmp_path / "here"), dicom_pixels(tmp_path / "ray")
@@ -119,7 +119,7 @@ def test_reconstruct_dicom_on_ray_equals_in_process(local_ray, series, tmp_path)
 
 def test_killed_worker_is_retried_and_every_slice_written_once(local_ray, series, tmp_path):
     from ctflow.data import read_dicom_series
-    from ctflow.tasks.series import reconstruct_dicom
+    from ctflow.tasks import reconstruct_dicom
 
     vol = read_dicom_series(series)
     victim = vol.slices[1].sop_instance_uid
@@ -137,7 +137,8 @@ def test_killed_worker_is_retried_and_every_slice_written_once(local_ray, series
     out = tmp_path / "out"
     s = reconstruct_dicom(series, out, views=12, method="fbp", prior=None, size=N,
                           progress=False,
-                          ray=RayOptions(max_retries=2, task_hook=die_on_first_attempt))
+                          map_slices=ray_slice_mapper(
+                              RayOptions(max_retries=2, task_hook=die_on_first_attempt)))
     attempts = {}
     for f in log.iterdir():
         key = f.name.rsplit(".", 1)[0]
@@ -156,7 +157,7 @@ def test_killed_worker_is_retried_and_every_slice_written_once(local_ray, series
 
 def test_a_failing_slice_stops_the_run_and_resume_finishes_it(local_ray, series, tmp_path):
     from ctflow.data import read_dicom_series
-    from ctflow.tasks.series import reconstruct_dicom
+    from ctflow.tasks import reconstruct_dicom
 
     victim = read_dicom_series(series).slices[0].sop_instance_uid
 
@@ -167,12 +168,13 @@ def test_a_failing_slice_stops_the_run_and_resume_finishes_it(local_ray, series,
     out = tmp_path / "out"
     kw = dict(views=12, method="fbp", prior=None, size=N, progress=False)
     with pytest.raises(ValueError, match="cannot solve"):     # the task's own error, not Ray's
-        reconstruct_dicom(series, out, ray=RayOptions(task_hook=fail), **kw)
+        reconstruct_dicom(series, out, map_slices=ray_slice_mapper(RayOptions(task_hook=fail)),
+                          **kw)
     assert not (out / f"{victim}.dcm").exists()
     summary = json.loads((out / "summary.json").read_text()) \
         if (out / "summary.json").exists() else {"status": "running", "slices": []}
     assert summary["status"] == "running"                     # not marked complete
-    s = reconstruct_dicom(series, out, ray=True, resume=True, **kw)
+    s = reconstruct_dicom(series, out, map_slices=ray_slice_mapper("local"), resume=True, **kw)
     assert s["status"] == "complete" and len(list(out.glob("*.dcm"))) == 3
     assert s["slices_reconstructed"] + s["slices_skipped"] == 3
     assert s["slices_reconstructed"] >= 1

@@ -20,6 +20,7 @@ def test_core_and_cli_do_not_import_ray():
         "import sys\n"
         "import ctflow, ctflow.cli, ctflow.tasks.series, ctflow.distributed\n"
         "import ctflow.distributed.slices, ctflow.distributed.cases, ctflow.distributed.tune\n"
+        "import ctflow.distributed.throughput\n"
         "import benchmarks.runner, benchmarks.suites.tuning\n"
         "p = ctflow.cli.build_parser()\n"
         "p.parse_args(['reconstruct-dicom', 'a', 'b', '--ray', 'auto'])\n"
@@ -39,12 +40,16 @@ def test_core_and_cli_do_not_import_ray():
 
 def test_missing_ray_is_a_clear_error(monkeypatch, tmp_path, capsys):
     from ctflow.cli import main
-    from ctflow.distributed import RayOptions, connect
+    from ctflow.distributed import RayOptions, connect, ray_slice_mapper
 
     monkeypatch.setitem(sys.modules, "ray", None)          # "import ray" now fails
     with pytest.raises(ImportError, match=r"pip install 'ctflow\[ray\]'"):
         with connect(RayOptions()):
             pass
+    with pytest.raises(ImportError, match=r"pip install 'ctflow\[ray\]'"):
+        ray_slice_mapper(True)                             # refused when it is built
+    with pytest.raises(ValueError, match="map_slices=None"):
+        ray_slice_mapper(None)
     src = tmp_path / "in"
     src.mkdir()
     for f in sorted((REPO / "ctflow" / "data" / "samples" / "chest-subset").glob("*.dcm"))[:1]:

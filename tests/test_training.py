@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from ctflow.training.datasets import CTSliceDataset, DicomSliceDataset, ellipses_dataset, hu_to_unit
-from ctflow.training.prior import (EMA, flow_matching_loss, latest_checkpoint, lr_at, ot_couple,
-                               train_main, train_prior)
-from ctflow.flow.unet import UNet
+from ctflow.cli import main
+from ctflow.training.loop import EMA, latest_checkpoint, lr_at
+from ctflow.training.prior import flow_matching_loss, ot_couple, train_prior
 
 TINY = dict(base=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,),
             num_heads=2, image_size=16)
@@ -165,14 +165,15 @@ def test_dicom_dataset_excludes_patients():
 
 def test_cli_train_and_bundle(tmp_path, capsys):
     run = tmp_path / "run"
-    argv = ["ellipses", "--count", "8", "--image-size", "16", "--steps", "3", "--base", "8",
-            "--channel-mults", "1,2", "--num-res-blocks", "1", "--attention-levels", "1",
-            "--batch-size", "4", "--out", str(run), "--name", "tiny", "--checkpoint-every", "2",
-            "--log-every", "1"]
-    assert train_main(argv) == 0
+    argv = ["train", "ellipses", "--count", "8", "--image-size", "16", "--steps", "3",
+            "--base", "8", "--channel-mults", "1,2", "--num-res-blocks", "1",
+            "--attention-levels", "1", "--batch-size", "4", "--out", str(run), "--name", "tiny",
+            "--checkpoint-every", "2", "--log-every", "1"]
+    assert main(argv) == 0
     meta = json.loads((run / "ckpt-00000003.json").read_text())
     assert meta["step"] == 3 and meta["commands"][0].startswith("ctflow train ellipses")
-    assert train_main(["bundle", str(run), "--name", "tiny", "--dest", str(tmp_path / "p")]) == 0
+    assert main(["train", "bundle", str(run), "--name", "tiny", "--dest",
+                 str(tmp_path / "p")]) == 0
     from ctflow.priors import load_prior
     prior = load_prior(tmp_path / "p")
     assert prior.name == "tiny" and prior.image_size == 16
@@ -192,8 +193,8 @@ def test_medmnist_npz_dataset_and_cli(tmp_path):
     assert len(ds) == 6 and ds[0].shape == (1, 16, 16)
     full = medmnist_dataset("organamnist", split="train", size=28, root=tmp_path)
     assert torch.allclose(full[2][0], torch.from_numpy(imgs[2] / 255.0).float())
-    argv = ["medmnist", str(tmp_path / "organamnist.npz"), "--image-size", "16", "--steps", "2",
-            "--base", "8", "--channel-mults", "1,2", "--num-res-blocks", "1",
+    argv = ["train", "medmnist", str(tmp_path / "organamnist.npz"), "--image-size", "16",
+            "--steps", "2", "--base", "8", "--channel-mults", "1,2", "--num-res-blocks", "1",
             "--attention-levels", "1", "--batch-size", "2", "--out", str(tmp_path / "run")]
-    assert train_main(argv) == 0
+    assert main(argv) == 0
     assert latest_checkpoint(tmp_path / "run").name == "ckpt-00000002.json"

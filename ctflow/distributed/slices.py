@@ -3,10 +3,11 @@ r"""The slices of ``reconstruct-dicom`` as Ray tasks (``ctflow reconstruct-dicom
 One task per slice. A task receives the prepared working-size slice ``x`` (``n × n``, a few
 kB; the driver has read and windowed the series), its SOPInstanceUID ``key`` and, for measured
 data, its sinogram; it builds (once per worker process, then cached) the operator and the prior
-and runs :func:`ctflow.tasks.series.solve_slice` -- the same function the in-process path runs,
-so the results are the same. The task returns the reconstruction and the HU slice; it writes
-nothing. The driver (:func:`ctflow.tasks.series.reconstruct_dicom`) writes every result as it
-arrives, atomically and keyed by the SOPInstanceUID, so:
+and runs :func:`ctflow.tasks.solve_slice` -- the same function the in-process path runs, so
+the results are the same. The task returns the reconstruction and the HU slice; it writes
+nothing. The driver (:func:`ctflow.tasks.reconstruct_dicom`, given
+``map_slices=ray_slice_mapper(options)``) writes every result as it arrives, atomically and
+keyed by the SOPInstanceUID, so:
 
 * a task whose worker dies (killed, out of memory, a lost node) is re-run by Ray up to
   ``max_retries`` times and only its one successful result is written;
@@ -19,12 +20,19 @@ solver sweeps), so slices are the unit of parallelism.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import uuid
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
-from ctflow.distributed.cluster import (RayOptions, as_completed, cancel, connect, task_resources,
-                      worker_setup)
+import torch
 
-__all__ = ["solve_slices_on_ray", "slice_task"]
+from ctflow.distributed.cluster import (RayOptions, as_completed, as_ray_options, cancel,
+                                        check_installed, connect, require_ray, task_resources,
+                                        worker_setup)
+from ctflow.tasks import make_ct_operator, resolve_device, resolve_prior, solve_slice
+
+__all__ = ["ray_slice_mapper", "RaySliceMapper", "solve_slices_on_ray", "slice_task"]
 
 #: Per worker process: loaded priors and built operators, so that a worker that solves many
 #: slices loads the prior's weights once.
@@ -46,11 +54,6 @@ def slice_task(job: Dict[str, Any], spec: Dict[str, Any], prior_box: List[Any],
     ``prior_box`` holds the prior as a bundled name / checkpoint path, an object reference to
     a :class:`~ctflow.priors.base.FlowPrior` put once by the driver, or ``None``; it is
     loaded once per worker process and run token (``token``)."""
-    import torch
-
-    from ctflow.tasks.series import make_ct_operator, resolve_prior, solve_slice
-    from ctflow.tasks.info import resolve_device
-
     worker_setup(threads)
     if hook is not None:
         hook(job["key"])
@@ -61,7 +64,6 @@ def slice_task(job: Dict[str, Any], spec: Dict[str, Any], prior_box: List[Any],
         if p is None:
             return None
         if not isinstance(p, str):
-            from ctflow.distributed.cluster import require_ray
             ray = require_ray()
             if isinstance(p, ray.ObjectRef):
                 p = ray.get(p)
@@ -75,7 +77,7 @@ def slice_task(job: Dict[str, Any], spec: Dict[str, Any], prior_box: List[Any],
                                           device=dev))
     x = torch.as_tensor(job["x"])
     return solve_slice(x, operator=op, prior=prior, method=spec["method"],
-                       noise_level=spec["noise_level"], seed=spec["seed"], key=job["key"],
+                       noise=spec["noise"], seed=spec["seed"], key=job["key"],
                        hu_shape=tuple(job["hu_shape"]), window=tuple(spec["window"]),
                        device=dev, measured=job.get("measured"), **spec["options"])
 
@@ -86,17 +88,13 @@ def solve_slices_on_ray(jobs: Sequence[Dict[str, Any]], spec: Dict[str, Any], pr
 
     ``jobs``: dicts with ``key`` (the SOPInstanceUID), ``x`` (the working-size slice),
     ``hu_shape`` and ``measured`` (a sinogram or ``None``). ``spec``: ``method``,
-    ``noise_level``, ``seed``, ``size``, ``views``, ``geometry``, ``backend``, ``device``,
+    ``noise`` (a ``GaussianNoise``), ``seed``, ``size``, ``views``, ``geometry``, ``backend``, ``device``,
     ``window``, ``options``. ``prior``: a name/path, a ``FlowPrior`` or ``None``.
 
     A task that raises stops the run: the other tasks are cancelled and the task's own
     exception is raised here (with the slice's key in a note); a worker that died more than
     ``max_retries`` times raises ``RuntimeError``. Results yielded before stay valid.
     """
-    import hashlib
-    import os
-    import uuid
-
     keys = [j["key"] for j in jobs]
     if len(set(keys)) != len(keys):
         raise ValueError("two slices of the series share a SOPInstanceUID; a Ray run keys its "
@@ -147,3 +145,42 @@ def _get(ray, ref, key: str, options: RayOptions) -> Dict[str, Any]:
         raise RuntimeError(f"slice {key}: its Ray worker died {options.max_retries + 1} time(s) "
                            f"(max_retries={options.max_retries}); last error: "
                            f"{type(exc).__name__}") from None
+
+
+class RaySliceMapper:
+    """The ``map_slices`` of :func:`ctflow.tasks.reconstruct_dicom` on Ray: calling it as
+    ``mapper(jobs, spec, prior)`` is :func:`solve_slices_on_ray` with these options;
+    :meth:`describe` is what the summary records as its ``executor``."""
+
+    def __init__(self, options: RayOptions):
+        self.options = options
+
+    def __call__(self, jobs: Sequence[Dict[str, Any]], spec: Dict[str, Any], prior: Any
+                 ) -> Iterator[Tuple[str, Dict[str, Any]]]:
+        return solve_slices_on_ray(jobs, spec, prior, self.options)
+
+    def describe(self) -> Dict[str, Any]:
+        """``{"ray": address, "max_retries", "threads_per_task", "gpus_per_task"}``."""
+        return {"ray": self.options.label, "max_retries": self.options.max_retries,
+                "threads_per_task": self.options.threads,
+                "gpus_per_task": self.options.gpus_per_task}
+
+
+def ray_slice_mapper(ray_options: Any = True) -> RaySliceMapper:
+    """A ``map_slices`` function for :func:`ctflow.tasks.reconstruct_dicom` that solves every
+    slice as a Ray task (``ctflow reconstruct-dicom --ray``).
+
+    ``ray_options``: a :class:`~ctflow.distributed.cluster.RayOptions`, an address
+    (``"local"`` starts a private loopback-only instance, ``"auto"``, ``"HOST:PORT"``,
+    ``"ray://HOST:PORT"``), ``True`` (``"local"``) or a dict of ``RayOptions`` fields. Checks
+    here, before any work, that Ray is installed (``ImportError`` naming the extra
+    ``ctflow[ray]``); Ray itself is imported when the first slices are submitted. Each task
+    solves one slice (a GPU each when the cluster has GPUs and the device is not ``"cpu"``);
+    results equal the in-process ones (same seeds; one torch thread per task by default).
+    """
+    options = as_ray_options(ray_options)
+    if options is None:
+        raise ValueError("ray_slice_mapper: ray_options is None/False; pass map_slices=None "
+                         "to solve the slices in this process")
+    check_installed()
+    return RaySliceMapper(options)

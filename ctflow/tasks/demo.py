@@ -26,18 +26,26 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["run_demo", "DEMO_METHODS", "DEMO_SETTINGS", "QUICK_SETTINGS", "DEMO_PROBLEM",
+from ctflow.data import heldout_files, read_dicom_slices
+from ctflow.data.atomic import atomic_write_bytes
+from ctflow.metrics import psnr, ssim
+from ctflow.operators.noise import GaussianNoise
+from ctflow.solvers import registry
+from ctflow.tasks.info import resolve_device
+from ctflow.tasks.problem import (make_ct_operator, resolve_prior, run_solver,
+                                  simulate_measurement, slice_seed, to_working_size)
+
+__all = ["run_demo", "DEMO_METHODS", "DEMO_SETTINGS", "QUICK_SETTINGS", "DEMO_PROBLEM",
            "DEMO_SLICE", "DATA_CITATION", "format_table"]
 
 #: The methods of the demo, in the order of the table and the figure.
 DEMO_METHODS = ("fbp", "tv", "dflow", "msflow")
-#: Display names.
-LABELS = {"fbp": "FBP", "tv": "TV", "dflow": "D-Flow", "msflow": "MS-Flow"}
 
-#: The problem: prior, working size (= the prior's), geometry, views, relative noise, seed.
+#: The problem: prior, working size (= the prior's), geometry, views, noise (1 % of the RMS of
+#: the clean data), seed.
 DEMO_PROBLEM: Dict[str, Any] = {
-    "prior": "ct64", "size": 64, "geometry": "parallel", "views": 60, "noise_level": 0.01,
-    "seed": 0,
+    "prior": "ct64", "size": 64, "geometry": "parallel", "views": 60,
+    "noise": GaussianNoise(relative=0.01), "seed": 0,
 }
 
 #: Solver options of each method (passed to ``ctflow.reconstruct``). The one place they live.
@@ -80,8 +88,6 @@ def _say(verbose: bool, msg: str) -> None:
 
 def _load_slice(name: str):
     """The demo slice (HU, clipped to [-1024, 3071]) and its metadata; it must be TEST split."""
-    from ctflow.data import heldout_files, read_dicom_slices
-
     files = {f.name: f for f in heldout_files("test")}
     if name not in files:
         raise FileNotFoundError(f"demo slice {name} is not among the bundled TEST-split slices "
@@ -110,8 +116,6 @@ def _figure(path: Path, truth: np.ndarray, sino: np.ndarray, rows: List[Dict[str
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-
-    from ctflow.tasks.series import atomic_write_bytes
 
     m = len(rows)
     cols = 2 + m
@@ -179,11 +183,6 @@ def run_demo(out: Any = "ctflow-demo.png", device: Any = None, quick: bool = Fal
         "skipped": {method: reason}, "seconds_total": ...}``; each row holds ``method``,
         ``psnr``, ``ssim``, ``seconds``, ``nfe``, ``peak_memory_bytes`` (and ``image``).
     """
-    from ctflow.tasks.series import (make_ct_operator, resolve_prior, run_solver,
-                              simulate_measurement, slice_seed, to_working_size)
-    from ctflow.tasks.info import resolve_device
-    from ctflow.metrics import psnr, ssim
-
     t_start = time.perf_counter()
     explicit = methods is not None
     methods = list(DEMO_METHODS if methods is None else methods)
@@ -205,7 +204,7 @@ def run_demo(out: Any = "ctflow-demo.png", device: Any = None, quick: bool = Fal
     try:
         prior = resolve_prior(problem["prior"], device=dev)
     except (ImportError, FileNotFoundError, ValueError) as exc:
-        flow = [m for m in methods if m in ("dflow", "msflow")]
+        flow = [m for m in methods if registry.method(m).needs_prior]
         if explicit and flow:
             raise
         for m in flow:
@@ -215,16 +214,16 @@ def run_demo(out: Any = "ctflow-demo.png", device: Any = None, quick: bool = Fal
     size = int(getattr(prior, "image_size", problem["size"]))
 
     sl = _load_slice(DEMO_SLICE)
+    noise_text = f"{100 * problem['noise'].relative:g}% noise"
     _say(verbose, f"ctflow demo on {dev}: held-out TEST slice {DEMO_SLICE} "
                   f"(patient {sl.meta.patient_id or DEMO_SLICE.split('_')[0]}), {size}x{size}, "
-                  f"{problem['geometry']} beam, {problem['views']} views, "
-                  f"{100 * problem['noise_level']:g}% noise")
+                  f"{problem['geometry']} beam, {problem['views']} views, {noise_text}")
     _say(verbose, f"data: {DATA_CITATION}")
 
     x = to_working_size(sl.hu, size, hu_window=window).to(dev).reshape(1, 1, size, size)
     A = make_ct_operator(size, problem["views"], geometry=problem["geometry"], device=dev)
     gen = torch.Generator().manual_seed(slice_seed(seed, f"demo:{DEMO_SLICE}"))
-    y, sigma = simulate_measurement(A, x, problem["noise_level"], generator=gen)
+    y, sigma = simulate_measurement(A, x, problem["noise"], generator=gen)
     truth = x.reshape(size, size).cpu()
 
     rows: List[Dict[str, Any]] = []
@@ -233,7 +232,7 @@ def run_demo(out: Any = "ctflow-demo.png", device: Any = None, quick: bool = Fal
         if quick:
             opts.update(QUICK_SETTINGS.get(m, {}))
         try:
-            res = run_solver(y, A, prior, method=m, noise_level=float(sigma[0]), seed=seed,
+            res = run_solver(y, A, prior, method=m, sigma=float(sigma[0]), seed=seed,
                              progress=progress, **opts)
         except (ImportError, ModuleNotFoundError) as exc:
             if explicit:
@@ -246,7 +245,7 @@ def run_demo(out: Any = "ctflow-demo.png", device: Any = None, quick: bool = Fal
             skipped[m] = str(exc)
             continue
         img = res.image.detach().to("cpu", torch.float32).reshape(size, size).clamp(0, 1)
-        row = {"method": m, "label": LABELS[m], "psnr": float(psnr(img, truth)),
+        row = {"method": m, "label": registry.method(m).label, "psnr": float(psnr(img, truth)),
                "ssim": float(ssim(img, truth)), "seconds": float(res.seconds),
                "nfe": dict(res.nfe), "peak_memory_bytes": res.peak_memory_bytes,
                "options": opts, "image": img.numpy(),
@@ -254,7 +253,7 @@ def run_demo(out: Any = "ctflow-demo.png", device: Any = None, quick: bool = Fal
                res.uncertainty.detach().to("cpu", torch.float32).reshape(size, size).numpy()}
         rows.append(row)
     for m, why in skipped.items():
-        _say(verbose, f"note: {LABELS[m]} skipped: {why}")
+        _say(verbose, f"note: {registry.method(m).label} skipped: {why}")
     if not rows:
         raise RuntimeError("the demo ran no method")
 
@@ -262,7 +261,7 @@ def run_demo(out: Any = "ctflow-demo.png", device: Any = None, quick: bool = Fal
     _say(verbose, format_table(rows))
     info_text = (f"slice {DEMO_SLICE}\n(TEST split, never seen in training)\n"
                  f"{size}x{size}, {problem['geometry']} beam\n{problem['views']} views, "
-                 f"{100 * problem['noise_level']:g}% noise\nprior {problem['prior']}, "
+                 f"{noise_text}\nprior {problem['prior']}, "
                  f"device {dev}\n{'QUICK settings' if quick else ''}\n\n"
                  "data: Saltz et al. 2021,\nCOVID-19-NY-SBU, TCIA\n(CC BY 4.0)")
     _figure(out, truth.numpy(), y.reshape(*y.shape[-2:]).cpu().numpy(), rows, info_text)
@@ -270,4 +269,4 @@ def run_demo(out: Any = "ctflow-demo.png", device: Any = None, quick: bool = Fal
     _say(verbose, f"\nwrote {out} ({total:.1f} s in all)")
     return {"rows": rows, "figure": str(out), "slice": DEMO_SLICE, "citation": DATA_CITATION,
             "device": str(dev), "skipped": skipped, "seconds_total": total,
-            "problem": problem, "quick": bool(quick)}
+            "problem": dict(problem, noise=problem["noise"].describe()), "quick": bool(quick)}

@@ -18,7 +18,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-__all__ = ["info", "format_info", "resolve_device", "DeviceError", "EXTRAS"]
+from ctflow._version import __version__
+
+__all__ = ["info", "format_info", "resolve_device", "versions", "DeviceError", "EXTRAS"]
 
 #: Optional extras: import name -> (distribution, how to install it).
 EXTRAS = {
@@ -131,7 +133,7 @@ def _normalise_backend_entry(name: str, value: Any) -> Dict[str, Any]:
 
 def _backends() -> Dict[str, Any]:
     try:
-        ct = importlib.import_module("ctflow.operators.ct")
+        from ctflow.operators import ct
     except Exception as exc:  # the CT package itself failed to import: report why
         return {"error": f"ctflow.operators.ct failed to import: {exc}", "backends": []}
     fn = getattr(ct, "available_backends", None)
@@ -162,10 +164,21 @@ def _backends() -> Dict[str, Any]:
 
 def _priors() -> Dict[str, Any]:
     try:
-        registry = importlib.import_module("ctflow.priors.registry")
-        return {"error": "", "names": list(registry.list_priors())}
-    except Exception as exc:
+        from ctflow.priors.registry import list_priors
+
+        return {"error": "", "names": list(list_priors())}
+    except Exception as exc:  # noqa: BLE001 - info() reports why instead of failing
         return {"error": f"prior registry unavailable: {exc}", "names": []}
+
+
+def versions() -> Dict[str, str]:
+    """Versions recorded in summaries: ctflow, torch, numpy, pydicom, python, platform."""
+    out = {"ctflow": __version__, "torch": torch.__version__, "numpy": np.__version__,
+           "python": sys.version.split()[0], "platform": platform.platform()}
+    pydicom = _version("pydicom")
+    if pydicom is not None:
+        out["pydicom"] = pydicom
+    return out
 
 
 def _extras() -> Dict[str, Any]:
@@ -194,10 +207,8 @@ def info() -> Dict[str, Any]:
     :func:`ctflow.operators.ct.available_backends`), ``priors`` (bundled prior names) and
     ``extras`` (optional packages present).
     """
-    import ctflow
-
     return {
-        "ctflow": getattr(ctflow, "__version__", _version("ctflow")),
+        "ctflow": __version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch": torch.__version__,

@@ -7,55 +7,54 @@ Three steps, each resumable (checkpoints as safetensors + JSON, never pickle):
    random ``crop × crop`` patches: the model is fully convolutional and local, so patches
    train it for whole images at a fraction of the cost) by minimising
 
-   .. math:: \|D(E(x) + \sigma_n\varepsilon) - x\|_1/n + \|D(E(x) + \sigma_n\varepsilon) - x\|_2^2/n
-             + \beta\,\|E(x)\|_2^2/m
-
-   with AdamW, warm-up and cosine decay (:func:`ctflow.training.prior.lr_at`), gradient clipping
-   and EMA weights (:class:`ctflow.training.prior.EMA`; the EMA weights are the autoencoder used
+   with AdamW, warm-up and cosine decay (:func:`ctflow.training.loop.lr_at`), gradient clipping
+   and EMA weights (:class:`ctflow.training.loop.EMA`; the EMA weights are the autoencoder used
    afterwards).
-2. ``flow`` — the EMA autoencoder encodes the (un-augmented) training slices to fit the latent
-   normalisation (per-channel mean and standard deviation, :class:`~ctflow.flow.autoencoder.
-   LatentCodec`), then a pool of ``repeats`` augmented copies of every slice, and
-   :func:`ctflow.training.prior.train_prior` (the project's flow-matching trainer, unchanged)
-   trains a U-Net velocity field on the normalised codes (``scale = 1, shift = 0``: the codes
-   *are* the flow's model space). The codec (autoencoder + normalisation) is written beside
-   the flow checkpoints as ``codec.safetensors`` / ``codec.json``.
-3. ``bundle`` — the newest flow checkpoint's EMA weights and the codec become one latent prior
-   ``<dest>.safetensors`` + ``<dest>.json`` (``"kind": "latent"``, loaded by
-   :func:`ctflow.priors.load_prior`; see :mod:`ctflow.priors.latent`).
+2. ``flow`` — :func:`train_latent_flow`: the EMA autoencoder encodes the (un-augmented)
+   training slices to fit the latent normalisation (per-channel mean and standard deviation,
+   :class:`~ctflow.flow.autoencoder.LatentCodec`), then a pool of ``repeats`` augmented copies
+   of every slice, and :func:`ctflow.training.prior.train_prior` (the project's flow-matching
+   trainer, unchanged) trains a U-Net velocity field on the normalised codes (``scale = 1,
+   shift = 0``: the codes *are* the flow's model space). The codec (autoencoder +
+   normalisation) is written beside the flow checkpoints as ``codec.safetensors`` /
+   ``codec.json``.
+3. ``bundle`` — :func:`bundle_latent`: the newest flow checkpoint's EMA weights and the codec
+   become one latent prior ``<dest>.safetensors`` + ``<dest>.json`` (``"kind": "latent"``,
+   loaded by :func:`ctflow.priors.load_prior`; see :mod:`ctflow.priors.latent`).
 
-Command line::
+Command line (:mod:`ctflow.cli.train`)::
 
-    python -m ctflow.training.autoencoder autoencoder <DICOM folders> --exclude-patients ...
+    ctflow train autoencoder <DICOM folders> --exclude-patients ...
         --image-size 128 --out runs/ct128ae --steps 4000 ...
-    python -m ctflow.training.autoencoder flow <DICOM folders> --exclude-patients ...
+    ctflow train latent-flow <DICOM folders> --exclude-patients ...
         --autoencoder runs/ct128ae --out runs/ct128flow --steps 6000 ...
-    python -m ctflow.training.autoencoder bundle runs/ct128flow --name ct128latent
+    ctflow train latent-bundle runs/ct128flow --name ct128latent
 
 SIGTERM/SIGINT write a checkpoint and exit; rerunning the same command resumes bit-for-bit.
 """
 from __future__ import annotations
 
-import argparse
 import math
-import shlex
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional
 
 import torch
 
-from ctflow.priors.checkpoint import (PRIOR_FORMAT, TRAIN_FORMAT, CheckpointError, read_checkpoint,
-                                 write_checkpoint)
 from ctflow.flow.autoencoder import AutoEncoder, LatentCodec
-from ctflow.training.prior import (EMA, _prune, _read_log, latest_checkpoint, lr_at, restore_training_state,
-                    training_loop, training_state)
+from ctflow.flow.unet import UNet
+from ctflow.priors.checkpoint import (PRIOR_FORMAT, TRAIN_FORMAT, CheckpointError,
+                                      read_checkpoint, write_checkpoint)
+from ctflow.priors.latent import save_latent_prior
+from ctflow.training.datasets import ImageTensorDataset
+from ctflow.training.loop import (EMA, latest_checkpoint, loss_curve, lr_at, prune_checkpoints,
+                                  read_log, restore_training_state, training_loop,
+                                  training_state)
+from ctflow.training.prior import TrainResult, train_prior
 
 __all__ = ["train_autoencoder", "AutoEncoderResult", "autoencoder_loss", "load_autoencoder",
-           "encode_pool", "write_codec", "read_codec", "bundle_latent", "main"]
+           "encode_pool", "write_codec", "read_codec", "train_latent_flow", "bundle_latent"]
 
 CODEC_KIND = "latent-codec"
 
@@ -157,7 +156,7 @@ def train_autoencoder(dataset, *, out_dir, steps: int, batch_size: int = 16, cro
         log_path.unlink()
     if command:
         commands.append(command)
-    losses = _read_log(log_path)
+    losses = read_log(log_path)
 
     def save(step_now: int, last: Optional[float], seconds: float) -> Path:
         tensors, ometa = training_state(model, ema, opt, gen)
@@ -167,7 +166,7 @@ def train_autoencoder(dataset, *, out_dir, steps: int, batch_size: int = 16, cro
                 "optimizer": ometa,
                 "parameters": int(sum(p.numel() for p in model.parameters()))}
         path = write_checkpoint(tensors, meta, out / f"ckpt-{step_now:08d}")
-        _prune(out, step_now, keep_last, None)
+        prune_checkpoints(out, step_now, keep_last, None)
         return path
 
     def loss_step():
@@ -243,15 +242,73 @@ def read_codec(stem) -> tuple:
     return codec.eval(), meta
 
 
+def train_latent_flow(dataset, *, autoencoder, out_dir, steps: int, repeats: int = 16,
+                      velocity_config: Optional[dict] = None, hu_window=None,
+                      name: str = "latent", seed: int = 0, command: Optional[str] = None,
+                      log: Optional[Callable[[str], None]] = None,
+                      **train_options) -> TrainResult:
+    """Step 2 of the module docstring: train a flow on the codes of an autoencoder.
+
+    Args:
+        dataset: the training slices (a :class:`~ctflow.training.datasets.CTSliceDataset`:
+            ``sample`` gives augmented images, ``dataset[i]`` the plain ones).
+        autoencoder: the autoencoder run folder or ``ckpt-*.json`` (:func:`load_autoencoder`).
+        out_dir: the flow run folder; receives ``codec.safetensors/.json`` and the flow
+            checkpoints.
+        steps: flow-matching steps. repeats: augmented copies of every slice in the code pool.
+        velocity_config: keyword arguments of :class:`~ctflow.flow.unet.UNet` besides
+            ``channels`` and ``image_size`` (those are the codes' shape).
+        hu_window, name, seed, command: recorded in the codec and the checkpoints.
+        log: called with one line about the code pool (e.g. ``print``).
+        **train_options: further keyword arguments of :func:`ctflow.training.prior.train_prior`
+            (``batch_size``, ``lr``, ``coupling``, ``resume``, ``stop``, ...).
+
+    Returns:
+        the :class:`~ctflow.training.prior.TrainResult` of the flow.
+    """
+    ae, ae_meta = load_autoencoder(autoencoder)
+    codec = LatentCodec(ae)
+    plain = torch.stack([dataset[i] for i in range(len(dataset))])
+    codec.fit_normalisation(plain)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    codes = encode_pool(codec, dataset, repeats=repeats, seed=seed)
+    enc_s = time.perf_counter() - t0
+    with torch.no_grad():
+        mse = float((codec.decode(codec.encode(plain)) - plain).pow(2).mean())
+    codes_desc = {"repeats": int(repeats), "count": int(codes.shape[0]),
+                  "shape": list(codes.shape[1:]), "encode_seconds": round(enc_s, 1),
+                  "train_recon_psnr_db": round(10 * math.log10(1.0 / max(mse, 1e-12)), 2)}
+    ae_training = {"steps": ae_meta["step"], "final_loss": ae_meta.get("last_loss"),
+                   "wall_seconds": round(ae_meta.get("elapsed_seconds", 0.0), 1),
+                   "hyperparameters": ae_meta.get("train", {}),
+                   "commands": ae_meta.get("commands", []),
+                   "parameters": ae_meta.get("parameters"), "ema": True,
+                   "source_checkpoint": ae_meta["checkpoint"]}
+    slices_desc = dataset.describe() if hasattr(dataset, "describe") else {}
+    write_codec(codec, out / "codec",
+                meta={"name": name + "-codec", "image_size": int(plain.shape[-1]),
+                      "hu_window": list(hu_window) if hu_window is not None else None,
+                      "data": slices_desc, "training": ae_training, "codes": codes_desc})
+    if log is not None:
+        log(f"{codes.shape[0]} codes {tuple(codes.shape[1:])}, training-slice "
+            f"reconstruction {codes_desc['train_recon_psnr_db']} dB")
+    net = UNet(channels=int(codes.shape[1]), image_size=int(codes.shape[-1]),
+               **(velocity_config or {}))
+    pool = ImageTensorDataset(codes, description={"source": "latent codes", **codes_desc})
+    return train_prior(pool, out_dir=out, steps=steps, model=net, seed=seed, scale=1.0,
+                       shift=0.0, hu_window=hu_window, name=name,
+                       data_description={"codes": codes_desc, "slices": slices_desc},
+                       command=command, **train_options)
+
+
 def bundle_latent(flow_run, dest_stem, *, name: Optional[str] = None,
                   dtype: torch.dtype = torch.float32) -> Path:
     """Combine the newest flow checkpoint in ``flow_run`` (EMA weights) and its
     ``codec.*`` into one latent prior ``<dest_stem>.safetensors/.json``
     (:func:`ctflow.priors.latent.save_latent_prior`), recording both trainings (steps,
     losses, wall times, commands) and the training data. Returns the JSON path."""
-    from ctflow.priors.latent import save_latent_prior
-    from ctflow.flow.unet import UNet
-
     run = Path(flow_run)
     ckpt = latest_checkpoint(run)
     if ckpt is None:
@@ -260,9 +317,7 @@ def bundle_latent(flow_run, dest_stem, *, name: Optional[str] = None,
     codec, cmeta = read_codec(run / "codec")
     velocity = UNet.from_config(meta["model"])
     velocity.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-    log = [r for r in _read_log(run / "loss.jsonl") if r["step"] <= meta["step"]]
-    stride = max(1, math.ceil(len(log) / 100))
-    curve = [[r["step"], round(r["loss"], 5)] for r in log[::stride]]
+    curve = loss_curve(read_log(run / "loss.jsonl"), max_points=100, last_step=meta["step"])
     pm = meta["prior"]
     training = {
         "autoencoder": cmeta.get("training", {}),
@@ -277,187 +332,3 @@ def bundle_latent(flow_run, dest_stem, *, name: Optional[str] = None,
                              hu_window=pm.get("hu_window"),
                              name=name or pm.get("name") or Path(dest_stem).name,
                              data=cmeta.get("data", {}), training=training, dtype=dtype)
-
-
-# ---------------------------------------------------------------------- command line
-def _ints(s: str) -> tuple:
-    return tuple(int(v) for v in s.split(",") if v.strip())
-
-
-def _floats(s: str) -> tuple:
-    return tuple(float(v) for v in s.split(","))
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ctflow.training.autoencoder",
-                                description="Train a latent flow prior (autoencoder, then a "
-                                            "flow on its codes) or bundle one.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-
-    def data(q):
-        q.add_argument("paths", nargs="+", help="DICOM folders or files")
-        q.add_argument("--nifti", nargs="*", default=[])
-        q.add_argument("--nifti-step", type=int, default=2)
-        q.add_argument("--exclude-patients", default="",
-                       help="comma-separated patient IDs never to train on")
-        q.add_argument("--hu-window", default="-1024,1024")
-        q.add_argument("--scale-range", default="0.85,1.0")
-        q.add_argument("--image-size", type=int, default=128)
-
-    def common(q):
-        q.add_argument("--out", required=True)
-        q.add_argument("--steps", type=int, required=True)
-        q.add_argument("--batch-size", type=int, default=16)
-        q.add_argument("--lr", type=float, default=1e-3)
-        q.add_argument("--warmup-steps", type=int, default=200)
-        q.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine")
-        q.add_argument("--ema-decay", type=float, default=0.999)
-        q.add_argument("--grad-clip", type=float, default=1.0)
-        q.add_argument("--seed", type=int, default=0)
-        q.add_argument("--checkpoint-every", type=int, default=200)
-        q.add_argument("--log-every", type=int, default=10)
-        q.add_argument("--no-resume", action="store_true")
-        q.add_argument("--progress", action="store_true")
-        q.add_argument("--threads", type=int, default=None)
-        q.add_argument("--name", default="ct128latent")
-        q.add_argument("--device", default=None)
-
-    a = sub.add_parser("autoencoder", help="train the autoencoder on CT slices")
-    data(a)
-    common(a)
-    a.add_argument("--crop", type=int, default=64)
-    a.add_argument("--latent-channels", type=int, default=4)
-    a.add_argument("--base", type=int, default=16)
-    a.add_argument("--channel-mults", default="1,2,4")
-    a.add_argument("--num-res-blocks", type=int, default=1)
-    a.add_argument("--noise", type=float, default=0.1)
-    a.add_argument("--beta", type=float, default=1e-3)
-
-    f = sub.add_parser("flow", help="train a latent flow on the autoencoder's codes")
-    data(f)
-    common(f)
-    f.add_argument("--autoencoder", required=True, help="autoencoder run folder or ckpt json")
-    f.add_argument("--repeats", type=int, default=16,
-                   help="augmented copies of every slice in the code pool")
-    f.add_argument("--base", type=int, default=32)
-    f.add_argument("--channel-mults", default="1,2,2")
-    f.add_argument("--num-res-blocks", type=int, default=2)
-    f.add_argument("--attention-levels", default="2")
-    f.add_argument("--coupling", choices=["ot", "independent"], default="ot")
-    f.add_argument("--time-sampling", choices=["uniform", "logit_normal"], default="uniform")
-
-    b = sub.add_parser("bundle", help="export flow + codec as one latent prior")
-    b.add_argument("run", help="flow run folder (with codec.json)")
-    b.add_argument("--name", required=True)
-    b.add_argument("--dest", default=None,
-                   help="output stem (default: ctflow/priors/bundled/<name>)")
-    b.add_argument("--float16", action="store_true")
-    return p
-
-
-def _dataset(args):
-    from ctflow.training.datasets import DicomSliceDataset
-    excl = [s.strip() for s in args.exclude_patients.split(",") if s.strip()]
-    return DicomSliceDataset(args.paths, image_size=args.image_size,
-                             hu_window=_floats(args.hu_window), exclude_patients=excl,
-                             scale_range=_floats(args.scale_range), nifti_paths=args.nifti,
-                             nifti_step=args.nifti_step)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry; see the module docstring."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
-    if args.cmd == "bundle":
-        dest = args.dest or str(Path(__file__).resolve().parents[1] / "priors" / "bundled"
-                                / args.name)
-        path = bundle_latent(args.run, dest, name=args.name,
-                             dtype=torch.float16 if args.float16 else torch.float32)
-        print(f"bundled {args.run} -> {path}")
-        return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    command = ("python -m ctflow.training.autoencoder "
-               + " ".join(shlex.quote(a) for a in argv))
-    flag = {"stop": False}
-
-    def handler(signum, frame):
-        flag["stop"] = True
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        ds = _dataset(args)
-        if args.cmd == "autoencoder":
-            model = AutoEncoder(channels=1, latent_channels=args.latent_channels, base=args.base,
-                                channel_mults=_ints(args.channel_mults),
-                                num_res_blocks=args.num_res_blocks, image_size=args.image_size)
-            print(f"{len(ds)} training slices, autoencoder {model.num_parameters():,} "
-                  f"parameters, latent {model.latent_shape(args.image_size)}", flush=True)
-            res = train_autoencoder(ds, out_dir=args.out, steps=args.steps,
-                                    batch_size=args.batch_size, crop=args.crop, lr=args.lr,
-                                    model=model, warmup_steps=args.warmup_steps,
-                                    lr_schedule=args.lr_schedule, ema_decay=args.ema_decay,
-                                    grad_clip=args.grad_clip, noise=args.noise, beta=args.beta,
-                                    seed=args.seed, checkpoint_every=args.checkpoint_every,
-                                    log_every=args.log_every, resume=not args.no_resume,
-                                    progress=args.progress, name=args.name + "-autoencoder",
-                                    command=command, device=args.device,
-                                    stop=lambda: flag["stop"])
-            print(f"step {res.step} loss {res.final_loss} wall {res.seconds:.0f} s "
-                  f"checkpoint {res.checkpoint}", flush=True)
-            return 0
-        from ctflow.training.datasets import ImageTensorDataset
-        from ctflow.training.prior import train_prior
-        from ctflow.flow.unet import UNet
-        ae, ae_meta = load_autoencoder(args.autoencoder)
-        codec = LatentCodec(ae)
-        codec.fit_normalisation(ds._plain)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        codes = encode_pool(codec, ds, repeats=args.repeats, seed=args.seed)
-        enc_s = time.perf_counter() - t0
-        with torch.no_grad():
-            recon = codec.decode(codec.encode(ds._plain))
-            mse = float((recon - ds._plain).pow(2).mean())
-        codes_desc = {"repeats": args.repeats, "count": int(codes.shape[0]),
-                      "shape": list(codes.shape[1:]), "encode_seconds": round(enc_s, 1),
-                      "train_recon_psnr_db": round(10 * math.log10(1.0 / max(mse, 1e-12)), 2)}
-        ae_training = {"steps": ae_meta["step"], "final_loss": ae_meta.get("last_loss"),
-                       "wall_seconds": round(ae_meta.get("elapsed_seconds", 0.0), 1),
-                       "hyperparameters": ae_meta.get("train", {}),
-                       "commands": ae_meta.get("commands", []),
-                       "parameters": ae_meta.get("parameters"), "ema": True,
-                       "source_checkpoint": ae_meta["checkpoint"]}
-        write_codec(codec, out / "codec",
-                    meta={"name": args.name + "-codec", "image_size": args.image_size,
-                          "hu_window": list(_floats(args.hu_window)), "data": ds.describe(),
-                          "training": ae_training, "codes": codes_desc})
-        print(f"{codes.shape[0]} codes {tuple(codes.shape[1:])}, training-slice "
-              f"reconstruction {codes_desc['train_recon_psnr_db']} dB", flush=True)
-        C, S = int(codes.shape[1]), int(codes.shape[-1])
-        net = UNet(channels=C, base=args.base, channel_mults=_ints(args.channel_mults),
-                   num_res_blocks=args.num_res_blocks,
-                   attention_levels=_ints(args.attention_levels), image_size=S)
-        pool = ImageTensorDataset(codes, description={"source": "latent codes",
-                                                      **codes_desc})
-        res = train_prior(pool, out_dir=out, steps=args.steps, batch_size=args.batch_size,
-                          lr=args.lr, model=net, warmup_steps=args.warmup_steps,
-                          lr_schedule=args.lr_schedule, ema_decay=args.ema_decay,
-                          grad_clip=args.grad_clip, coupling=args.coupling,
-                          time_sampling=args.time_sampling, seed=args.seed,
-                          checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                          resume=not args.no_resume, progress=args.progress, scale=1.0,
-                          shift=0.0, hu_window=_floats(args.hu_window), name=args.name,
-                          data_description={"codes": codes_desc, "slices": ds.describe()},
-                          command=command, device=args.device, stop=lambda: flag["stop"])
-        print(f"step {res.step} loss {res.final_loss} wall {res.seconds:.0f} s "
-              f"checkpoint {res.checkpoint}", flush=True)
-        return 0
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -13,20 +13,22 @@ As a reference the same distance is computed for ``n`` random-ellipse phantoms; 
 learned CT intensities (air, fat, soft tissue, bone in their proportions) must score clearly
 lower. :func:`sample_grid` writes a PNG with prior samples next to real held-out slices.
 
-Command line: ``python -m ctflow.training.evaluate ct64 --png docs/prior-samples.png``.
+Command line: ``ctflow evaluate-prior ct64 --png docs/prior-samples.png``
+(:mod:`ctflow.cli.evaluate`; :func:`prior_report` is what it runs).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["heldout_images", "pixel_w1", "evaluate_prior", "sample_grid", "loss_curve_png"]
+from ctflow.data.atomic import atomic_save
+
+__all__ = ["heldout_images", "pixel_w1", "evaluate_prior", "prior_report", "sample_grid",
+           "loss_curve_png"]
 
 
 def heldout_images(image_size: int = 64, hu_window=(-1024.0, 1024.0), *, split: str = "test",
@@ -109,8 +111,10 @@ def sample_grid(samples: torch.Tensor, reference: torch.Tensor, path, *, n: int 
                         top=0.88 if title else 0.93)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    try:
+        atomic_save(path, lambda p: fig.savefig(p, dpi=80, format="png"), suffix=".png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -141,48 +145,30 @@ def loss_curve_png(loss_log, path, *, smooth: int = 20) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    try:
+        atomic_save(path, lambda p: fig.savefig(p, dpi=90, format="png"), suffix=".png")
+    finally:
+        plt.close(fig)
     return path
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m ctflow.training.evaluate PRIOR [--png P] [--json J]``."""
-    from ctflow.priors.registry import load_prior
-
-    ap = argparse.ArgumentParser(prog="python -m ctflow.training.evaluate")
-    ap.add_argument("prior", help="bundled name or checkpoint path")
-    ap.add_argument("--n", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--method", default="midpoint")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--png", default=None, help="write the sample grid here")
-    ap.add_argument("--json", default=None, help="write the numbers here")
-    ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    prior = load_prior(args.prior)
-    res = evaluate_prior(prior, n=args.n, steps=args.steps, method=args.method, seed=args.seed,
-                         split=args.split)
+def prior_report(prior, *, name: Optional[str] = None, n: int = 64, steps: int = 50,
+                 method: str = "midpoint", seed: int = 0, split: str = "test",
+                 png=None) -> Dict[str, Any]:
+    """:func:`evaluate_prior` as JSON numbers (``w1_prior``, ``w1_ellipses``, the settings,
+    ``prior`` = ``name`` and ``prior_steps_trained``); with ``png`` also a sample grid of 16
+    samples next to the held-out test and validation slices (:func:`sample_grid`)."""
+    res = evaluate_prior(prior, n=n, steps=steps, method=method, seed=seed, split=split)
     numbers = {k: v for k, v in res.items() if not isinstance(v, torch.Tensor)}
-    numbers["prior"] = args.prior
+    numbers["prior"] = name if name is not None else prior.name
     numbers["prior_steps_trained"] = (prior.config.get("training", {}).get("steps")
                                       or prior.config.get("step"))
-    print(json.dumps(numbers, indent=2))
-    if args.png:
+    if png is not None:
         win = prior.hu_window or (-1024.0, 1024.0)
         real = torch.cat([res["reference"],
                           heldout_images(prior.image_size, win, split="validation")])
-        sample_grid(res["samples"], real, args.png,
-                    title=f"{prior.name}: 16 samples ({args.steps} {args.method} steps)  |  "
+        sample_grid(res["samples"], real, png,
+                    title=f"{prior.name}: 16 samples ({steps} {method} steps)  |  "
                           f"held-out slices: {res['n_reference']} test + "
                           f"{len(real) - res['n_reference']} validation")
-    if args.json:
-        Path(args.json).write_text(json.dumps(numbers, indent=2) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return numbers

@@ -31,33 +31,30 @@ JSON (:mod:`ctflow.priors.checkpoint`; no pickle). ``resume=True`` continues bit
 the newest valid checkpoint in ``out_dir``. The loss log ``loss.jsonl`` holds one JSON line
 per ``log_every`` steps (mean loss over the interval, lr, wall time).
 
-Command line: ``python -m ctflow.training.prior dicom ...`` (train on DICOM), ``... bundle ...``
-(export the EMA weights of the newest checkpoint as a prior); see :func:`train_main`.
+Command line: ``ctflow train dicom|patches|ellipses|medmnist ...`` (train) and ``ctflow train
+bundle ...`` (export the EMA weights of the newest checkpoint as a prior), in
+:mod:`ctflow.cli.train`. The loop, EMA, learning-rate schedule and checkpoint state are in
+:mod:`ctflow.training.loop`.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import re
-import shlex
-import signal
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
 
+from ctflow.flow.unet import UNet
 from ctflow.priors.base import FlowPrior
 from ctflow.priors.checkpoint import (TRAIN_FORMAT, CheckpointError, read_checkpoint, save_prior,
-                                 write_checkpoint)
-from ctflow.flow.unet import UNet
+                                      write_checkpoint)
+from ctflow.training.loop import (EMA, latest_checkpoint, loss_curve, lr_at, prune_checkpoints,
+                                  read_log, restore_training_state, training_loop,
+                                  training_state)
 
 __all__ = ["train_prior", "TrainResult", "ot_couple", "sample_times", "flow_matching_loss",
-           "EMA", "latest_checkpoint", "bundle_checkpoint", "train_main", "lr_at"]
+           "bundle_checkpoint", "COUPLINGS", "TIME_SAMPLINGS"]
 
 COUPLINGS = ("independent", "ot")
 TIME_SAMPLINGS = ("uniform", "logit_normal")
@@ -89,230 +86,12 @@ def sample_times(n: int, generator: torch.Generator, kind: str = "uniform") -> t
 
 def flow_matching_loss(model: Callable, x1: torch.Tensor, x0: torch.Tensor,
                        t: torch.Tensor) -> torch.Tensor:
-    """:math:`\\operatorname{mean}\\|v(x_t, t) - (x_1 - x_0)\\|^2`, :math:`x_t = t x_1 + (1-t) x_0`."""
+    """:math:`\\operatorname{mean}\\|v(x_t, t) - (x_1 - x_0)\\|^2` with
+    :math:`x_t = t x_1 + (1-t) x_0`."""
     tb = t.to(x1).reshape(-1, *([1] * (x1.ndim - 1)))
     xt = tb * x1 + (1 - tb) * x0
     return (model(xt, t.to(x1)).float() - (x1 - x0)).pow(2).mean()
 
-
-class EMA:
-    """Exponential moving average of a module's floating-point state (parameters and
-    buffers), with the warm-up :math:`d_n = \\min(d, (1 + n)/(10 + n))`."""
-
-    def __init__(self, model: torch.nn.Module, decay: float = 0.999, warmup: bool = True):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay = float(decay)
-        self.warmup = bool(warmup)
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def decay_at(self, step: int) -> float:
-        return min(self.decay, (1.0 + step) / (10.0 + step)) if self.warmup else self.decay
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        d = self.decay_at(step)
-        for k, v in model.state_dict().items():
-            s = self.shadow[k]
-            if s.is_floating_point():
-                s.mul_(d).add_(v.detach(), alpha=1.0 - d)
-            else:
-                s.copy_(v)
-
-    def copy_to(self, model: torch.nn.Module) -> None:
-        model.load_state_dict(self.shadow)
-
-
-def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int,
-          schedule: str = "constant", min_lr_ratio: float = 0.1) -> float:
-    """Learning rate at (0-based) ``step``: linear warm-up, then constant or cosine decay."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if schedule == "constant":
-        return lr
-    if schedule == "cosine":
-        span = max(1, total_steps - warmup_steps)
-        frac = min(1.0, (step - warmup_steps) / span)
-        return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
-    raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {schedule!r}")
-
-
-# ---------------------------------------------------------------------- optimizer state
-def _flatten_optimizer(opt: torch.optim.Optimizer):
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"optim.{pid}.{k}"] = v
-            else:
-                scalars[f"{pid}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(opt: torch.optim.Optimizer, tensors: Dict[str, torch.Tensor],
-                         meta: dict) -> None:
-    state: Dict[int, dict] = {}
-    for name, v in tensors.items():
-        if not name.startswith("optim."):
-            continue
-        _, pid, key = name.split(".", 2)
-        state.setdefault(int(pid), {})[key] = v
-    for name, v in meta.get("scalars", {}).items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-# ---------------------------------------------------------------------- checkpoints
-_CKPT_RE = re.compile(r"^ckpt-(\d+)\.json$")
-
-
-def latest_checkpoint(out_dir) -> Optional[Path]:
-    """The JSON path of the newest checkpoint in ``out_dir`` that reads back intact
-    (header, size and SHA-256 checked), or ``None``."""
-    d = Path(out_dir)
-    if not d.is_dir():
-        return None
-    found = sorted(((int(m.group(1)), f) for f in d.iterdir()
-                    if (m := _CKPT_RE.match(f.name))), reverse=True)
-    for _, f in found:
-        try:
-            read_checkpoint(f, verify=True)
-        except (OSError, CheckpointError):
-            continue
-        return f
-    return None
-
-
-def _rng_tensor(state: torch.Tensor) -> torch.Tensor:
-    return state.detach().clone().to(torch.uint8)
-
-
-def append_log(log_path: Path, losses: List[dict], rec: dict) -> None:
-    """Append one loss record to the in-memory list and to ``loss.jsonl``."""
-    losses.append(rec)
-    with open(log_path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
-def needs_final_checkpoint(path: Optional[Path], step: int, stopped: bool) -> bool:
-    """Whether the run ends without a checkpoint of its last step (or was stopped)."""
-    return path is None or int(json.loads(Path(path).read_text())["step"]) != step or stopped
-
-
-def training_state(model: torch.nn.Module, ema: "EMA", opt: torch.optim.Optimizer,
-                   gen: torch.Generator):
-    """The tensors of a resumable training checkpoint (model, EMA, optimiser, both RNG
-    states) and the optimiser's layout for its JSON: ``(tensors, optimizer_meta)``."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.shadow.items()})
-    ot, ometa = _flatten_optimizer(opt)
-    tensors.update(ot)
-    tensors["rng.train"] = _rng_tensor(gen.get_state())
-    tensors["rng.torch"] = _rng_tensor(torch.get_rng_state())
-    return tensors, ometa
-
-
-def restore_training_state(tensors: Dict[str, torch.Tensor], meta: dict,
-                           model: torch.nn.Module, ema: "EMA", opt: torch.optim.Optimizer,
-                           gen: torch.Generator, log_path: Path):
-    """Load what :func:`training_state` saved, cut the loss log back to the checkpoint's step;
-    returns ``(step, elapsed_seconds, commands)``."""
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    ema.shadow = {k[4:]: v.clone() for k, v in tensors.items() if k.startswith("ema.")}
-    _unflatten_optimizer(opt, tensors, meta["optimizer"])
-    gen.set_state(tensors["rng.train"])
-    torch.set_rng_state(tensors["rng.torch"])
-    step = int(meta["step"])
-    logged = [r for r in _read_log(log_path) if r.get("step", 0) <= step]
-    log_path.write_text("".join(json.dumps(r) + "\n" for r in logged))
-    return step, float(meta.get("elapsed_seconds", 0.0)), list(meta.get("commands", []))
-
-
-@dataclass
-class LoopEnd:
-    """Where :func:`training_loop` stopped."""
-
-    step: int
-    last_loss: Optional[float]
-    seconds: float
-    checkpoint: Optional[Path]
-
-
-def training_loop(*, model: torch.nn.Module, opt: torch.optim.Optimizer, ema: "EMA",
-                  loss_step: Callable[[], Tuple[torch.Tensor, Dict[str, torch.Tensor]]],
-                  lr_of_step: Callable[[int], float], step: int, steps: int, elapsed: float,
-                  grad_clip: float, log_every: int, checkpoint_every: int,
-                  save: Callable[[int, Optional[float], float], Path], log_path: Path,
-                  losses: List[dict], checkpoint: Optional[Path],
-                  stop: Optional[Callable[[], bool]], progress: bool, what: str) -> LoopEnd:
-    """The optimisation loop of every trainer (flow prior, autoencoder), from ``step`` to
-    ``steps``.
-
-    Per step: the learning rate ``lr_of_step(step)``, ``loss, extras = loss_step()`` (the
-    trainer draws its batch and noise there, from its own generator), backward, gradient
-    clipping at ``grad_clip`` (0: none), the optimiser and EMA updates. Every ``log_every``
-    steps (and at the last) the mean loss and the means of ``extras`` since the last record go
-    to ``loss.jsonl`` (:func:`append_log`); every ``checkpoint_every`` steps
-    ``save(step, last_loss, elapsed_seconds)`` writes a checkpoint, and at the end one more if
-    the last step has none (:func:`needs_final_checkpoint`). ``stop()`` returning true ends the
-    loop early (SIGINT/SIGTERM in the CLIs); a non-finite loss raises ``FloatingPointError``.
-    ``elapsed`` counts training time across resumed runs; checkpoint writing is not counted.
-    """
-    last_loss = losses[-1]["loss"] if losses else None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, initial=min(step, steps), desc=f"train {what}",
-                   dynamic_ncols=True)
-    acc, acc_extra, acc_n = 0.0, {}, 0
-    t_mark = time.perf_counter()
-    path, stopped = checkpoint, False
-    while step < steps:
-        if stop is not None and stop():
-            stopped = True
-            break
-        for g in opt.param_groups:
-            g["lr"] = lr_of_step(step)
-        loss, extras = loss_step()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip and grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        ema.update(model, step)
-        step += 1
-        lv = float(loss.detach())
-        if not math.isfinite(lv):
-            raise FloatingPointError(f"{what} loss became {lv} at step {step}")
-        acc += lv
-        for k, v in extras.items():
-            acc_extra[k] = acc_extra.get(k, 0.0) + float(v.detach())
-        acc_n += 1
-        if step % log_every == 0 or step == steps:
-            now = time.perf_counter()
-            elapsed += now - t_mark
-            t_mark = now
-            rec = {"step": step, "loss": acc / acc_n,
-                   **{k: v / acc_n for k, v in acc_extra.items()},
-                   "lr": opt.param_groups[0]["lr"], "seconds": round(elapsed, 3)}
-            append_log(log_path, losses, rec)
-            last_loss = rec["loss"]
-            acc, acc_extra, acc_n = 0.0, {}, 0
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{lv:.4f}")
-        if step % checkpoint_every == 0 and step != steps:
-            elapsed += time.perf_counter() - t_mark
-            t_mark = time.perf_counter()
-            path = save(step, last_loss, elapsed)
-    elapsed += time.perf_counter() - t_mark
-    if bar is not None:
-        bar.close()
-    if needs_final_checkpoint(path, step, stopped):
-        path = save(step, last_loss, elapsed)
-    return LoopEnd(step=step, last_loss=last_loss, seconds=elapsed, checkpoint=path)
 
 
 @dataclass
@@ -327,19 +106,6 @@ class TrainResult:
     checkpoint: Optional[str]
     losses: List[dict] = field(default_factory=list)
 
-
-def _read_log(path: Path) -> List[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return out
 
 
 def train_prior(dataset, *, out_dir, steps: int, batch_size: int = 16, lr: float = 2e-4,
@@ -455,7 +221,7 @@ def train_prior(dataset, *, out_dir, steps: int, batch_size: int = 16, lr: float
         log_path.unlink()
     if command:
         commands.append(command)
-    losses = _read_log(log_path)
+    losses = read_log(log_path)
 
     def save(step_now: int, last_loss: Optional[float], seconds: float) -> Path:
         tensors, ometa = training_state(model, ema, opt, gen)
@@ -465,7 +231,7 @@ def train_prior(dataset, *, out_dir, steps: int, batch_size: int = 16, lr: float
                 "commands": commands, "optimizer": ometa,
                 "parameters": int(sum(p.numel() for p in model.parameters()))}
         path = write_checkpoint(tensors, meta, out / f"ckpt-{step_now:08d}")
-        _prune(out, step_now, keep_last, keep_every)
+        prune_checkpoints(out, step_now, keep_last, keep_every)
         return path
 
     def loss_step():
@@ -498,19 +264,6 @@ def train_prior(dataset, *, out_dir, steps: int, batch_size: int = 16, lr: float
                        out_dir=str(out), checkpoint=str(path) if path else None, losses=losses)
 
 
-def _prune(out: Path, newest: int, keep_last: int, keep_every: Optional[int]) -> None:
-    steps = sorted(int(m.group(1)) for f in out.iterdir() if (m := _CKPT_RE.match(f.name)))
-    keep = set(steps[-max(1, keep_last):]) | {newest}
-    if keep_every:
-        keep |= {s for s in steps if s % keep_every == 0}
-    for s in steps:
-        if s not in keep:
-            for suf in (".safetensors", ".json"):
-                p = out / f"ckpt-{s:08d}{suf}"
-                if p.exists():
-                    p.unlink()
-
-
 # ---------------------------------------------------------------------- bundling
 def bundle_checkpoint(run_dir, dest_stem, *, name: Optional[str] = None,
                       dtype: torch.dtype = torch.float32, extra: Optional[dict] = None) -> Path:
@@ -528,12 +281,8 @@ def bundle_checkpoint(run_dir, dest_stem, *, name: Optional[str] = None,
     model = UNet.from_config(meta["model"])
     model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     pm = meta["prior"]
-    log = _read_log(Path(ckpt).parent / "loss.jsonl")
-    log = [r for r in log if r["step"] <= meta["step"]]
-    stride = max(1, math.ceil(len(log) / 200))
-    curve = [[r["step"], round(r["loss"], 5)] for r in log[::stride]]
-    if log and (not curve or curve[-1][0] != log[-1]["step"]):
-        curve.append([log[-1]["step"], round(log[-1]["loss"], 5)])
+    curve = loss_curve(read_log(Path(ckpt).parent / "loss.jsonl"), max_points=200,
+                       last_step=meta["step"])
     training = {"steps": meta["step"], "final_loss": meta.get("last_loss"),
                 "wall_seconds": round(meta.get("elapsed_seconds", 0.0), 1),
                 "hyperparameters": meta.get("train", {}), "commands": meta.get("commands", []),
@@ -546,178 +295,3 @@ def bundle_checkpoint(run_dir, dest_stem, *, name: Optional[str] = None,
                       scale=pm["scale"], shift=pm["shift"], hu_window=pm.get("hu_window"),
                       name=name or pm.get("name"), data=data, training=training, dtype=dtype)
 
-
-# ---------------------------------------------------------------------- command line
-#: The fixed patient split of the bundled CT prior (COVID-19-NY-SBU subject IDs).
-TEST_PATIENTS = ("A058062", "A062055", "A067967", "A072894", "A098752")
-VALIDATION_PATIENTS = ("A048383", "A056642")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ctflow train",
-                                description="Train a flow-matching prior, or bundle one.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-
-    def common(q):
-        q.add_argument("--out", required=True, help="run directory (checkpoints, loss.jsonl)")
-        q.add_argument("--steps", type=int, required=True)
-        q.add_argument("--batch-size", type=int, default=16)
-        q.add_argument("--lr", type=float, default=2e-4)
-        q.add_argument("--warmup-steps", type=int, default=500)
-        q.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
-        q.add_argument("--weight-decay", type=float, default=0.0)
-        q.add_argument("--ema-decay", type=float, default=0.999)
-        q.add_argument("--grad-clip", type=float, default=1.0)
-        q.add_argument("--coupling", choices=list(COUPLINGS), default="ot")
-        q.add_argument("--time-sampling", choices=list(TIME_SAMPLINGS), default="uniform")
-        q.add_argument("--seed", type=int, default=0)
-        q.add_argument("--checkpoint-every", type=int, default=200)
-        q.add_argument("--keep-every", type=int, default=None)
-        q.add_argument("--log-every", type=int, default=10)
-        q.add_argument("--no-resume", action="store_true")
-        q.add_argument("--progress", action="store_true")
-        q.add_argument("--threads", type=int, default=None)
-        q.add_argument("--channels-last", action="store_true",
-                       help="channels-last memory format (faster CPU convolutions)")
-        q.add_argument("--name", default="prior")
-        q.add_argument("--image-size", type=int, default=64)
-        q.add_argument("--base", type=int, default=16, help="U-Net width")
-        q.add_argument("--channel-mults", default="1,2,4,6")
-        q.add_argument("--num-res-blocks", type=int, default=2)
-        q.add_argument("--attention-levels", default="2")
-        q.add_argument("--device", default=None)
-        q.add_argument("--norm", choices=["group", "channel"], default="group",
-                       help="normalisation (channel: per pixel, for size-agnostic priors)")
-        q.add_argument("--no-mid-attention", action="store_true",
-                       help="no self-attention in the middle block")
-        q.add_argument("--autocast", choices=["bf16"], default=None,
-                       help="bfloat16 autocast for the network")
-
-    d = sub.add_parser("dicom", help="train on CT slices from DICOM files/folders")
-    d.add_argument("paths", nargs="+", help="DICOM folders or files")
-    d.add_argument("--nifti", nargs="*", default=[], help="NIfTI volumes (axial slices added)")
-    d.add_argument("--nifti-step", type=int, default=2)
-    d.add_argument("--exclude-patients", default="",
-                   help="comma-separated patient IDs never to train on (held-out split)")
-    d.add_argument("--hu-window", default="-1024,1024")
-    d.add_argument("--scale-range", default="0.85,1.0")
-    d.add_argument("--no-augment", action="store_true")
-    common(d)
-
-    pt = sub.add_parser("patches", help="train a size-agnostic prior on patches of the "
-                        "full-resolution training split")
-    pt.add_argument("root", help="local copy of the CT source folders (ctflow.data.splits)")
-    pt.add_argument("--split", default="train")
-    pt.add_argument("--hu-window", default="-1024,2000")
-    pt.add_argument("--pixel-mm", default="0.6,2.0", help="patch pixel sizes in mm (min,max)")
-    pt.add_argument("--rotate-deg", type=float, default=10.0)
-    pt.add_argument("--nifti-step", type=int, default=2)
-    common(pt)
-
-    e = sub.add_parser("ellipses", help="train on random ellipse phantoms")
-    e.add_argument("--count", type=int, default=1024)
-    common(e)
-
-    m = sub.add_parser("medmnist", help="train on a local MedMNIST .npz file")
-    m.add_argument("npz", help="<flag>_<size>.npz (or <flag>.npz for size 28), e.g. "
-                               "organamnist_64.npz")
-    m.add_argument("--split", default="train")
-    common(m)
-
-    b = sub.add_parser("bundle", help="export the EMA weights of a run as a prior")
-    b.add_argument("run", help="run directory or ckpt-*.json")
-    b.add_argument("--dest", default=None,
-                   help="output stem (default: ctflow/priors/bundled/<name>)")
-    b.add_argument("--name", required=True)
-    b.add_argument("--float16", action="store_true")
-    return p
-
-
-def _ints(s: str) -> tuple:
-    return tuple(int(v) for v in s.split(",") if v.strip() != "")
-
-
-def _floats(s: str) -> tuple:
-    return tuple(float(v) for v in s.split(","))
-
-
-def train_main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry (``ctflow train ...``): subcommands ``dicom``, ``ellipses``,
-    ``medmnist`` and ``bundle``. SIGTERM/SIGINT write a checkpoint before exiting; rerunning
-    the same command resumes."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
-    if args.cmd == "bundle":
-        dest = args.dest or str(Path(__file__).resolve().parents[1] / "priors" / "bundled"
-                                / args.name)
-        path = bundle_checkpoint(args.run, dest, name=args.name,
-                                 dtype=torch.float16 if args.float16 else torch.float32)
-        print(f"bundled {args.run} -> {path}")
-        return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from ctflow.training import datasets as D
-
-    hu_window = None
-    if args.cmd == "dicom":
-        hu_window = _floats(args.hu_window)
-        excl = [s.strip() for s in args.exclude_patients.split(",") if s.strip()]
-        ds = D.DicomSliceDataset(args.paths, image_size=args.image_size, hu_window=hu_window,
-                                 exclude_patients=excl, augment=not args.no_augment,
-                                 scale_range=_floats(args.scale_range),
-                                 nifti_paths=args.nifti, nifti_step=args.nifti_step)
-    elif args.cmd == "patches":
-        from ctflow.training.patches import PatchDataset, split_slices
-        hu_window = _floats(args.hu_window)
-        if args.split != "train":
-            raise ValueError("a prior is trained on the train split only")
-        ds = PatchDataset(split_slices(args.root, args.split, nifti_step=args.nifti_step,
-                                       progress=True),
-                          patch_size=args.image_size, hu_window=hu_window,
-                          pixel_mm_range=_floats(args.pixel_mm), rotate_deg=args.rotate_deg)
-    elif args.cmd == "ellipses":
-        ds = D.ellipses_dataset(args.count, image_size=args.image_size, seed=args.seed)
-    else:
-        npz = Path(args.npz)
-        if not npz.is_file():
-            raise FileNotFoundError(f"MedMNIST file not found: {npz}")
-        flag, _, size = npz.stem.partition("_")
-        ds = D.medmnist_dataset(flag, split=args.split, size=int(size or 28), root=npz.parent,
-                                image_size=args.image_size)
-    model = UNet(channels=int(ds.sample(1, torch.Generator().manual_seed(0)).shape[1]),
-                 base=args.base, channel_mults=_ints(args.channel_mults),
-                 num_res_blocks=args.num_res_blocks,
-                 attention_levels=_ints(args.attention_levels),
-                 image_size=None if args.cmd == "patches" else args.image_size,
-                 norm=args.norm, mid_attention=not args.no_mid_attention)
-    print(f"{len(ds)} training images, model {model.num_parameters():,} parameters, "
-          f"out {args.out}", flush=True)
-    flag = {"stop": False}
-
-    def handler(signum, frame):
-        flag["stop"] = True
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        res = train_prior(ds, out_dir=args.out, steps=args.steps, batch_size=args.batch_size,
-                          lr=args.lr, model=model, weight_decay=args.weight_decay,
-                          warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule,
-                          ema_decay=args.ema_decay, grad_clip=args.grad_clip,
-                          coupling=args.coupling, time_sampling=args.time_sampling,
-                          seed=args.seed, checkpoint_every=args.checkpoint_every,
-                          keep_every=args.keep_every, log_every=args.log_every,
-                          resume=not args.no_resume, progress=args.progress,
-                          hu_window=hu_window, name=args.name, device=args.device,
-                          channels_last=args.channels_last, autocast=args.autocast,
-                          command="ctflow train " + " ".join(shlex.quote(a) for a in argv),
-                          stop=lambda: flag["stop"])
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    print(f"step {res.step} loss {res.final_loss} wall {res.seconds:.0f} s "
-          f"checkpoint {res.checkpoint}", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(train_main())
