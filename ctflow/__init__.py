@@ -8,7 +8,7 @@ forward evaluations over one short segment only and memory stays constant in the
 >>> from ctflow.operators import ParallelBeam2D, RayTransform
 >>> A = RayTransform(ParallelBeam2D(64, angles=60))
 >>> prior = ctflow.load_prior("ct64")
->>> result = ctflow.reconstruct(y, A, prior, method="msflow", noise_level=0.01)  # doctest: +SKIP
+>>> result = ctflow.reconstruct(y, A, prior, method="msflow", sigma=0.01)  # doctest: +SKIP
 """
 from ctflow._version import __version__
 

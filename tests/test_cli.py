@@ -134,7 +134,7 @@ def test_reconstruct_image_npy_h5_png(tmp_path, cli):
 
 
 def test_reconstruct_sinogram(tmp_path, cli):
-    from ctflow.tasks.series import make_ct_operator
+    from ctflow.tasks import make_ct_operator
 
     n, views = 24, 40
     img = disk_image(n)
@@ -319,7 +319,7 @@ def test_reconstruct_dicom_file_input_is_prepared_like_the_prior(tmp_path, cli):
     import h5py
 
     from ctflow.data import read_dicom_slices
-    from ctflow.tasks.series import to_working_size
+    from ctflow.tasks import to_working_size
 
     src = REPO / "ctflow" / "data" / "samples" / "chest-subset" / "1-31.dcm"
     out = tmp_path / "r.h5"

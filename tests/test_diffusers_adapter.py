@@ -178,7 +178,7 @@ def test_loads_from_a_local_folder_without_network(parts, tmp_path, monkeypatch)
     A = RayTransform(ParallelBeam2D(image_size=16, angles=6))
     y = A(torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(1)))
     res = reconstruct(y, A, str(tmp_path), method="msflow", sigma=0.05, K=2, M=1,
-                      sweeps=1, cg_iters=2)
+                      sweeps=1, decoder_steps=2)
     assert res.image.shape == (1, 1, 16, 16)
     with pytest.raises(FileNotFoundError, match="not found"):
         from_diffusers(tmp_path / "missing")
@@ -195,7 +195,7 @@ def test_msflow_and_dflow_run_through_the_adapter(parts):
     A = RayTransform(ParallelBeam2D(image_size=16, angles=8))
     y = A(torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(0)))
     ms = reconstruct(y, A, prior, method="msflow", sigma=0.05, K=2, M=2, sweeps=2,
-                     cg_iters=3)
+                     decoder_steps=3)
     assert ms.image.shape == (1, 1, 16, 16) and torch.isfinite(ms.image).all()
     assert ms.history[-1]["data"] < ms.history[0]["data"]
     df = reconstruct(y, A, prior, method="dflow", sigma=0.05, N=3, iterations=1,
@@ -224,7 +224,7 @@ def test_reconstruct_dicom_cli_takes_a_diffusers_folder(parts, tmp_path, capsys)
     out = tmp_path / "out"
     rc = main(["--quiet", "reconstruct-dicom", str(src), str(out), "--method", "msflow",
                "--prior", str(model), "--views", "8", "--option", "K=2", "--option", "M=1",
-               "--option", "sweeps=1", "--option", "cg_iters=2"])
+               "--option", "sweeps=1", "--option", "decoder_steps=2"])
     assert rc == 0, capsys.readouterr().err
     files = sorted(out.glob("*.dcm"))
     assert len(files) == 1

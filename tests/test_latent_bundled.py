@@ -73,7 +73,7 @@ def test_reconstruct_api_and_reconstruct_dicom_cli(tmp_path, capsys):
     from ctflow.solvers import reconstruct
     A = RayTransform(ParallelBeam2D(image_size=128, angles=12))
     y = A(torch.rand(1, 1, 128, 128, generator=torch.Generator().manual_seed(0)))
-    for method, opts in (("msflow", dict(K=2, M=1, sweeps=1, cg_iters=2)),
+    for method, opts in (("msflow", dict(K=2, M=1, sweeps=1, decoder_steps=2)),
                          ("dflow", dict(N=2, iterations=1, max_iter=2))):
         res = reconstruct(y, A, NAME, method=method, sigma=0.1, **opts)
         assert res.image.shape == (1, 1, 128, 128) and bool(torch.isfinite(res.image).all())
@@ -84,7 +84,7 @@ def test_reconstruct_api_and_reconstruct_dicom_cli(tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["--quiet", "reconstruct-dicom", str(src), str(out), "--prior", NAME,
                "--views", "12", "--option", "K=2", "--option", "M=1", "--option", "sweeps=1",
-               "--option", "cg_iters=2"])
+               "--option", "decoder_steps=2"])
     assert rc == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["size"] == 128 and len(list(out.glob("*.dcm"))) == 1

@@ -206,16 +206,19 @@ def test_classical_methods_run_with_sigma_zero_or_none(name, options):
     assert torch.equal(a.image, b.image) and a.image.shape == y.shape
 
 
-def test_tv_at_sigma_zero_needs_the_unscaled_weight():
+def test_tv_at_sigma_zero_warns_and_the_unscaled_weight_regularises():
     """The relative and absolute TV weights scale with sigma (lambda = w sigma, w sigma^2):
-    at sigma = 0 they would silently drop the TV term, so they are refused; the unscaled
-    weight is lambda itself and gives the same image as the relative one at the sigma with
-    w sigma = lambda."""
+    at sigma = 0 the TV term vanishes, so TV warns and gives the weight-0 image; the
+    unscaled weight is lambda itself and gives the same image as the relative one at the
+    sigma with w sigma = lambda."""
     A, y, _ = _mask_problem()
+    plain = TV(weight=0.0, iterations=20).solve(A, y, None, 0.0)
     for mode in ("relative", "absolute"):
-        with pytest.raises(ValueError, match=f"weight_mode='{mode}' scales the TV weight "
+        with pytest.warns(UserWarning, match=f"weight_mode='{mode}' scales the TV weight "
                                              f"with sigma"):
-            TV(weight_mode=mode).solve(A, y, None, 0.0)
+            r = TV(weight_mode=mode, iterations=20).solve(A, y, None, 0.0)
+        assert r.options["effective_weight"] == 0.0
+        assert torch.equal(r.image, plain.image)
     lam, sigma = 0.02, 0.01
     unscaled = TV(weight=lam, weight_mode="unscaled", iterations=50).solve(A, y, None, 0.0)
     relative = TV(weight=lam / sigma, iterations=50).solve(A, y, None, sigma)

@@ -15,11 +15,13 @@ import argparse
 import json
 import random
 import sys
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
 
+from ctflow.data import sample_path
 from ctflow.distributed import RayOptions
 from ctflow.operators.noise import GaussianNoise
 from ctflow.solvers.registry import method, method_names
@@ -46,6 +48,27 @@ def echo(args, msg: str) -> None:
 
 
 # ---------------------------------------------------------------------- argument values
+#: Prefix of an input path that names a bundled sample (``sample:chest-subset``,
+#: ``sample:ct-heldout/A098752_19001231-32.dcm``), so examples run from any folder.
+SAMPLE_PREFIX = "sample:"
+
+
+def input_path(text: str) -> Path:
+    """A command's input path; ``sample:NAME[/FILE]`` is the bundled sample ``NAME``
+    (:func:`ctflow.data.sample_path`) or a file in it."""
+    if not text.startswith(SAMPLE_PREFIX):
+        return Path(text)
+    name, _, rest = text[len(SAMPLE_PREFIX):].partition("/")
+    try:
+        root = sample_path(name)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    path = root / rest if rest else root
+    if not path.exists():
+        raise CLIError(f"{text}: no such file in the bundled sample {name!r} ({root})")
+    return path
+
+
 def parse_slices(text: Optional[str]) -> Optional[slice]:
     """``"START:STOP"`` (either may be empty; Python slice semantics, 0-based, STOP exclusive)
     or a single index ``"K"`` → :class:`slice`; ``None`` → ``None``."""

@@ -6,7 +6,8 @@ from __future__ import annotations
 import inspect
 
 from ctflow.cli.common import (CLIError, add_command, add_ray_arguments, add_solver_arguments,
-                               default_prior, noise_from_args, parse_options, parse_slices,
+                               default_prior, input_path, noise_from_args, parse_options,
+                               parse_slices,
                                ray_settings)
 from ctflow.distributed import ray_slice_mapper
 from ctflow.tasks import reconstruct_dicom
@@ -42,7 +43,8 @@ def register(sub) -> None:
     """Add ``reconstruct-dicom`` to the sub-parsers ``sub``."""
     p = add_command(sub, "reconstruct-dicom", "reconstruct a DICOM series slice by slice into "
                     "a derived DICOM series", EPILOG, cmd_reconstruct_dicom)
-    p.add_argument("in_dir", metavar="IN_DIR", help="folder holding one CT series")
+    p.add_argument("in_dir", metavar="IN_DIR", help="folder holding one CT series "
+                   "(sample:chest-subset: the bundled chest slices)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder for the derived series "
                    "(created; must differ from IN_DIR)")
     add_solver_arguments(p)
@@ -68,7 +70,7 @@ def cmd_reconstruct_dicom(args) -> int:
                        f"--{clash[0].replace('_', '-')}")
     ray = ray_settings(args)
     summary = reconstruct_dicom(
-        args.in_dir, args.out_dir, views=args.views, geometry=args.geometry, noise=noise,
+        input_path(args.in_dir), args.out_dir, views=args.views, geometry=args.geometry, noise=noise,
         method=name, prior=default_prior(name, args.prior), size=args.size,
         slices=parse_slices(args.slices),
         # on Ray the tasks pick their device on their own node (main() resolved it otherwise)

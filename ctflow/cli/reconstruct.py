@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ctflow.cli.common import (CLIError, add_command, add_solver_arguments, default_prior, echo,
-                               noise_from_args, parse_options)
+                               input_path, noise_from_args, parse_options)
 from ctflow.data import read_dicom_series, read_dicom_slices
 from ctflow.data.atomic import atomic_save
 from ctflow.metrics import psnr, ssim
@@ -53,7 +53,8 @@ def register(sub) -> None:
     """Add ``reconstruct`` to the sub-parsers ``sub``."""
     p = add_command(sub, "reconstruct", "reconstruct a sinogram or image file (.npy, .h5, "
                     "DICOM)", EPILOG, cmd_reconstruct)
-    p.add_argument("input", help="a .npy, .h5/.hdf5 file, a DICOM file or a DICOM series folder")
+    p.add_argument("input", help="a .npy, .h5/.hdf5 file, a DICOM file or a DICOM series folder; "
+                   "sample:NAME[/FILE] for a bundled sample (e.g. sample:chest-subset/1-31.dcm)")
     p.add_argument("--output", "-o", required=True, help="output file: .npy, .h5/.hdf5 or .png")
     p.add_argument("--kind", choices=("auto", "sinogram", "image"), default="auto",
                    help="what the input holds")
@@ -199,7 +200,7 @@ def cmd_reconstruct(args) -> int:
     name = args.method
     spec = method(name)
     noise = noise_from_args(args, name)
-    path, out = Path(args.input), Path(args.output)
+    path, out = input_path(args.input), Path(args.output)
     _check_paths(path, out, args.overwrite)
     prior_name = default_prior(name, args.prior)
     if prior_name is None and spec.needs_prior:

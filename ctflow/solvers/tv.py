@@ -14,13 +14,17 @@ r"""The TV baseline: total-variation regularised least squares by Chambolle–Po
 * ``"absolute"``: :math:`\mu = \text{weight}`, i.e. :math:`\lambda = \text{weight}\cdot\sigma^2`;
 * ``"unscaled"``: :math:`\lambda = \text{weight}`, whatever :math:`\sigma` is.
 
-Noise-free data (:math:`\sigma = 0`): ``"relative"`` and ``"absolute"`` would give
-:math:`\lambda = 0` and silently drop the TV term, so they refuse :math:`\sigma = 0`
-(``ValueError`` before any work); ``weight_mode="unscaled"`` runs at any :math:`\sigma \ge 0`.
+Noise-free data (:math:`\sigma = 0`): ``"relative"`` and ``"absolute"`` give
+:math:`\lambda = 0`, i.e. no TV term (the right limit: no noise, no regularisation; an
+all-air slice reconstructs as 0); TV then warns once that its weight has no effect.
+``weight_mode="unscaled"`` (:math:`\lambda` = ``weight``) regularises at any
+:math:`\sigma \ge 0`.
 The reported ``objective`` and ``gap`` are in the :math:`1/(2\sigma^2)` form when
 :math:`\sigma > 0` (else in the unscaled form).
 """
 from __future__ import annotations
+
+import warnings
 
 import dataclasses
 
@@ -92,10 +96,11 @@ class TV(IterativeSolver):
     def before_run(self, sigma: float) -> None:
         mode = self.options.weight_mode
         if sigma == 0 and mode != "unscaled" and self.options.weight > 0:
-            raise ValueError(f"TV: weight_mode={mode!r} scales the TV weight with sigma, so "
-                             f"sigma=0 would drop the TV term; pass sigma > 0 (the noise "
-                             f"standard deviation of y) or weight_mode='unscaled' (lambda = "
-                             f"weight in 1/2 ||Ax - y||^2 + lambda TV(x))")
+            warnings.warn(f"TV: weight_mode={mode!r} scales the TV weight with sigma and "
+                          f"sigma is 0 (noise-free data), so the TV term vanishes and TV is "
+                          f"plain least squares; pass weight_mode='unscaled' for lambda = "
+                          f"weight in 1/2 ||Ax - y||^2 + lambda TV(x)", UserWarning,
+                          stacklevel=2)
 
     def _run(self, operator, y, sigma, x0):
         opt = self.options

@@ -19,9 +19,7 @@ slice is prepared, measured and solved the same way everywhere:
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import inspect
 from typing import Any, Optional, Tuple
 
 import numpy as np
@@ -152,16 +150,8 @@ def resolve_prior(prior: Any, *, device: Any = None):
 
 
 def _solver_takes(method: str, name: str) -> bool:
-    """Does the solver behind ``method`` take the option ``name``? (Its ``Options`` dataclass,
-    else its ``DEFAULTS``, else its constructor's keywords.)"""
-    cls = registry.method(method).solver_class()
-    options = getattr(cls, "Options", None)
-    if dataclasses.is_dataclass(options):
-        return name in {f.name for f in dataclasses.fields(options)}
-    defaults = getattr(cls, "DEFAULTS", None)
-    if isinstance(defaults, dict):
-        return name in defaults
-    return name in inspect.signature(cls.__init__).parameters
+    """Does the solver behind ``method`` take the option ``name`` (its ``Options``)?"""
+    return name in registry.method(method).options_type.names()
 
 
 def run_solver(y: torch.Tensor, operator, prior, *, method: str, sigma: Optional[float],
