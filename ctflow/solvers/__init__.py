@@ -14,3 +14,8 @@ from ctflow.solvers.result import Reconstruction, SolveMeter
 
 __all__ = ["reconstruct", "METHODS", "solver_class", "MSFlow", "DFlow", "PnPFlow", "OTODE",
            "FBPSolver", "TV", "CGLS", "Landweber", "Reconstruction", "SolveMeter"]
+
+# The method registry at package level (benchmarks and applications read method names here).
+from ctflow.solvers.registry import Method, method, method_names  # noqa: E402
+
+__all__ += ["Method", "method", "method_names"]
