@@ -138,8 +138,9 @@ def tune_suite(module, ctx, *, out: Path, after_case: Optional[Callable[[int], N
         for key, res in results.items():
             cfg["methods"].setdefault(key, {}).update(res["chosen"])
         cfg.setdefault("tuning", {})["result"] = results
-        cfg["tuning"]["status"] = (f"tuned on the validation split "
-                                   f"({len(images)} slices) on {results[next(iter(results))]['date']}")
+        date = results[next(iter(results))]["date"]
+        cfg["tuning"]["status"] = (f"tuned on the validation split ({len(images)} slices) "
+                                   f"on {date}")
         save_config(ctx.suite, cfg)
     elif not complete:
         print(f"{suite}: {len(ids) - len(by_id)} tuning case(s) failed or are missing; the "
