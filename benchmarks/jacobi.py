@@ -54,7 +54,7 @@ BATCHES = (8, 16, 32, 64, 128)
 DRAWS = (8, 1)          # the tuned setting, and the solver default (one trajectory)
 JACOBI_RELAXATION = 1.0
 VIEWS = 60
-NOISE = GaussianNoise(relative=0.01)
+NOISE = 0.01           # relative: sigma = NOISE * RMS(A x)
 
 
 def _options(quick: bool) -> Dict[str, Any]:
@@ -74,7 +74,7 @@ def _problems(quick: bool, device: str, prior):
         x = to_working_size(sl.hu, size, hu_window=tuple(prior.hu_window)).to(device)
         x = x.reshape(1, 1, size, size)
         gen = torch.Generator().manual_seed(slice_seed(0, f"ct-sparse:{f.name}"))
-        y, sigma = simulate_measurement(A, x, NOISE, generator=gen)
+        y, sigma = simulate_measurement(A, x, GaussianNoise(relative=NOISE), generator=gen)
         yield f.name, A, x, y, float(sigma[0])
 
 
