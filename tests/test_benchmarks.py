@@ -307,6 +307,31 @@ def test_report_expands_rows_shared_by_ablation_factors():
     assert out[2]["labels"]["K"] == 8 and "also" not in out[0]["labels"]
 
 
+def test_default_output_folder_is_outside_the_source_tree_unless_a_full_run_from_the_root(
+        tmp_path):
+    assert settings.default_out(False, cwd=REPO) == REPO / "benchmarks" / "results"
+    assert settings.default_out(True, cwd=REPO) == REPO / "bench-results" / "quick"
+    assert settings.default_out(True, cwd=tmp_path) == tmp_path / "bench-results" / "quick"
+    assert settings.default_out(False, cwd=tmp_path) == tmp_path / "bench-results"
+
+
+def test_suites_run_the_configs_methods_cheap_first_with_registry_labels():
+    from benchmarks.suites import ct_sparse
+    from benchmarks.suites.common import SuiteContext
+    from ctflow.solvers import METHODS
+
+    ctx = SuiteContext(suite="ct-sparse", quick=True, load_prior=False)
+    cases = ct_sparse.cases(ctx)
+    order = list(dict.fromkeys(c.method for c in cases))
+    assert order == ["fbp", "tv", "pnpflow", "otode", "msflow", "dflow"]
+    assert set(order) == set(ctx.config()["methods"])
+    assert all(c.labels["variant"] == METHODS[c.method].label for c in cases)
+    assert {c.labels["N"] for c in cases if options.takes_steps(c.method)} == {8, 16}
+    assert options.option_names("msflow") >= {"K", "M", "seed"}
+    with pytest.raises(ValueError, match="unknown method"):
+        options.run_order(["msflow", "nope"])
+
+
 # ---------------------------------------------------------------------------------------------
 # the suites, --quick, on the real code path
 def _have_ct():
