@@ -20,8 +20,9 @@ Noise convention (documented in ``benchmarks/README.md``): ``y = A x + \sigma\,\
   image scale.
 
 :math:`\sigma` is passed to every solver as ``sigma``. The draw :math:`\varepsilon` is seeded by
-(base seed, image id, problem) (:func:`benchmarks.cases.derived_seed`) -- never by the method --
-so every method sees the same ``y``.
+(base seed, image id, problem) (:func:`benchmarks.cases.derived_seed`; not
+``ctflow.tasks.slice_seed``, whose values differ: the committed results were drawn with these
+seeds) -- never by the method -- so every method sees the same ``y``.
 """
 from __future__ import annotations
 
