@@ -18,16 +18,16 @@ the ``continuation`` and ``adaptive`` schedules (their trajectory losses are not
 with the constant-ρ runs, so the table reports them with the final PSNR and data residual).
 
 The trajectory loss is :math:`\sum_k \tfrac12\|s_{k+1} - \Phi_k(s_k)\|^2` (without
-:math:`\rho`). Outputs in ``--out`` (default ``benchmarks/results``): ``convergence.json``
-(per-sweep histories, metadata), ``convergence.md`` (table) and ``convergence.png``
-(trajectory loss and :math:`J - J_\text{best}` against sweeps, log-y).
+:math:`\rho`). Outputs in ``--out`` (default :func:`benchmarks.settings.default_out`):
+``convergence.json`` (per-sweep histories, metadata), ``convergence.md`` (table) and
+``convergence.png`` (trajectory loss and :math:`J - J_\text{best}` against sweeps, log-y).
 
 The prior is the bundled ``ct64`` U-Net where present (``--prior bundled``), else — or with
 ``--prior gaussian`` — the closed-form Gaussian flow whose mean is a smoothed phantom (fast,
 every flow map affine). The problem is 64×64 parallel-beam CT with 30 angles and 1 % noise,
 on the first held-out validation slice (with a trained prior) or Shepp–Logan (Gaussian prior).
 
-    python benchmarks/convergence.py [--quick] [--device cpu] [--prior bundled|gaussian]
+    python -m benchmarks.convergence [--quick] [--device cpu] [--prior bundled|gaussian]
 """
 from __future__ import annotations
 
@@ -39,11 +39,10 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-try:  # as part of the benchmarks package (python -m benchmarks convergence)
-    from benchmarks.memory import IMAGE_SIZE, SEED, build_problem, load_velocity_prior
-except ImportError:  # as a script (python benchmarks/convergence.py)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from memory import IMAGE_SIZE, SEED, build_problem, load_velocity_prior  # type: ignore
+from ctflow.data import atomic_save, atomic_write_bytes, atomic_write_json
+
+from benchmarks.ct64_problem import IMAGE_SIZE, SEED, build_problem, load_velocity_prior
+from benchmarks.settings import default_out
 
 #: variant -> MS-Flow options (added to the shared ones)
 VARIANTS: Dict[str, Dict] = {
@@ -80,7 +79,7 @@ def _psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
 
-def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str = "cpu", *,
+def run(quick: bool = False, out: Optional[Path] = None, device: str = "cpu", *,
         prior: str = "auto", K: Optional[int] = None, M: Optional[int] = None,
         sweeps: Optional[int] = None,
         rho: float = 1000.0, trajectory: str = "interpolate",
@@ -90,7 +89,7 @@ def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str
 
     Args:
         quick: K = 4, M = 2 and 4 sweeps instead of K = 8, M = 4 (the solver defaults) and 15.
-        out: output folder.
+        out: output folder (default :func:`benchmarks.settings.default_out`).
         device: ``"cpu"`` or ``"cuda"``.
         prior: ``"bundled"`` (ct64), ``"gaussian"`` or ``"auto"`` (bundled if present).
         K, M: segments and steps per segment (Euler); ``None``: see ``quick``.
@@ -110,7 +109,8 @@ def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run(quick, Path(out), device, prior=prior, K=K, M=M, sweeps=sweeps, rho=rho,
+        out = Path(out) if out is not None else default_out(quick)
+        return _run(quick, out, device, prior=prior, K=K, M=M, sweeps=sweeps, rho=rho,
                     trajectory=trajectory, variants=variants, verbose=verbose)
     finally:
         torch.set_num_threads(before)
@@ -185,7 +185,6 @@ def summary(results: Dict[str, Dict]) -> Dict:
 
 
 def write_outputs(payload: Dict, out: Path) -> None:
-    from ctflow.data.atomic import atomic_write_bytes, atomic_write_json
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "convergence.json", payload, default=float)
     meta, summ = payload["meta"], payload["summary"]
@@ -242,7 +241,6 @@ def _plot(payload: Dict, path: Path) -> None:
     m = payload["meta"]
     fig.suptitle(f"MS-Flow convergence (K={m['K']}, M={m['M']}, ρ={m['rho']}, {m['device']})")
     fig.tight_layout()
-    from ctflow.data.atomic import atomic_save
     atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=path.suffix)
     plt.close(fig)
 
@@ -250,7 +248,8 @@ def _plot(payload: Dict, path: Path) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--out", type=Path, default=None,
+                   help="result folder (default: as python -m benchmarks)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--prior", choices=("auto", "bundled", "gaussian"), default="auto")
     p.add_argument("--K", type=int, default=None)

@@ -46,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # allow `python benchmarks/gpu_check.py`
     sys.path.insert(0, str(ROOT))
 
-from ctflow.data.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
+from benchmarks.settings import default_out  # noqa: E402
+from ctflow.data import atomic_write_bytes, atomic_write_json  # noqa: E402
 from ctflow.data import shepp_logan  # noqa: E402
 from ctflow.operators.ct import (FBP, FanBeam2D, ParallelBeam2D, RayTransform,  # noqa: E402
                                  available_backends)
@@ -263,7 +264,7 @@ def _md(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str = "cuda", *,
+def run(quick: bool = False, out: Optional[Path] = None, device: str = "cuda", *,
         repeats: Optional[int] = None) -> dict:
     """Run the GPU check and return the report (``status``, ``backends``, ``contract``,
     ``timings``, ``meta``).
@@ -271,7 +272,7 @@ def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str
     Without CUDA (or with ``device="cpu"``) nothing is measured or written: the report has
     ``status == "skipped"``, the reason, and every backend's availability with its reason.
     """
-    out = Path(out)
+    out = Path(out) if out is not None else default_out(quick)
     infos = [{"name": i.name, "backend": i.backend, "impl": i.impl,
               "available": bool(i.available), "reason": i.reason}
              for i in available_backends()]
@@ -324,14 +325,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
     p.add_argument("--device", default="cuda", help="cuda or cuda:N (default cuda)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out", default=None,
+                   help="result folder (default: as python -m benchmarks)")
     p.add_argument("--repeats", type=int, default=None, help="timing repeats")
     args = p.parse_args(argv)
-    report = run(quick=args.quick, out=Path(args.out), device=args.device,
-                 repeats=args.repeats)
+    out = Path(args.out) if args.out else default_out(args.quick)
+    report = run(quick=args.quick, out=out, device=args.device, repeats=args.repeats)
     if report["status"] == "skipped":
         return 0
-    print((Path(args.out) / "gpu_check.md").read_text())
+    print((out / "gpu_check.md").read_text())
     return 0 if report["status"] == "ok" else 1
 
 

@@ -24,7 +24,8 @@ Time per sweep is
 :math:`(\text{seconds after the last sweep} - \text{seconds after the initialisation}) /
 \text{sweeps}` from the solver's history; the ratio GS / Jacobi > 1 means Jacobi is faster.
 
-Outputs in ``--out``: ``jacobi.json`` (per solve), ``jacobi.md`` (table) and ``jacobi.png``.
+Outputs in ``--out`` (default :func:`benchmarks.settings.default_out`): ``jacobi.json`` (per
+solve), ``jacobi.md`` (table) and ``jacobi.png``.
 
     python -m benchmarks jacobi [--quick] [--device cpu|cuda]
 """
@@ -39,17 +40,25 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from ctflow.data import atomic_write_bytes, atomic_write_json, heldout_files, read_dicom_slices
+from ctflow.metrics import psnr
+from ctflow.operators.noise import GaussianNoise
+from ctflow.priors import load_prior
+from ctflow.solvers import reconstruct
+from ctflow.tasks import make_ct_operator, simulate_measurement, slice_seed, to_working_size
+
+from benchmarks.settings import default_out, load_config
+
 KS = (4, 8, 16)
 BATCHES = (8, 16, 32, 64, 128)
 DRAWS = (8, 1)          # the tuned setting, and the solver default (one trajectory)
 JACOBI_RELAXATION = 1.0
 VIEWS = 60
-NOISE = 0.01
-CONFIG = Path(__file__).resolve().parent / "configs" / "ct-sparse.json"
+NOISE = 0.01           # relative: sigma = NOISE * RMS(A x)
 
 
 def _options(quick: bool) -> Dict[str, Any]:
-    opts = dict(json.loads(CONFIG.read_text())["methods"]["msflow"])
+    opts = dict(load_config("ct-sparse")["methods"]["msflow"])
     opts["M"] = 1
     if quick:
         opts.update(sweeps=2)
@@ -57,9 +66,6 @@ def _options(quick: bool) -> Dict[str, Any]:
 
 
 def _problems(quick: bool, device: str, prior):
-    from ctflow.data import heldout_files, read_dicom_slices
-    from ctflow.tasks.series import (make_ct_operator, simulate_measurement, slice_seed,
-                                    to_working_size)
     files = heldout_files("test")[: 1 if quick else 10]
     size = int(prior.image_size)
     A = make_ct_operator(size, VIEWS, device=device)
@@ -68,17 +74,15 @@ def _problems(quick: bool, device: str, prior):
         x = to_working_size(sl.hu, size, hu_window=tuple(prior.hu_window)).to(device)
         x = x.reshape(1, 1, size, size)
         gen = torch.Generator().manual_seed(slice_seed(0, f"ct-sparse:{f.name}"))
-        y, sigma = simulate_measurement(A, x, NOISE, generator=gen)
+        y, sigma = simulate_measurement(A, x, GaussianNoise(relative=NOISE), generator=gen)
         yield f.name, A, x, y, float(sigma[0])
 
 
-def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str = "cpu", *,
+def run(quick: bool = False, out: Optional[Path] = None, device: str = "cpu", *,
         prior: str = "ct64", verbose: bool = True) -> Dict[str, Any]:
-    """Run the comparison and write ``jacobi.{json,md,png}`` to ``out``."""
-    from ctflow import load_prior, psnr
-    from ctflow.tasks.series import atomic_write_bytes, atomic_write_json, run_solver
-
-    out = Path(out)
+    """Run the comparison and write ``jacobi.{json,md,png}`` to ``out`` (default
+    :func:`benchmarks.settings.default_out`)."""
+    out = Path(out) if out is not None else default_out(quick)
     out.mkdir(parents=True, exist_ok=True)
     pr = load_prior(prior, device=device)
     base = _options(quick)
@@ -90,8 +94,8 @@ def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str
                 opts = dict(base, K=K, sweep=sweep, draws=draws)
                 if sweep == "jacobi":
                     opts["relaxation"] = JACOBI_RELAXATION
-                res = run_solver(y, A, pr, method="msflow", noise_level=sigma, seed=0,
-                                 progress=False, **opts)
+                res = reconstruct(y, A, pr, method="msflow", sigma=sigma, seed=0,
+                                  progress=False, **opts)
                 h = res.history
                 per_sweep = (h[-1]["seconds"] - h[0]["seconds"]) / max(len(h) - 1, 1)
                 row = {"image": name, "K": K, "draws": draws, "sweep": sweep,
@@ -216,9 +220,10 @@ def main(argv: Optional[list] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--out", type=Path, default=None,
+                   help="result folder (default: as python -m benchmarks)")
     a = p.parse_args(argv)
-    run(a.quick, Path(a.out), a.device)
+    run(a.quick, a.out, a.device)
     return 0
 
 

@@ -15,7 +15,7 @@ Euler steps:
 
 Each configuration runs in a FRESH process (this script re-invoked with ``--single``), so the
 allocator state of one run never leaks into the next; peak memory is measured by
-:class:`ctflow.solvers.result.SolveMeter` (CUDA: ``max_memory_allocated``; CPU: the resident
+:class:`ctflow.solvers.SolveMeter` (CUDA: ``max_memory_allocated``; CPU: the resident
 set high-water mark), both relative to the memory in use when the solve starts (the prior's
 weights excluded). The blend initialisation is skipped (``alpha=0``, pure-noise start): it
 runs without gradients and does not change the peak, only the run time.
@@ -32,11 +32,14 @@ What does grow with N in MS-Flow is the trajectory itself: K + 1 states and K ca
 flows, (2K + 1)·n floats — 2.1 MB for K = 64 at 64×64 in float32 — against the O(N) autograd
 graph of D-Flow (about 30 MB per Euler step for the ``ct64`` U-Net on a CPU).
 
-Outputs (in ``--out``, default ``benchmarks/results``): ``memory.json`` (rows + metadata +
-acceptance checks), ``memory.md`` (table) and ``memory.png`` (memory against N, log-x).
+The problem is :mod:`benchmarks.ct64_problem` (shared with ``benchmarks/convergence.py``).
 
-    python benchmarks/memory.py            # full
-    python benchmarks/memory.py --quick    # N in {8, 16}
+Outputs (in ``--out``, default :func:`benchmarks.settings.default_out`): ``memory.json`` (rows
++ metadata + acceptance checks), ``memory.md`` (table) and ``memory.png`` (memory against N,
+log-x).
+
+    python -m benchmarks.memory            # full
+    python -m benchmarks.memory --quick    # N in {8, 16}
 """
 from __future__ import annotations
 
@@ -50,90 +53,20 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
+import torch
+
+from ctflow.data import atomic_save, atomic_write_bytes, atomic_write_json
+from ctflow.solvers import DFlow, MSFlow
+
+from benchmarks.ct64_problem import IMAGE_SIZE, SEED, build_problem, load_velocity_prior
+from benchmarks.settings import REPO_ROOT, default_out
+
 STEPS = (8, 16, 32, 64, 128, 256)
 QUICK_STEPS = (8, 16)
 SOLVERS = ("msflow-jf", "msflow-exact", "dflow")
 SEGMENT_STEPS = 4
-IMAGE_SIZE = 64
-ANGLES = 30
-SEED = 0
 RESULT_TAG = "MEMORY-RESULT "
-
-
-# ---------------------------------------------------------------------------------------------
-# the problem (shared with benchmarks/convergence.py)
-# ---------------------------------------------------------------------------------------------
-def load_velocity_prior(device: str, *, allow_bundled: bool = True):
-    """``(prior, label)``: the bundled ``ct64`` prior if available, else a default U-Net with
-    random weights (seeded)."""
-    import torch
-
-    import ctflow
-    from ctflow.priors import FlowPrior
-    if allow_bundled:
-        try:
-            from ctflow.priors import list_priors, load_prior
-            if "ct64" in list_priors():
-                prior = load_prior("ct64", device=device)
-                return prior.eval(), "bundled prior ct64 (trained weights)"
-        except (ImportError, ValueError, FileNotFoundError, OSError):
-            pass
-    from ctflow.flow.unet import UNet
-    torch.manual_seed(SEED)
-    net = UNet(image_size=IMAGE_SIZE).to(device)
-    prior = FlowPrior(net, image_size=IMAGE_SIZE, channels=1, name="unet-random")
-    del ctflow
-    return prior.eval(), "UNet default config, random weights (no bundled ct64 prior found)"
-
-
-def _validation_slice(hu_window) -> "object":
-    """The first held-out VALIDATION slice, prepared exactly as the CT prior saw its data."""
-    from ctflow.data import samples
-    from ctflow.training.datasets import CTSliceDataset
-    hu = samples.heldout_slices("validation")[0].hu
-    ds = CTSliceDataset([hu], image_size=IMAGE_SIZE, hu_window=tuple(hu_window), augment=False)
-    return ds[0][None].float().contiguous()
-
-
-def build_problem(device: str, *, noise: float = 0.01, angles: int = ANGLES,
-                  image: str = "shepp-logan", hu_window=(-1024.0, 1024.0)):
-    """``(operator, y, x, noise_level, label)``: a 64×64 CT problem with noise standard
-    deviation ``noise`` times the mean absolute clean measurement.
-
-    ``image``: ``"shepp-logan"`` or ``"validation"`` (the first held-out validation slice in
-    the prior's HU window; Shepp–Logan if the samples are unavailable).
-    """
-    import torch
-    g = torch.Generator().manual_seed(SEED)
-    x = None
-    if image == "validation":
-        try:
-            x = _validation_slice(hu_window)
-        except (ImportError, FileNotFoundError, ValueError, OSError):
-            x = None
-    if x is None:
-        try:
-            from ctflow.data import shepp_logan
-            x = shepp_logan(IMAGE_SIZE).reshape(1, 1, IMAGE_SIZE, IMAGE_SIZE)
-        except ImportError:
-            yy, xx = torch.meshgrid(torch.linspace(-1, 1, IMAGE_SIZE),
-                                    torch.linspace(-1, 1, IMAGE_SIZE), indexing="ij")
-            x = ((xx ** 2 + yy ** 2) < 0.5).float().reshape(1, 1, IMAGE_SIZE, IMAGE_SIZE) * 0.8
-        image = "shepp-logan"
-    x = x.to(device)
-    try:
-        from ctflow.operators import ParallelBeam2D, RayTransform
-        A = RayTransform(ParallelBeam2D(image_size=IMAGE_SIZE, angles=angles))
-        label = f"RayTransform(ParallelBeam2D({IMAGE_SIZE}, angles={angles}))"
-    except (ImportError, AttributeError):
-        from ctflow.operators.restoration import GaussianBlur
-        A = GaussianBlur(IMAGE_SIZE, sigma=1.5)
-        label = f"GaussianBlur({IMAGE_SIZE}, sigma=1.5) (no RayTransform available)"
-    with torch.no_grad():
-        clean = A(x)
-    sigma = noise * float(clean.abs().mean())
-    y = clean + sigma * torch.randn(clean.shape, generator=g).to(clean)
-    return A, y, x, sigma, f"{label}, image: {image}"
 
 
 def solver_options(solver: str, N: int, *, M: int = SEGMENT_STEPS) -> Dict:
@@ -150,9 +83,6 @@ def solver_options(solver: str, N: int, *, M: int = SEGMENT_STEPS) -> Dict:
 # one configuration (in a fresh process)
 # ---------------------------------------------------------------------------------------------
 def measure_one(solver: str, N: int, device: str, *, M: int = SEGMENT_STEPS) -> Dict:
-    import torch
-
-    from ctflow.solvers import DFlow, MSFlow
     prior, prior_label = load_velocity_prior(device)
     A, y, x, sigma, op_label = build_problem(device)
     opts = solver_options(solver, N, M=M)
@@ -171,7 +101,7 @@ def measure_one(solver: str, N: int, device: str, *, M: int = SEGMENT_STEPS) -> 
 
 def _child(solver: str, N: int, device: str, M: int, timeout: Optional[float],
            threads: Optional[int]) -> Dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--single", solver, "--steps", str(N),
+    cmd = [sys.executable, "-m", "benchmarks.memory", "--single", solver, "--steps", str(N),
            "--device", device, "--segment-steps", str(M)]
     if threads:
         cmd += ["--threads", str(threads)]
@@ -181,10 +111,10 @@ def _child(solver: str, N: int, device: str, M: int, timeout: Optional[float],
         # trimming make the resident set follow live memory rather than heap fragmentation
         env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
         env.setdefault("MALLOC_TRIM_THRESHOLD_", "0")
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                              cwd=str(REPO_ROOT))
     except subprocess.TimeoutExpired:
         return {"solver": solver, "N": N, "status": f"timeout after {timeout:.0f} s",
                 "peak_memory_bytes": None, "peak_memory_mib": None, "device": device}
@@ -208,7 +138,6 @@ def _peak(rows, solver, N) -> Optional[float]:
 
 def acceptance(rows: List[Dict]) -> Dict:
     """The issue's memory criteria, evaluated on the measured rows (``None`` if unmeasured)."""
-    import numpy as np
     out: Dict = {}
     Ns = sorted({r["N"] for r in rows})
     lo, hi = (Ns[0], Ns[-1]) if Ns else (None, None)
@@ -261,14 +190,13 @@ def _seconds_cell(r: Optional[Dict]) -> str:
 
 
 def write_outputs(rows: List[Dict], meta: Dict, out: Path) -> Dict[str, Path]:
-    from ctflow.data.atomic import atomic_write_bytes, atomic_write_json
     out.mkdir(parents=True, exist_ok=True)
     checks = acceptance(rows)
     payload = {"meta": meta, "rows": rows, "acceptance": checks}
     paths = {"json": out / "memory.json", "md": out / "memory.md", "png": out / "memory.png"}
     atomic_write_json(paths["json"], payload, default=float)
     Ns = sorted({r["N"] for r in rows})
-    lines = [f"# Peak memory against ODE steps (Figure 1)", "",
+    lines = ["# Peak memory against ODE steps (Figure 1)", "",
              f"device: {meta['device']}; prior: {meta['prior']}; operator: {meta['operator']}; "
              f"image {IMAGE_SIZE}×{IMAGE_SIZE}, batch 1, Euler steps, MS-Flow segment length "
              f"M = {meta['segment_steps']}; each configuration in a fresh process; peak memory "
@@ -306,7 +234,6 @@ def _plot(rows, meta, path: Path) -> None:
     axes[0].legend()
     fig.suptitle(f"Peak memory vs N ({meta['device']}, {IMAGE_SIZE}×{IMAGE_SIZE}, batch 1)")
     fig.tight_layout()
-    from ctflow.data.atomic import atomic_save
     atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=120), suffix=path.suffix)
     plt.close(fig)
 
@@ -314,7 +241,7 @@ def _plot(rows, meta, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # driver
 # ---------------------------------------------------------------------------------------------
-def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str = "cpu", *,
+def run(quick: bool = False, out: Optional[Path] = None, device: str = "cpu", *,
         steps: Optional[Sequence[int]] = None, solvers: Sequence[str] = SOLVERS,
         segment_steps: int = SEGMENT_STEPS, dflow_max_gib: Optional[float] = None,
         timeout: Optional[float] = None, threads: Optional[int] = None,
@@ -323,7 +250,7 @@ def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str
 
     Args:
         quick: N in {8, 16} only.
-        out: output folder.
+        out: output folder (default :func:`benchmarks.settings.default_out`).
         device: ``"cpu"`` or ``"cuda"``.
         steps: override the list of N.
         dflow_max_gib: skip D-Flow runs whose linear extrapolation exceeds this (default: 5
@@ -335,8 +262,7 @@ def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str
 
     Returns the JSON payload (meta, rows, acceptance).
     """
-    import torch
-    out = Path(out)
+    out = Path(out) if out is not None else default_out(quick)
     steps = tuple(steps) if steps else (QUICK_STEPS if quick else STEPS)
     if dflow_max_gib is None and device == "cpu":
         dflow_max_gib = 5.0
@@ -386,7 +312,8 @@ def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="N in {8, 16} only")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--out", type=Path, default=None,
+                   help="result folder (default: as python -m benchmarks)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, nargs="*", help="override the N values")
     p.add_argument("--solvers", nargs="*", default=list(SOLVERS), choices=SOLVERS)
@@ -401,7 +328,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not a.steps or len(a.steps) != 1:
             p.error("--single needs exactly one --steps value")
         if a.threads:
-            import torch
             torch.set_num_threads(a.threads)
         row = measure_one(a.single, a.steps[0], a.device, M=a.segment_steps)
         print(RESULT_TAG + json.dumps(row, default=float), flush=True)

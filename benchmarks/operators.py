@@ -22,7 +22,7 @@ with 60 and 180 angles.
     python benchmarks/operators.py  (same options)
 
 Writes ``operators.json`` (rows + metadata) and ``operators.md`` to ``--out``
-(default ``benchmarks/results``).
+(default :func:`benchmarks.settings.default_out`).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -44,9 +44,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # allow `python benchmarks/operators.py`
     sys.path.insert(0, str(ROOT))
 
-from ctflow.data.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
-from ctflow.operators.ct import ParallelBeam2D, RayTransform  # noqa: E402
-from ctflow.operators.ct import torch_backend  # noqa: E402
+from benchmarks.settings import default_out  # noqa: E402
+from ctflow.data import atomic_write_bytes, atomic_write_json  # noqa: E402
+from ctflow.operators.ct import (ParallelBeam2D, RayTransform, clear_matrix_cache,  # noqa: E402
+                                 matrix_cache_info)
 
 SEED = 0
 FOUR_GB = 4 * 1024 ** 3
@@ -112,15 +113,23 @@ def _load() -> List[float]:
         return []
 
 
+def build_matrix(op, n: int, device: str) -> dict:
+    """Build the torch backend's system matrix of ``op`` from an empty cache (one forward of
+    a zero image) and return its cache record: ``nnz``, ``bytes``, ``build_seconds`` (the
+    backend's own timing of the build) and ``symmetry``."""
+    clear_matrix_cache()
+    with torch.no_grad():
+        op(torch.zeros(1, 1, n, n, device=device))
+    (info,) = [i for i in matrix_cache_info() if i["kind"] == "ray"]
+    return info
+
+
 def bench_case(n: int, angles: int, batches, repeats: int, device: str,
                threads: int) -> List[dict]:
     """Rows for one geometry: build time, then forward/adjoint timings per batch size."""
     geom = ParallelBeam2D(n, angles)
-    torch_backend.clear_cache()
     op = RayTransform(geom)
-    t0 = time.perf_counter()
-    mat = torch_backend.system_matrix(geom, device=device, dtype=torch.float32)
-    build = time.perf_counter() - t0
+    mat = build_matrix(op, n, device)
     odl_op, impl = _odl_operator(geom, device)
     gen = torch.Generator().manual_seed(SEED)
     rows = []
@@ -152,8 +161,8 @@ def bench_case(n: int, angles: int, batches, repeats: int, device: str,
             "ratio_forward": ratio_f, "ratio_adjoint": ratio_a,
             "target_ratio": target if checked else None,
             "meets_target": (max(ratio_f, ratio_a) <= target) if checked else None,
-            "build_s": build, "nnz": mat.nnz, "matrix_mb": mat.nbytes / 2 ** 20,
-            "symmetry": mat.plan.mode, "canonical_angles": len(mat.plan.canonical),
+            "build_s": mat["build_seconds"], "nnz": mat["nnz"],
+            "matrix_mb": mat["bytes"] / 2 ** 20, "symmetry": mat["symmetry"],
             "sinogram_rel_diff_vs_odl": diff, "repeats": repeats,
         })
     return rows
@@ -163,16 +172,15 @@ _CHILD = r"""
 import json, resource, sys, time, torch
 sys.path.insert(0, {root!r})
 torch.set_num_threads({threads})
-from ctflow.operators.ct import ParallelBeam2D, RayTransform, torch_backend
+from benchmarks.operators import build_matrix
+from ctflow.operators.ct import ParallelBeam2D, RayTransform
 dev = {device!r}
 def rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 base = rss()
 g = ParallelBeam2D({n}, {angles})
-t0 = time.perf_counter()
-m = torch_backend.system_matrix(g, device=dev, dtype=torch.float32)
-build = time.perf_counter() - t0
 op = RayTransform(g)
+m = build_matrix(op, {n}, dev)
 x = torch.rand(1, 1, {n}, {n}, generator=torch.Generator().manual_seed({seed})).to(dev)
 with torch.no_grad():
     t0 = time.perf_counter(); y = op(x); t_f = time.perf_counter() - t0
@@ -180,8 +188,8 @@ with torch.no_grad():
     t0 = time.perf_counter(); y = op(x); t_f = min(t_f, time.perf_counter() - t0)
     t0 = time.perf_counter(); op.adjoint(y); t_a = min(t_a, time.perf_counter() - t0)
 out = dict(image_size={n}, angles={angles}, detectors=g.detectors, device=dev,
-           build_s=build, nnz=m.nnz, matrix_bytes=m.nbytes, symmetry=m.plan.mode,
-           canonical_angles=len(m.plan.canonical), forward_s=t_f, adjoint_s=t_a,
+           build_s=m["build_seconds"], nnz=m["nnz"], matrix_bytes=m["bytes"],
+           symmetry=m["symmetry"], forward_s=t_f, adjoint_s=t_a,
            baseline_rss_bytes=base, peak_rss_bytes=rss())
 if dev.startswith("cuda"):
     out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
@@ -230,8 +238,8 @@ def _md(rows: List[dict], big: dict, meta: dict) -> str:
             f"{r['ratio_forward']:.3f} | {1e3 * r['torch_adjoint_s']:.2f} | "
             f"{1e3 * r['odl_adjoint_s']:.2f} | {r['ratio_adjoint']:.3f} | {tgt} | {ok} |")
     lines += ["", "## One-off system-matrix build (float32, cache cleared)", "",
-              "| image | angles | symmetry | canonical angles | nnz | matrix MB | build s | "
-              "sinogram rel. diff vs ODL |", "|---|---|---|---|---|---|---|---|"]
+              "| image | angles | symmetry | nnz | matrix MB | build s | "
+              "sinogram rel. diff vs ODL |", "|---|---|---|---|---|---|---|"]
     seen = set()
     for r in rows:
         key = (r["image_size"], r["angles"])
@@ -239,14 +247,13 @@ def _md(rows: List[dict], big: dict, meta: dict) -> str:
             continue
         seen.add(key)
         lines.append(f"| {r['image_size']}² | {r['angles']} | {r['symmetry']} | "
-                     f"{r['canonical_angles']} | {r['nnz']} | {r['matrix_mb']:.1f} | "
+                     f"{r['nnz']} | {r['matrix_mb']:.1f} | "
                      f"{r['build_s']:.2f} | {r['sinogram_rel_diff_vs_odl']:.4f} |")
     if big:
         lines += ["", f"## Large case: {big['image_size']}² × {big['angles']} angles "
                       f"({big['detectors']} detectors), fresh process", "",
                   f"- build: {big['build_s']:.1f} s, nnz {big['nnz']}, both CSR matrices "
-                  f"{big['matrix_bytes'] / 2 ** 30:.2f} GiB ({big['symmetry']} symmetry, "
-                  f"{big['canonical_angles']} canonical angles)",
+                  f"{big['matrix_bytes'] / 2 ** 30:.2f} GiB ({big['symmetry']} symmetry)",
                   f"- forward {1e3 * big['forward_s']:.1f} ms, adjoint "
                   f"{1e3 * big['adjoint_s']:.1f} ms (batch 1)",
                   f"- peak memory: {big['peak_bytes'] / 2 ** 30:.2f} GiB "
@@ -259,7 +266,7 @@ def _md(rows: List[dict], big: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str = "cpu", *,
+def run(quick: bool = False, out: Optional[Path] = None, device: str = "cpu", *,
         threads: int = 1, big: bool = True) -> List[dict]:
     """Run the benchmark, write ``operators.json``/``operators.md`` into ``out`` and return the
     rows (one per geometry × batch).
@@ -267,7 +274,7 @@ def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str
     ``threads`` sets ``torch.set_num_threads`` (default 1, like ASTRA's single-threaded CPU
     projector); ``quick`` runs 64²/128² with 60 angles and a 256² × 360 large case.
     """
-    out = Path(out)
+    out = Path(out) if out is not None else default_out(quick)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device='cuda' requested but torch.cuda.is_available() is False")
     previous = torch.get_num_threads()
@@ -286,7 +293,7 @@ def run(quick: bool = False, out: Path = Path("benchmarks/results"), device: str
                 print(f"{n}² x {angles}: build {r['build_s']:.2f}s; " + "; ".join(
                     f"batch {q['batch']}: fwd {q['ratio_forward']:.3f} adj "
                     f"{q['ratio_adjoint']:.3f}" for q in rows[-len(batches):]), flush=True)
-        torch_backend.clear_cache()
+        clear_matrix_cache()
         big_res = {}
         if big:
             n_big, a_big = (256, 360) if quick else (512, 720)
@@ -312,12 +319,14 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes only")
     p.add_argument("--device", default="cpu", help="cpu or cuda (torch side)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out", default=None,
+                   help="result folder (default: as python -m benchmarks)")
     p.add_argument("--no-big", action="store_true", help="skip the large memory case")
     args = p.parse_args(argv)
-    rows = run(quick=args.quick, out=Path(args.out), device=args.device, threads=args.threads,
+    out = Path(args.out) if args.out else default_out(args.quick)
+    rows = run(quick=args.quick, out=out, device=args.device, threads=args.threads,
                big=not args.no_big)
-    print((Path(args.out) / "operators.md").read_text())
+    print((out / "operators.md").read_text())
     return 0 if all(r["meets_target"] in (None, True) for r in rows) else 1
 
 

@@ -18,12 +18,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import report as bench_report  # noqa: E402
+from benchmarks import settings  # noqa: E402
+from benchmarks.cases import canonical, derived_seed  # noqa: E402
 from benchmarks.runner import (Case, ResultStore, StoreLockedError, case_id, main,  # noqa: E402
                                run_cases, run_suite)
-from benchmarks.suites import common  # noqa: E402
-from benchmarks.suites.tuning import choose, grid_points  # noqa: E402
-from ctflow.flow.gaussian import GaussianVelocity  # noqa: E402
-from ctflow.priors.base import FlowPrior  # noqa: E402
+from benchmarks.suites import options, problems  # noqa: E402
+from benchmarks.suites.grid import choose, grid_points  # noqa: E402
+from ctflow.flow import GaussianVelocity  # noqa: E402
+from ctflow.priors import FlowPrior  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,8 +41,8 @@ def gaussian_ct_prior(size=64):
 @pytest.fixture(scope="module")
 def micro_prior_path(tmp_path_factory):
     """A tiny randomly initialised U-Net saved as a checkpoint (loads by path like ct64)."""
-    from ctflow.flow.unet import UNet
-    from ctflow.priors.checkpoint import save_prior
+    from ctflow.flow import UNet
+    from ctflow.priors import save_prior
     torch.manual_seed(0)
     net = UNet(base=4, channel_mults=(1,), num_res_blocks=1, attention_levels=(), num_heads=1,
                groups=1, image_size=64)
@@ -184,30 +186,46 @@ def test_relative_noise_convention_and_shared_draws():
     x = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
     clean = A(x)
     noise = {"model": "relative", "level": 0.01}
-    y, sigma = common.measure(A, x, noise, seed=123)
+    y, sigma = problems.measure(A, x, noise, seed=123)
     assert sigma == pytest.approx(0.01 * float(clean.double().norm()) / 64.0, rel=1e-9)
     e = (y - clean).double()
     assert float(e.std()) == pytest.approx(sigma, rel=0.05)           # 4096 draws
     assert float(e.norm() / clean.double().norm()) == pytest.approx(0.01, rel=0.05)
-    y2, _ = common.measure(A, x, noise, seed=123)
+    y2, _ = problems.measure(A, x, noise, seed=123)
     assert torch.equal(y, y2)
-    y3, s3 = common.measure(A, x, {"model": "absolute", "level": 0.05}, seed=123)
+    y3, s3 = problems.measure(A, x, {"model": "absolute", "level": 0.05}, seed=123)
     assert s3 == 0.05 and torch.allclose((y3 - clean) / 0.05, (y - clean) / sigma, atol=1e-3)
     # the noise seed depends on (seed, image, problem), never on the method
     p = {"operator": "blur", "sigma": 1.0, "noise": noise}
-    assert common.derived_seed("noise", 0, "test/a", p) == common.derived_seed(
+    assert derived_seed("noise", 0, "test/a", p) == derived_seed(
         "noise", 0, "test/a", dict(reversed(list(p.items()))))
-    assert common.derived_seed("noise", 0, "test/a", p) != common.derived_seed(
+    assert derived_seed("noise", 0, "test/a", p) != derived_seed(
         "noise", 0, "test/b", p)
     with pytest.raises(ValueError, match="noise model"):
-        common.measure(A, x, {"model": "snr", "level": 1}, seed=0)
+        problems.measure(A, x, {"model": "snr", "level": 1}, seed=0)
+
+
+def test_measurements_are_those_of_the_committed_results():
+    """``ctflow.tasks.simulate_measurement`` gives exactly the data the committed results were
+    made with: sigma in float64 from the clean data, eps drawn in float64 on the CPU."""
+    A = problems.build_operator(problems.ct_problem(30), 64)
+    x = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    for noise in ({"model": "relative", "level": 0.01}, {"model": "absolute", "level": 0.05}):
+        y, sigma = problems.measure(A, x, noise, seed=42)
+        clean = A(x)
+        ref = noise["level"] * (float(clean[0].double().norm()) / math.sqrt(clean[0].numel())
+                                if noise["model"] == "relative" else 1.0)
+        eps = torch.randn(tuple(clean.shape), generator=torch.Generator().manual_seed(42),
+                          dtype=torch.float64)
+        assert sigma == ref
+        assert float((y - (clean + (ref * eps).to(clean.dtype))).abs().max()) == 0.0
 
 
 def test_prepare_slice_windows_and_resizes_like_training():
     lo, hi = -1000.0, 1000.0
     hu = torch.zeros(128, 96).numpy()                                 # 0 HU: window centre
     hu[:, :10] = -3024.0                                              # scanner padding
-    x = common.prepare_slice(hu, image_size=32, hu_window=(lo, hi))
+    x = problems.prepare_slice(hu, image_size=32, hu_window=(lo, hi))
     assert x.shape == (1, 1, 32, 32) and x.dtype == torch.float32
     assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
     assert float(x[0, 0, 16, 16]) == pytest.approx(0.5, abs=1e-6)     # (0 - lo)/(hi - lo)
@@ -215,8 +233,8 @@ def test_prepare_slice_windows_and_resizes_like_training():
 
 
 def test_split_ids_are_disjoint_and_sized():
-    test_ids = common.image_ids("test")
-    val_ids = common.image_ids("validation")
+    test_ids = problems.image_ids("test")
+    val_ids = problems.image_ids("validation")
     assert len(test_ids) == 10 and len(val_ids) == 4
     pt = {i.split("/")[1].split("_")[0] for i in test_ids}
     pv = {i.split("/")[1].split("_")[0] for i in val_ids}
@@ -224,12 +242,12 @@ def test_split_ids_are_disjoint_and_sized():
 
 
 def test_method_options_split_n_into_segments():
-    o = common.method_options("msflow", {"K": 8, "rho": 10.0}, quick=False, steps=32)
+    o = options.method_options("msflow", {"K": 8, "rho": 10.0}, quick=False, steps=32)
     assert (o["K"], o["M"], o["rho"]) == (8, 4, 10.0)
-    assert common.method_options("msflow", {"K": 8}, quick=False, steps=4)["K"] == 4
-    assert common.method_options("dflow", {}, quick=True, steps=16)["N"] == 16
+    assert options.method_options("msflow", {"K": 8}, quick=False, steps=4)["K"] == 4
+    assert options.method_options("dflow", {}, quick=True, steps=16)["N"] == 16
     with pytest.raises(ValueError, match="not divisible"):
-        common.method_options("msflow", {"K": 3}, quick=False, steps=8)
+        options.method_options("msflow", {"K": 3}, quick=False, steps=8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,11 +256,10 @@ def test_grid_points_and_choice():
     pts = grid_points({"rho": [1, 10], "alpha": [0.1, 0.5, 0.9]})
     assert len(pts) == 6 and pts[0] == {"rho": 1, "alpha": 0.1} and pts[-1] == {"rho": 10,
                                                                                 "alpha": 0.9}
-    from benchmarks.runner import _canonical
     rows = []
     for p, vals in ((pts[0], [20, 22]), (pts[1], [25, 23]), (pts[2], [24, 24])):
         for v in vals:
-            rows.append({"labels": {"tuned": "m", "point": _canonical(p)},
+            rows.append({"labels": {"tuned": "m", "point": canonical(p)},
                          "metrics": {"psnr": v, "ssim": 0.5}})
     res = choose(rows, pts, "m")
     assert res["chosen"] == pts[1]          # tie 24 = 24 goes to the earlier point
@@ -288,6 +305,31 @@ def test_report_expands_rows_shared_by_ablation_factors():
     assert [r["labels"]["factor"] for r in out] == ["lambda", "rho", "sweep"]
     assert out[1]["labels"] == {"factor": "rho", "value": 100.0, "variant": "MS-Flow", "N": 32}
     assert out[2]["labels"]["K"] == 8 and "also" not in out[0]["labels"]
+
+
+def test_default_output_folder_is_outside_the_source_tree_unless_a_full_run_from_the_root(
+        tmp_path):
+    assert settings.default_out(False, cwd=REPO) == REPO / "benchmarks" / "results"
+    assert settings.default_out(True, cwd=REPO) == REPO / "bench-results" / "quick"
+    assert settings.default_out(True, cwd=tmp_path) == tmp_path / "bench-results" / "quick"
+    assert settings.default_out(False, cwd=tmp_path) == tmp_path / "bench-results"
+
+
+def test_suites_run_the_configs_methods_cheap_first_with_registry_labels():
+    from benchmarks.suites import ct_sparse
+    from benchmarks.suites.common import SuiteContext
+    from ctflow.solvers import METHODS
+
+    ctx = SuiteContext(suite="ct-sparse", quick=True, load_prior=False)
+    cases = ct_sparse.cases(ctx)
+    order = list(dict.fromkeys(c.method for c in cases))
+    assert order == ["fbp", "tv", "pnpflow", "otode", "msflow", "dflow"]
+    assert set(order) == set(ctx.config()["methods"])
+    assert all(c.labels["variant"] == METHODS[c.method].label for c in cases)
+    assert {c.labels["N"] for c in cases if options.takes_steps(c.method)} == {8, 16}
+    assert options.option_names("msflow") >= {"K", "M", "seed"}
+    with pytest.raises(ValueError, match="unknown method"):
+        options.run_order(["msflow", "nope"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,18 +424,18 @@ def test_quick_external_suites(tmp_path, suite, module):
 
 
 def test_quick_tuning_leaves_the_config_alone(tmp_path):
-    before = (common.CONFIG_DIR / "ct-sparse.json").read_bytes()
+    before = (settings.CONFIG_DIR / "ct-sparse.json").read_bytes()
     s = run_suite("ct-sparse", quick=True, out=tmp_path, prior=gaussian_ct_prior(), tune=True)
     assert s.failed == [] and s.ran == s.total == 12         # 6 methods x 2 points x 1 slice
     chosen = json.loads((tmp_path / "tune-ct-sparse.chosen.json").read_text())
     assert set(chosen) == {"msflow", "dflow", "pnpflow", "otode", "tv", "fbp"}
     rows = ResultStore(tmp_path / "tune-ct-sparse.jsonl").ok_rows()
     assert all(r["image"].startswith("validation/") for r in rows)    # never the TEST split
-    assert (common.CONFIG_DIR / "ct-sparse.json").read_bytes() == before
+    assert (settings.CONFIG_DIR / "ct-sparse.json").read_bytes() == before
 
 
 def test_tuning_writes_the_best_validation_point_into_the_config(tmp_path, monkeypatch):
-    cfg = json.loads((common.CONFIG_DIR / "ct-sparse.json").read_text())
+    cfg = json.loads((settings.CONFIG_DIR / "ct-sparse.json").read_text())
     cfg["methods"]["msflow"].update(sweeps=2)
     cfg["tuning"]["grid"] = {"msflow": {"alpha": [0.5, 0.9]},
                              "fbp": {"filter": ["ramp", "hann"]}}
@@ -402,7 +444,7 @@ def test_tuning_writes_the_best_validation_point_into_the_config(tmp_path, monke
     cdir = tmp_path / "configs"
     cdir.mkdir()
     (cdir / "ct-sparse.json").write_text(json.dumps(cfg))
-    monkeypatch.setattr(common, "CONFIG_DIR", cdir)
+    monkeypatch.setattr(settings, "CONFIG_DIR", cdir)
     s = run_suite("ct-sparse", quick=False, out=tmp_path, prior=gaussian_ct_prior(), tune=True)
     assert s.failed == [] and s.total == 16                 # 4 points x 4 validation slices
     new = json.loads((cdir / "ct-sparse.json").read_text())

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from ..runner import Case
-from .common import ct_problem, image_ids, method_options
+from benchmarks.cases import Case
+from benchmarks.suites.options import label, method_options
+from benchmarks.suites.problems import ct_problem, image_ids
 
 SUITE = "ablation"
 NOISE_LEVEL = 0.01
@@ -84,7 +85,7 @@ def cases(ctx) -> List[Case]:
     images = image_ids("test", QUICK_IMAGES if ctx.quick else N_TEST_IMAGES)
     by_id: Dict[str, Case] = {}
     for labels, opts in _factor_cases(ctx, base, factors, n):
-        labels = dict(labels, variant="MS-Flow", N=n)
+        labels = dict(labels, variant=label("msflow"), N=n)
         for img in images:
             c = Case(SUITE, "msflow", opts, problem, img, ctx.seed, ctx.prior_name,
                      labels=labels, trace=labels["factor"] == "schedule")

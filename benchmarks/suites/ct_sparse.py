@@ -16,15 +16,14 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from ..runner import Case
-from .common import VARIANTS, ct_problem, image_ids, method_options
+from benchmarks.cases import Case
+from benchmarks.suites.options import label, method_options, run_order, takes_steps
+from benchmarks.suites.problems import ct_problem, image_ids
 
 SUITE = "ct-sparse"
 VIEWS = (30, 60)
 STEPS = (8, 16, 32, 64, 128)
 NOISE_LEVEL = 0.01
-FLOW_METHODS = ("msflow", "dflow")
-BASELINES = ("fbp", "tv", "pnpflow", "otode")
 N_TEST_IMAGES = 10
 
 QUICK_VIEWS = (30,)
@@ -33,28 +32,33 @@ QUICK_IMAGES = 1
 
 
 def cases(ctx) -> List[Case]:
-    """Every case of the suite (quick or full), in run order (cheap methods first)."""
+    """Every case of the suite (quick or full), in run order (cheap methods first): the
+    methods of the config (``methods``), those that take a step count ``N``
+    (:func:`~benchmarks.suites.options.takes_steps`) at every N, the others once."""
     cfg = ctx.config()["methods"]
+    methods = run_order(cfg)
+    baselines = [m for m in methods if not takes_steps(m)]
+    flows = [m for m in methods if takes_steps(m)]
     views = QUICK_VIEWS if ctx.quick else VIEWS
     steps = QUICK_STEPS if ctx.quick else STEPS
     images = image_ids("test", QUICK_IMAGES if ctx.quick else N_TEST_IMAGES)
     out: List[Case] = []
     problems = {v: ct_problem(v, NOISE_LEVEL) for v in views}
     for v in views:                       # the baselines first (cheap), both view counts
-        for method in BASELINES:
+        for method in baselines:
             opts = method_options(method, cfg[method], quick=ctx.quick)
             for img in images:
                 out.append(Case(SUITE, method, opts, problems[v], img, ctx.seed,
                                 ctx.prior_name,
-                                labels={"views": v, "variant": VARIANTS[method], "N": None}))
+                                labels={"views": v, "variant": label(method), "N": None}))
     for n in steps:                       # then the flow methods by growing N
         for v in views:
-            for method in FLOW_METHODS:
+            for method in flows:
                 opts = method_options(method, cfg[method], quick=ctx.quick, steps=n)
                 for img in images:
                     out.append(Case(SUITE, method, opts, problems[v], img, ctx.seed,
                                     ctx.prior_name,
-                                    labels={"views": v, "variant": VARIANTS[method], "N": n},
+                                    labels={"views": v, "variant": label(method), "N": n},
                                     trace=(method == "msflow")))
     return out
 
@@ -67,7 +71,7 @@ def tuning_spec(ctx) -> Dict[str, Any]:
     ref = int(tcfg.get("reference_steps", 32))
     methods = {}
     for m, grid in tcfg["grid"].items():
-        steps = ref if m in FLOW_METHODS else None
+        steps = ref if takes_steps(m) else None
         if ctx.quick and steps is not None:
             steps = QUICK_STEPS[0]
         methods[m] = {"method": m, "base": method_options(m, cfg["methods"][m], quick=ctx.quick,

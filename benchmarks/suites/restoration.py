@@ -23,8 +23,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from ..runner import Case
-from .common import VARIANTS, image_ids, method_options
+from benchmarks.cases import Case
+from benchmarks.suites.options import label, method_options, run_order, takes_steps
+from benchmarks.suites.problems import image_ids
 
 SUITE = "restoration"
 TASKS: Dict[str, Dict[str, Any]] = {
@@ -36,8 +37,6 @@ TASKS: Dict[str, Dict[str, Any]] = {
     "sr-x4": {"operator": "superres", "factor": 4, "mode": "average"},
 }
 NOISE_LEVELS = (0.01, 0.05)
-METHODS = ("tv", "msflow", "dflow", "pnpflow")
-FLOW_METHODS = ("msflow", "dflow")
 N_TEST_IMAGES = 10
 
 QUICK_TASKS = ("deblur", "inpaint-box")
@@ -67,13 +66,13 @@ def cases(ctx) -> List[Case]:
     for nz in noises:
         for task in tasks:
             prob = problem(task, nz)
-            for method in METHODS:
+            for method in run_order(cfg):
                 opts = method_options(method, cfg[method], quick=ctx.quick,
-                                      steps=n if method in FLOW_METHODS else None)
+                                      steps=n if takes_steps(method) else None)
                 for img in images:
                     out.append(Case(SUITE, method, opts, prob, img, ctx.seed, ctx.prior_name,
                                     labels={"task": task, "noise": nz,
-                                            "variant": VARIANTS[method]}))
+                                            "variant": label(method)}))
     return out
 
 
@@ -83,7 +82,7 @@ def tuning_spec(ctx) -> Dict[str, Any]:
     n = _steps(ctx)
     methods = {m: {"method": m,
                    "base": method_options(m, cfg["methods"][m], quick=ctx.quick,
-                                          steps=n if m in FLOW_METHODS else None),
+                                          steps=n if takes_steps(m) else None),
                    "grid": grid}
                for m, grid in tcfg["grid"].items()}
     problems = [problem(p["task"], p["noise"]) for p in tcfg["problems"]]

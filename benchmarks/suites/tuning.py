@@ -1,19 +1,4 @@
-r"""Hyper-parameter tuning on the VALIDATION split (disjoint from the TEST slices).
-
-``python -m benchmarks tune <suite>`` runs, for every method of the suite's tuning grid
-(``configs/<suite>.json`` → ``tuning.grid``), every grid point (the Cartesian product of the
-listed values, on top of the method's current options) on every validation slice and every
-tuning problem (``tuning.problems``), with the same seeded noise draws for all methods. The
-cases are stored like any suite (``<out>/tune-<suite>.jsonl``, resumable). The chosen point
-of a method maximises the mean PSNR over all its (slice, problem) cases; ties go to the
-earlier grid point. The choice is written back to ``configs/<suite>.json``:
-``methods.<m>`` gets the chosen values, ``tuning.result.<m>`` records the grid, the chosen
-point, its validation PSNR/SSIM, the number of cases and the date.
-
-With ``--quick`` the grid is cut to two points per method (the first two values of the first
-parameter), one validation slice and one problem, and the choice goes to
-``<out>/tune-<suite>.chosen.json`` instead of the config. With ``--ray`` the grid's cases run
-as Ray tasks (same rows, same choice).
+r"""Ray Tune search of a case suite's hyper-parameters on the VALIDATION split.
 
 **Ray Tune search** (``python -m benchmarks tune [<suite>] --search FILE``, ``ctflow tune
 FILE``): instead of a grid, a seeded Ray Tune search over the ranges in ``FILE`` (a JSON
@@ -39,143 +24,35 @@ into ``configs/<suite>.json`` (``methods.<method>`` and ``tuning.result.<method>
 space, the trials and the seed), or with ``--quick`` into
 ``<out>/tune-<suite>.chosen.json`` (``--settings-out FILE`` picks another file). A suite run
 with ``--settings <that file>`` uses the chosen values.
+
+The grid search (``python -m benchmarks tune <suite>``) is :mod:`benchmarks.suites.grid`.
 """
 from __future__ import annotations
 
-import datetime as _dt
-import itertools
 import json
 import math
 import sys
+import traceback
+import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
-from ctflow.data.atomic import atomic_write_json
+from benchmarks.cases import Case, canonical, case_to_dict
+from benchmarks.catalog import CASE_SUITES, import_suite
+from benchmarks.execution import environment, now
+from benchmarks.settings import REPO_ROOT, check_device
+from benchmarks.store import ResultStore, read_json_object
+from benchmarks.suites.common import SuiteContext
+from benchmarks.suites.grid import QUICK_IMAGES, choose, write_choice
+from benchmarks.suites.options import label
+from benchmarks.suites.problems import image_ids
+from benchmarks.suites.remote import task_context
 
-from ..runner import (REPO_ROOT, Case, ResultStore, RunSummary, _canonical, case_to_dict,
-                      environment, read_json_object, run_cases, task_context)
-from .common import VARIANTS, image_ids, load_config, save_config
+__all__ = ["SEARCH_KEYS", "load_search", "evaluate_trial", "ray_tune_suite", "ray_tune_main",
+           "TRIAL"]
 
-__all__ = ["grid_points", "tune_suite", "choose", "load_search", "ray_tune_suite",
-           "evaluate_trial", "write_choice", "ray_tune_main"]
-
-QUICK_IMAGES = 1
-
-
-def grid_points(grid: Dict[str, List[Any]]) -> List[Dict[str, Any]]:
-    """The Cartesian product of a grid ``{name: [values]}`` as a list of dicts (row-major in
-    the order the names are listed)."""
-    for name, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise ValueError(f"tuning grid entry {name!r} must be a non-empty list, "
-                             f"got {values!r}")
-    names = list(grid)
-    return [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
-
-
-def _quick_grid(grid: Dict[str, List[Any]]) -> Dict[str, List[Any]]:
-    first = next(iter(grid))
-    return {first: list(grid[first])[:2]}
-
-
-def choose(rows: List[dict], points: List[Dict[str, Any]], method_key: str
-           ) -> Optional[Dict[str, Any]]:
-    """The grid point with the best mean PSNR among ``rows`` of ``method_key``; returns
-    ``{"chosen", "psnr", "ssim", "cases", "table"}`` or ``None`` if nothing was measured."""
-    table = []
-    for i, p in enumerate(points):
-        key = _canonical(p)
-        hits = [r for r in rows if r["labels"].get("tuned") == method_key
-                and r["labels"].get("point") == key]
-        if not hits:
-            continue
-        ps = [r["metrics"]["psnr"] for r in hits]
-        ss = [r["metrics"]["ssim"] for r in hits]
-        if not all(math.isfinite(v) for v in ps):
-            continue
-        table.append({"point": p, "psnr": sum(ps) / len(ps), "ssim": sum(ss) / len(ss),
-                      "cases": len(hits), "order": i})
-    if not table:
-        return None
-    best = max(table, key=lambda t: (t["psnr"], -t["order"]))
-    return {"chosen": best["point"], "psnr": best["psnr"], "ssim": best["ssim"],
-            "cases": best["cases"],
-            "table": [{k: t[k] for k in ("point", "psnr", "ssim", "cases")} for t in table]}
-
-
-def tune_suite(module, ctx, *, out: Path, after_case: Optional[Callable[[int], None]] = None,
-               outcomes=None) -> RunSummary:
-    """Run the tuning grid of ``module`` (a case suite) and record the choice. ``outcomes``
-    (:func:`benchmarks.runner.ray_outcomes`) runs the cases as Ray tasks."""
-    spec = module.tuning_spec(ctx)
-    images = image_ids("validation", QUICK_IMAGES if ctx.quick else None)
-    problems = spec["problems"][:1] if ctx.quick else spec["problems"]
-    labels_of = spec.get("labels") or (lambda p: {})
-    suite = f"tune-{ctx.suite}"
-    cases: List[Case] = []
-    points_of: Dict[str, List[Dict[str, Any]]] = {}
-    for key, m in spec["methods"].items():
-        grid = _quick_grid(m["grid"]) if ctx.quick else m["grid"]
-        points = grid_points(grid)
-        points_of[key] = points
-        for p in points:
-            opts = dict(m["base"], **p)
-            for prob in problems:
-                for img in images:
-                    cases.append(Case(suite, m["method"], opts, prob, img, ctx.seed,
-                                      ctx.prior_name,
-                                      labels=dict(labels_of(prob), tuned=key,
-                                                  variant=VARIANTS.get(key, key),
-                                                  point=_canonical(p))))
-    # identical cases (a grid point equal to another method's) run once
-    unique: Dict[str, Case] = {}
-    for c in cases:
-        unique.setdefault(c.id, c)
-    store = ResultStore(out / f"{suite}.jsonl")
-    summary = run_cases(list(unique.values()), ctx.execute, store,
-                        env=environment(str(ctx.device)),
-                        extra={"quick": ctx.quick, "config": ctx.config_label()},
-                        progress=ctx.progress, after_case=after_case, outcomes=outcomes)
-    ids = {c.id for c in cases}
-    rows = [r for r in store.ok_rows() if r["id"] in ids]
-    # a case shared between methods is stored once, under the first method's labels
-    by_id = {r["id"]: r for r in rows}
-    expanded = [dict(by_id[c.id], labels=c.labels) for c in cases if c.id in by_id]
-    results = {}
-    for key in spec["methods"]:
-        res = choose(expanded, points_of[key], key)
-        if res is not None:
-            res.update(grid=(_quick_grid(spec["methods"][key]["grid"]) if ctx.quick
-                             else spec["methods"][key]["grid"]),
-                       images=images, problems=problems,
-                       date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                       prior=ctx.prior_name, seed=ctx.seed)
-            results[key] = res
-    complete = len(by_id) == len(ids)
-    if ctx.quick:
-        path = out / f"{suite}.chosen.json"
-        _atomic_json(path, results)
-    elif results and complete:
-        cfg = ctx.config()
-        for key, res in results.items():
-            cfg["methods"].setdefault(key, {}).update(res["chosen"])
-        cfg.setdefault("tuning", {})["result"] = results
-        cfg["tuning"]["status"] = (f"tuned on the validation split "
-                                   f"({len(images)} slices) on {results[next(iter(results))]['date']}")
-        save_config(ctx.suite, cfg)
-    elif not complete:
-        print(f"{suite}: {len(ids) - len(by_id)} tuning case(s) failed or are missing; the "
-              f"config was not changed (rerun to retry them)")
-    return summary
-
-
-# ---------------------------------------------------------------------------------------------
-# Ray Tune search
-def _atomic_json(path: Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, obj, default=None)
-
+#: The Ray Tune trial (``module:function``, imported by the worker from the checkout).
+TRIAL = "benchmarks.suites.tuning:evaluate_trial"
 
 SEARCH_KEYS = ("suite", "method", "metric", "num_samples", "seed", "space", "fixed", "problems",
                "about")
@@ -184,7 +61,7 @@ SEARCH_KEYS = ("suite", "method", "metric", "num_samples", "seed", "space", "fix
 def load_search(path) -> Dict[str, Any]:
     """A search file (module docstring), checked: ``FileNotFoundError``/``ValueError`` name the
     file and the bad entry."""
-    from ctflow.distributed.tune import check_space
+    from ctflow.distributed import check_space
 
     path = Path(path)
     spec = read_json_object(path, "search")
@@ -220,8 +97,8 @@ def _trial_cases(payload: Dict[str, Any], config: Dict[str, Any]) -> List[Case]:
             cases.append(Case(payload["tune_suite"], payload["method"], opts, prob, img,
                               payload["seed"], payload["prior_name"],
                               labels=dict(plabels, tuned=payload["key"],
-                                          variant=VARIANTS.get(payload["key"], payload["key"]),
-                                          point=_canonical(config), search="ray-tune")))
+                                          variant=label(payload["key"]),
+                                          point=canonical(config), search="ray-tune")))
     return cases
 
 
@@ -230,8 +107,6 @@ def evaluate_trial(payload: Dict[str, Any], config: Dict[str, Any]) -> Dict[str,
     with ``SuiteContext.execute`` and return the mean ``psnr``/``ssim`` (NaN if a case failed)
     and the cases' rows (``rows_json``). Cases already stored (``payload["done"]``) are not
     solved again."""
-    import traceback
-
     ctx = task_context(payload)
     rows = []
     for case in _trial_cases(payload, config):
@@ -257,34 +132,6 @@ def evaluate_trial(payload: Dict[str, Any], config: Dict[str, Any]) -> Dict[str,
             "rows_json": json.dumps(rows, default=str)}
 
 
-def write_choice(ctx, key: str, result: Dict[str, Any], *, out: Path,
-                 settings_out: Optional[Path] = None) -> Path:
-    """Write a chosen setting where the suite reads it: ``settings_out`` if given, else with
-    ``--quick`` ``<out>/tune-<suite>.chosen.json`` (merged with the file's other methods),
-    else ``configs/<suite>.json`` (``methods.<key>`` updated, the record in
-    ``tuning.result.<key>``). Returns the path written."""
-    if settings_out is not None or ctx.quick:
-        path = Path(settings_out) if settings_out is not None else \
-            Path(out) / f"tune-{ctx.suite}.chosen.json"
-        current: Dict[str, Any] = {}
-        if path.is_file():
-            try:
-                current = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                current = {}
-            if not isinstance(current, dict):
-                current = {}
-        current[key] = result
-        _atomic_json(path, current)
-        return path
-    cfg = load_config(ctx.suite)
-    cfg["methods"].setdefault(key, {}).update(result["chosen"])
-    cfg.setdefault("tuning", {}).setdefault("result", {})[key] = result
-    cfg["tuning"]["status"] = (f"{key} tuned by a Ray Tune search on the validation split "
-                               f"({len(result['images'])} slices) on {result['date']}")
-    return save_config(ctx.suite, cfg)
-
-
 def ray_tune_suite(module, ctx, *, search: Dict[str, Any], out: Path, options=None,
                    num_samples: Optional[int] = None, settings_out: Optional[Path] = None,
                    seed: Optional[int] = None) -> Dict[str, Any]:
@@ -292,10 +139,7 @@ def ray_tune_suite(module, ctx, *, search: Dict[str, Any], out: Path, options=No
     and write the best setting (:func:`write_choice`). Returns ``{"result": <the choice
     record>, "path": <written file>, "trials": [...], "stored": <rows appended>}``;
     ``result`` is ``None`` (nothing written) when no trial finished all its cases."""
-    import uuid
-
-    from ctflow.distributed.cluster import RayOptions
-    from ctflow.distributed.tune import run_search
+    from ctflow.distributed import RayOptions, run_search
 
     options = options or RayOptions()
     spec = module.tuning_spec(ctx)
@@ -334,12 +178,12 @@ def ray_tune_suite(module, ctx, *, search: Dict[str, Any], out: Path, options=No
             written.add(row["id"])
             row.update(env)
             row.update(extra)
-            row["timestamp"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            row["timestamp"] = now()
             store.append(row)
             stored += 1
 
     with store.locked():
-        trials = run_search("benchmarks.suites.tuning:evaluate_trial", payload, search["space"],
+        trials = run_search(TRIAL, payload, search["space"],
                             num_samples=n, seed=search_seed, metric=metric, mode="max",
                             options=options, paths=[str(REPO_ROOT)], device=str(ctx.device),
                             storage=Path(out) / "ray-tune", on_result=on_result)
@@ -363,7 +207,7 @@ def ray_tune_suite(module, ctx, *, search: Dict[str, Any], out: Path, options=No
               "space": search["space"], "fixed": search.get("fixed", {}), "num_samples": n,
               "search_seed": search_seed, "trials": table, "images": images,
               "problems": problems,
-              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "date": now(),
               "prior": ctx.prior_name, "seed": ctx.seed}
     path = write_choice(ctx, key, result, out=Path(out), settings_out=settings_out)
     return {"result": result, "path": path, "trials": table, "stored": stored}
@@ -371,10 +215,7 @@ def ray_tune_suite(module, ctx, *, search: Dict[str, Any], out: Path, options=No
 
 def ray_tune_main(args, out: Path, options) -> int:
     """``python -m benchmarks tune [<suite>] --search FILE ...`` (also ``ctflow tune``)."""
-    from ..runner import CASE_SUITES, _check_device, _import_suite
-    from .common import SuiteContext
-
-    from ctflow.distributed.cluster import check_installed
+    from ctflow.distributed import check_installed
 
     check_installed()
     search = load_search(args.search)
@@ -392,23 +233,23 @@ def ray_tune_main(args, out: Path, options) -> int:
               file=sys.stderr)
         return 2
     if options is None:
-        from ctflow.distributed.cluster import RayOptions
+        from ctflow.distributed import RayOptions
         options = RayOptions(quiet=not args.progress)
-    _check_device(args.device, on_ray=True)
+    check_device(args.device, on_ray=True)
     ctx = SuiteContext(suite=suite, quick=args.quick, device=args.device, seed=args.seed,
                        prior=args.prior, progress=False, load_prior=False)
-    res = ray_tune_suite(_import_suite(suite), ctx, search=search, out=out, options=options,
+    res = ray_tune_suite(import_suite(suite), ctx, search=search, out=out, options=options,
                          num_samples=args.num_samples,
                          settings_out=Path(args.settings_out) if args.settings_out else None)
     for t in res["trials"]:
         score = "failed" if t["psnr"] is None or not math.isfinite(t["psnr"]) \
             else f"PSNR {t['psnr']:.2f} dB, SSIM {t['ssim']:.3f}"
-        print(f"trial {t['trial']}: {_canonical(t['config'])}: {score}")
+        print(f"trial {t['trial']}: {canonical(t['config'])}: {score}")
     if res["result"] is None:
         print(f"tune-{suite}: no trial finished all its cases; nothing written",
               file=sys.stderr)
         return 1
     r = res["result"]
-    print(f"best {search['method']}: {_canonical(r['chosen'])} (validation PSNR "
+    print(f"best {search['method']}: {canonical(r['chosen'])} (validation PSNR "
           f"{r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}, {r['cases']} cases) -> {res['path']}")
     return 0

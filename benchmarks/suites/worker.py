@@ -22,11 +22,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict
 
-from ..runner import Case
+from ctflow.data import atomic_write_json
+
+from benchmarks.cases import Case, case_from_dict, case_to_dict
+from benchmarks.settings import REPO_ROOT
 
 __all__ = ["isolated_execute", "main"]
-
-_REPO = Path(__file__).resolve().parents[2]
 
 
 def _die_with_parent() -> None:
@@ -44,24 +45,18 @@ def _die_with_parent() -> None:
         os._exit(3)
 
 
-def _case_dict(case: Case) -> Dict[str, Any]:
-    return {"suite": case.suite, "method": case.method, "options": case.options,
-            "problem": case.problem, "image": case.image, "seed": case.seed,
-            "prior": case.prior, "labels": case.labels, "trace": case.trace}
-
-
 def isolated_execute(ctx_spec: Dict[str, Any], case: Case, *, timeout: float = None) -> dict:
     """Execute ``case`` in a fresh process; returns the row's result fields or raises
     ``RuntimeError`` with the worker's error message."""
     with tempfile.TemporaryDirectory(prefix="ctflow-bench-") as tmp:
         req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        req.write_text(json.dumps({"ctx": ctx_spec, "case": _case_dict(case)}))
+        atomic_write_json(req, {"ctx": ctx_spec, "case": case_to_dict(case)}, default=None)
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(_REPO) + (os.pathsep + env["PYTHONPATH"]
-                                          if env.get("PYTHONPATH") else "")
+        env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"]
+                                              if env.get("PYTHONPATH") else "")
         env["CTFLOW_BENCH_PARENT"] = str(os.getpid())
         proc = subprocess.run([sys.executable, "-m", "benchmarks.suites.worker", str(req),
-                               str(res)], cwd=str(_REPO), env=env, timeout=timeout,
+                               str(res)], cwd=str(REPO_ROOT), env=env, timeout=timeout,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if not res.exists():
             tail = (proc.stderr or "")[-2000:]
@@ -87,22 +82,19 @@ def main(argv=None) -> int:
     req_path, res_path = Path(argv[0]), Path(argv[1])
     req = json.loads(req_path.read_text())
     try:
-        from .common import SuiteContext
+        from benchmarks.suites.common import SuiteContext
+
         c = req["ctx"]
         ctx = SuiteContext(suite=c["suite"], quick=c["quick"], device=c["device"],
                            seed=c["seed"], prior=c["prior"], progress=False)
-        d = req["case"]
-        case = Case(d["suite"], d["method"], d["options"], d["problem"], d["image"], d["seed"],
-                    d.get("prior", ""), labels=d.get("labels", {}), trace=d.get("trace", False))
+        case = case_from_dict(req["case"])
         ctx.problem(case.image, case.problem)          # data ready before the solve
         out = {"result": ctx.execute(case)}
     except Exception as exc:  # reported to the parent, which stores an error row
         import traceback
         out = {"error": f"{type(exc).__name__}: {exc}",
                "traceback": traceback.format_exc(limit=6)}
-    tmp = res_path.with_name(res_path.name + ".tmp")
-    tmp.write_text(json.dumps(out))
-    tmp.replace(res_path)
+    atomic_write_json(res_path, out, default=None)
     return 0
 
 

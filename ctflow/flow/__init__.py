@@ -8,3 +8,8 @@ from ctflow.flow.unet import UNet
 
 __all__ = ["integrate", "METHODS", "evals_per_step", "CountingVelocity", "time_grid",
            "GaussianVelocity", "UNet"]
+
+# The autoencoder of latent priors at package level (benchmarks build one with random weights).
+from ctflow.flow.autoencoder import AutoEncoder, LatentCodec  # noqa: E402
+
+__all__ += ["AutoEncoder", "LatentCodec"]
