@@ -40,6 +40,7 @@ from benchmarks.suites.common import SuiteContext
 from benchmarks.suites.grid import tune_suite
 from benchmarks.suites.remote import ray_outcomes
 from benchmarks.suites.worker import isolated_execute
+from ctflow.distributed import RAY_ARGUMENTS, ray_options_from
 
 __all__ = ["run_suite", "main", "Case", "case_id", "ResultStore", "StoreLockedError",
            "run_cases", "load_settings", "apply_settings", "SUITES", "CASE_SUITES",
@@ -183,14 +184,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true",
                    help="do not render the report after a suite finishes")
     g = p.add_argument_group("scale-out (optional extra ctflow[ray])")
-    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                   help="run the cases as Ray tasks: without ADDRESS on a private local "
-                        "instance (loopback only, every core); 'auto' joins the cluster of "
-                        "'ray start' on this machine; HOST:PORT or ray://HOST:PORT a remote one")
-    g.add_argument("--ray-retries", type=int, default=3, metavar="N",
-                   help="re-runs of a task whose worker process died")
-    g.add_argument("--ray-threads", type=int, default=1, metavar="T",
-                   help="torch threads inside each task")
+    for flags, kw in RAY_ARGUMENTS:
+        g.add_argument(*flags, **{**kw, "help": kw["help"].format(what="cases")})
     g.add_argument("--settings", default=None, metavar="FILE",
                    help="tuned options (a file written by 'tune') laid over the suite's "
                         "config for this run")
@@ -209,13 +204,8 @@ def _parser() -> argparse.ArgumentParser:
 def _ray_options(args):
     """``RayOptions`` from ``--ray``/``--ray-retries``/``--ray-threads`` (``None`` without
     ``--ray``)."""
-    if args.ray is None:
-        return None
-    from ctflow.distributed import RayOptions
-
-    return RayOptions(address=None if args.ray == "local" else args.ray,
-                      max_retries=args.ray_retries, threads=args.ray_threads,
-                      quiet=not args.progress)
+    return ray_options_from(args.ray, retries=args.ray_retries, threads=args.ray_threads,
+                            quiet=not args.progress)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ctflow.data import sample_path
-from ctflow.distributed import RayOptions
+from ctflow.distributed import RAY_ARGUMENTS, RayOptions, ray_options_from
 from ctflow.operators.noise import GaussianNoise
 from ctflow.solvers.registry import method, method_names
 from ctflow.tasks import check_noise
@@ -188,31 +188,22 @@ def noise_from_args(args, method_name: str) -> GaussianNoise:
 
 
 def add_ray_arguments(p: argparse.ArgumentParser, what: str) -> argparse._ArgumentGroup:
-    """Add the scale-out group (``--ray [ADDRESS]``, ``--ray-retries``, ``--ray-threads``) to
-    ``p``, its help naming ``what`` runs as Ray tasks; returns the group."""
+    """Add the scale-out group (:data:`ctflow.distributed.RAY_ARGUMENTS`: ``--ray
+    [ADDRESS]``, ``--ray-retries``, ``--ray-threads``) to ``p``, its help naming ``what``
+    runs as Ray tasks; returns the group."""
     g = p.add_argument_group("scale-out (optional extra ctflow[ray])")
-    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                   help=f"run the {what} as Ray tasks: without ADDRESS on a private local "
-                        "instance (loopback only, every core); 'auto' joins the cluster of "
-                        "'ray start' on this machine; HOST:PORT or ray://HOST:PORT a remote one")
-    g.add_argument("--ray-retries", type=int, default=3, metavar="N",
-                   help="re-runs of a task whose worker process died")
-    g.add_argument("--ray-threads", type=int, default=1, metavar="T",
-                   help="torch threads inside each task")
+    for flags, kw in RAY_ARGUMENTS:
+        g.add_argument(*flags, **{**kw, "help": kw["help"].format(what=what)})
     return g
 
 
 def ray_settings(args) -> Optional[RayOptions]:
     """``RayOptions`` from the command's --ray options, or ``None`` without --ray."""
-    if getattr(args, "ray", None) is None:
-        return None
-    if args.ray_retries < 0:
-        raise CLIError(f"--ray-retries must be >= 0, got {args.ray_retries}")
-    if args.ray_threads < 1:
-        raise CLIError(f"--ray-threads must be >= 1, got {args.ray_threads}")
-    return RayOptions(address=None if args.ray == "local" else args.ray,
-                      max_retries=args.ray_retries, threads=args.ray_threads,
-                      quiet=bool(args.quiet))
+    try:
+        return ray_options_from(getattr(args, "ray", None), retries=args.ray_retries,
+                                threads=args.ray_threads, quiet=bool(args.quiet))
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------- parsers

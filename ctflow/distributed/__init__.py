@@ -22,9 +22,14 @@ Python ``reconstruct_dicom(..., map_slices=ray_slice_mapper(...))`` or the bench
 
 See ``docs/scaling.md`` for measured throughput and the arithmetic for large series.
 """
-from ctflow.distributed.cluster import RayOptions, as_ray_options, connect, require_ray
+from ctflow.distributed.cases import map_on_ray
+from ctflow.distributed.cluster import (RAY_ARGUMENTS, RayOptions, as_ray_options,
+                                        check_installed, connect, ray_options_from,
+                                        require_ray)
 from ctflow.distributed.slices import RaySliceMapper, ray_slice_mapper, solve_slices_on_ray
 from ctflow.distributed.throughput import measure
+from ctflow.distributed.tune import check_space, run_search
 
 __all__ = ["RayOptions", "as_ray_options", "connect", "require_ray", "RaySliceMapper",
-           "ray_slice_mapper", "solve_slices_on_ray", "measure"]
+           "ray_slice_mapper", "solve_slices_on_ray", "measure", "RAY_ARGUMENTS",
+           "ray_options_from", "check_installed", "map_on_ray", "check_space", "run_search"]

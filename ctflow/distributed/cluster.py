@@ -228,3 +228,33 @@ def cancel(refs: Iterable[Any]) -> None:
 def with_address(options: RayOptions, address: Optional[str]) -> RayOptions:
     """A copy of ``options`` with another address."""
     return replace(options, address=address)
+
+
+#: The scale-out options of every command that can run on Ray, as data (flags, keywords),
+#: so the command line and the benchmark runner offer the same ones; ``{what}`` in a help
+#: text names what runs as tasks.
+RAY_ARGUMENTS = (
+    (("--ray",), dict(nargs="?", const="local", default=None, metavar="ADDRESS",
+                      help="run the {what} as Ray tasks: without ADDRESS on a private local "
+                           "instance (loopback only, every core); 'auto' joins the cluster "
+                           "of 'ray start' on this machine; HOST:PORT or ray://HOST:PORT a "
+                           "remote one")),
+    (("--ray-retries",), dict(type=int, default=3, metavar="N",
+                              help="re-runs of a task whose worker process died")),
+    (("--ray-threads",), dict(type=int, default=1, metavar="T",
+                              help="torch threads inside each task")),
+)
+
+
+def ray_options_from(ray: Optional[str], *, retries: int = 3, threads: int = 1,
+                     quiet: bool = False) -> Optional[RayOptions]:
+    """``RayOptions`` from the values of :data:`RAY_ARGUMENTS` (``None`` without ``--ray``);
+    ``ValueError`` for a negative retry count or fewer than one thread."""
+    if ray is None:
+        return None
+    if retries < 0:
+        raise ValueError(f"--ray-retries must be >= 0, got {retries}")
+    if threads < 1:
+        raise ValueError(f"--ray-threads must be >= 1, got {threads}")
+    return RayOptions(address=None if ray == "local" else ray, max_retries=retries,
+                      threads=threads, quiet=quiet)

@@ -61,13 +61,13 @@ class GaussianNoise:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         r"""``(y, sigma)``: :math:`y = v + \sigma\varepsilon`, :math:`\varepsilon\sim N(0, I)`
         drawn in float64 on the CPU from ``generator`` (a CPU generator: the same draw on
-        every device), and the per-item :math:`\sigma` ``(B,)`` in ``clean``'s dtype
+        every device), and the per-item :math:`\sigma` ``(B,)`` in float64
         (relative levels refer to ``clean``)."""
         with torch.no_grad():
-            sigma = self.std(clean).to(clean.dtype)
+            sigma = self.std(clean)
             eps = torch.randn(tuple(clean.shape), generator=generator, dtype=torch.float64)
             shape = (-1,) + (1,) * (clean.ndim - 1)
-            noise = sigma.double().cpu().reshape(shape) * eps
+            noise = sigma.cpu().reshape(shape) * eps
             y = clean + noise.to(device=clean.device, dtype=clean.dtype)
         return y, sigma.to(clean.device)
 
