@@ -5,10 +5,10 @@ training data), a parallel-beam ray transform with 30 angles (``ctflow.tasks.mak
 and the velocity prior: the bundled ``ct64`` where it exists, else a default U-Net with random
 (seeded) weights (peak memory does not depend on the weights).
 
-Noise: :math:`\sigma = \eta \cdot \mathrm{mean}|Ax|` with a float32 draw from seed 0 -- the
-convention these two benchmarks' committed results were made with; it differs from the case
-suites' relative-RMS convention (:mod:`benchmarks.suites.problems`) and is kept so that
-``results/convergence.*`` stay reproducible.
+Noise: the package's one convention, ``GaussianNoise(relative=eta)``
+(:math:`\sigma = \eta\,\|Ax\|_2/\sqrt m`), simulated by ``ctflow.tasks.simulate_measurement``
+from seed 0, like the case suites. (``results/convergence.*`` up to issue 16 were made with
+:math:`\sigma = \eta\cdot\mathrm{mean}|Ax|`; the peak-memory results do not depend on it.)
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import torch
 from ctflow.data import heldout_slices, shepp_logan
 from ctflow.flow import UNet
 from ctflow.operators import GaussianBlur
+from ctflow.operators.noise import GaussianNoise
 from ctflow.priors import FlowPrior, list_priors, load_prior
-from ctflow.tasks import make_ct_operator
+from ctflow.tasks import make_ct_operator, simulate_measurement
 
 from benchmarks.suites.problems import prepare_slice
 
@@ -53,8 +54,8 @@ def _validation_slice(hu_window) -> torch.Tensor:
 
 def build_problem(device: str, *, noise: float = 0.01, angles: int = ANGLES,
                   image: str = "shepp-logan", hu_window=(-1024.0, 1024.0)):
-    """``(operator, y, x, sigma, label)``: a 64×64 CT problem with noise standard
-    deviation ``noise`` times the mean absolute clean measurement.
+    """``(operator, y, x, sigma, label)``: a 64×64 CT problem with the relative noise level
+    ``noise`` (a fraction of the RMS of the clean measurement).
 
     ``image``: ``"shepp-logan"`` or ``"validation"`` (the first held-out validation slice in
     the prior's HU window; Shepp–Logan if the samples are unavailable).
@@ -76,8 +77,5 @@ def build_problem(device: str, *, noise: float = 0.01, angles: int = ANGLES,
     except ImportError:
         A = GaussianBlur(IMAGE_SIZE, sigma=1.5)
         label = f"GaussianBlur({IMAGE_SIZE}, sigma=1.5) (no RayTransform available)"
-    with torch.no_grad():
-        clean = A(x)
-    sigma = noise * float(clean.abs().mean())
-    y = clean + sigma * torch.randn(clean.shape, generator=g).to(clean)
-    return A, y, x, sigma, f"{label}, image: {image}"
+    y, sigma = simulate_measurement(A, x, GaussianNoise(relative=float(noise)), generator=g)
+    return A, y, x, float(sigma[0]), f"{label}, image: {image}"

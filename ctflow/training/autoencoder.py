@@ -44,13 +44,12 @@ import torch
 
 from ctflow.flow.autoencoder import AutoEncoder, LatentCodec
 from ctflow.flow.unet import UNet
-from ctflow.priors.checkpoint import (PRIOR_FORMAT, TRAIN_FORMAT, CheckpointError,
-                                      read_checkpoint, write_checkpoint)
+from ctflow.priors.checkpoint import (PRIOR_FORMAT, CheckpointError, read_checkpoint,
+                                      write_checkpoint)
 from ctflow.priors.latent import save_latent_prior
 from ctflow.training.datasets import ImageTensorDataset
-from ctflow.training.loop import (EMA, latest_checkpoint, loss_curve, lr_at, prune_checkpoints,
-                                  read_log, restore_training_state, training_loop,
-                                  training_state)
+from ctflow.training.loop import (EMA, checkpoint_saver, latest_checkpoint, loss_curve, lr_at,
+                                  read_log, start_or_resume, training_loop)
 from ctflow.training.prior import TrainResult, train_prior
 
 __all__ = ["train_autoencoder", "AutoEncoderResult", "autoencoder_loss", "load_autoencoder",
@@ -135,7 +134,6 @@ def train_autoencoder(dataset, *, out_dir, steps: int, batch_size: int = 16, cro
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     ema = EMA(model, ema_decay, True)
     gen = torch.Generator().manual_seed(int(seed))
-    step, elapsed = 0, 0.0
     log_path = out / "loss.jsonl"
     hparams = dict(steps=int(steps), batch_size=int(batch_size), crop=int(crop), lr=float(lr),
                    warmup_steps=int(warmup_steps), lr_schedule=lr_schedule,
@@ -143,31 +141,12 @@ def train_autoencoder(dataset, *, out_dir, steps: int, batch_size: int = 16, cro
                    ema_decay=float(ema_decay), grad_clip=float(grad_clip), noise=float(noise),
                    beta=float(beta), seed=int(seed))
     data_desc = dataset.describe() if hasattr(dataset, "describe") else {}
-    commands: List[str] = []
-    ckpt = latest_checkpoint(out) if resume else None
-    if ckpt is not None:
-        tensors, meta = read_checkpoint(ckpt)
-        if meta.get("model") != cfg:
-            raise ValueError(f"{ckpt}: checkpoint model config {meta.get('model')} differs from "
-                             f"the requested {cfg}; use another out_dir or resume=False")
-        step, elapsed, commands = restore_training_state(tensors, meta, model, ema, opt, gen,
-                                                         log_path)
-    elif log_path.exists():
-        log_path.unlink()
-    if command:
-        commands.append(command)
-    losses = read_log(log_path)
-
-    def save(step_now: int, last: Optional[float], seconds: float) -> Path:
-        tensors, ometa = training_state(model, ema, opt, gen)
-        meta = {"format": TRAIN_FORMAT, "kind": "autoencoder", "name": name,
-                "step": int(step_now), "elapsed_seconds": float(seconds), "last_loss": last,
-                "model": cfg, "train": hparams, "data": data_desc, "commands": commands,
-                "optimizer": ometa,
-                "parameters": int(sum(p.numel() for p in model.parameters()))}
-        path = write_checkpoint(tensors, meta, out / f"ckpt-{step_now:08d}")
-        prune_checkpoints(out, step_now, keep_last, None)
-        return path
+    ckpt, step, elapsed, commands, losses = start_or_resume(
+        out, resume=resume, config=cfg, model=model, ema=ema, opt=opt, gen=gen,
+        command=command)
+    save = checkpoint_saver(out, model=model, ema=ema, opt=opt, gen=gen, keep_last=keep_last,
+                            meta={"kind": "autoencoder", "name": name, "model": cfg,
+                                  "train": hparams, "data": data_desc, "commands": commands})
 
     def loss_step():
         x = _random_crops(dataset.sample(batch_size, gen), crop, gen).to(device)

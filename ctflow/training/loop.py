@@ -26,7 +26,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ctflow.data.atomic import atomic_write_bytes
-from ctflow.priors.checkpoint import CheckpointError, read_checkpoint
+from ctflow.priors.checkpoint import (TRAIN_FORMAT, CheckpointError, read_checkpoint,
+                                     write_checkpoint)
 
 __all__ = ["EMA", "lr_at", "training_loop", "LoopEnd", "training_state",
            "restore_training_state", "latest_checkpoint", "prune_checkpoints", "read_log",
@@ -215,6 +216,51 @@ def restore_training_state(tensors: Dict[str, torch.Tensor], meta: dict,
     logged = [r for r in read_log(log_path) if r.get("step", 0) <= step]
     atomic_write_bytes(log_path, "".join(json.dumps(r) + "\n" for r in logged).encode())
     return step, float(meta.get("elapsed_seconds", 0.0)), list(meta.get("commands", []))
+
+
+def start_or_resume(out: Path, *, resume: bool, config: dict, model: torch.nn.Module,
+                    ema: EMA, opt: torch.optim.Optimizer, gen: torch.Generator,
+                    command: Optional[str] = None):
+    """Start a run in ``out`` or resume it from its newest valid checkpoint (every trainer
+    does it this way): the checkpoint's model config must equal ``config``; without a
+    checkpoint an old loss log is removed. ``command`` is appended to the run's command
+    list. Returns ``(checkpoint or None, step, elapsed_seconds, commands, losses)``."""
+    log_path = out / "loss.jsonl"
+    ckpt = latest_checkpoint(out) if resume else None
+    step, elapsed, commands = 0, 0.0, []
+    if ckpt is not None:
+        tensors, meta = read_checkpoint(ckpt)
+        if meta.get("format") != TRAIN_FORMAT:
+            raise CheckpointError(f"{ckpt}: not a training checkpoint")
+        if meta.get("model") != config:
+            raise ValueError(f"{ckpt}: checkpoint model config {meta.get('model')} differs "
+                             f"from the requested {config}; use another out_dir or "
+                             "resume=False")
+        step, elapsed, commands = restore_training_state(tensors, meta, model, ema, opt, gen,
+                                                         log_path)
+    elif log_path.exists():
+        log_path.unlink()
+    if command:
+        commands.append(command)
+    return ckpt, step, elapsed, commands, read_log(log_path)
+
+
+def checkpoint_saver(out: Path, *, model: torch.nn.Module, ema: EMA,
+                     opt: torch.optim.Optimizer, gen: torch.Generator, meta: dict,
+                     keep_last: int, keep_every: Optional[int] = None
+                     ) -> Callable[[int, Optional[float], float], Path]:
+    """``save(step, last_loss, seconds) -> json path``: writes ``ckpt-<step>`` in ``out``
+    (the training state, ``meta`` plus the step, loss, time, optimiser layout and parameter
+    count) and prunes older checkpoints (:func:`prune_checkpoints`)."""
+    def save(step_now: int, last_loss: Optional[float], seconds: float) -> Path:
+        tensors, ometa = training_state(model, ema, opt, gen)
+        full = {"format": TRAIN_FORMAT, **meta, "step": int(step_now),
+                "elapsed_seconds": float(seconds), "last_loss": last_loss, "optimizer": ometa,
+                "parameters": int(sum(p.numel() for p in model.parameters()))}
+        path = write_checkpoint(tensors, full, out / f"ckpt-{step_now:08d}")
+        prune_checkpoints(out, step_now, keep_last, keep_every)
+        return path
+    return save
 
 
 @dataclass

@@ -47,11 +47,9 @@ import torch
 
 from ctflow.flow.unet import UNet
 from ctflow.priors.base import FlowPrior
-from ctflow.priors.checkpoint import (TRAIN_FORMAT, CheckpointError, read_checkpoint, save_prior,
-                                      write_checkpoint)
-from ctflow.training.loop import (EMA, latest_checkpoint, loss_curve, lr_at, prune_checkpoints,
-                                  read_log, restore_training_state, training_loop,
-                                  training_state)
+from ctflow.priors.checkpoint import TRAIN_FORMAT, CheckpointError, read_checkpoint, save_prior
+from ctflow.training.loop import (EMA, checkpoint_saver, latest_checkpoint, loss_curve, lr_at,
+                                  read_log, start_or_resume, training_loop)
 
 __all__ = ["train_prior", "TrainResult", "ot_couple", "sample_times", "flow_matching_loss",
            "bundle_checkpoint", "COUPLINGS", "TIME_SAMPLINGS"]
@@ -187,7 +185,6 @@ def train_prior(dataset, *, out_dir, steps: int, batch_size: int = 16, lr: float
                             weight_decay=weight_decay)
     ema = EMA(model, ema_decay, ema_warmup)
     gen = torch.Generator().manual_seed(int(seed))
-    step, elapsed = 0, 0.0
     log_path = out / "loss.jsonl"
 
     hparams = dict(steps=int(steps), batch_size=int(batch_size), lr=float(lr),
@@ -203,36 +200,17 @@ def train_prior(dataset, *, out_dir, steps: int, batch_size: int = 16, lr: float
                   "hu_window": list(hu_window) if hu_window is not None else None}
     data_desc = data_description or (dataset.describe() if hasattr(dataset, "describe") else {})
 
-    ckpt = latest_checkpoint(out) if resume else None
-    commands: List[str] = []
+    ckpt, step, elapsed, commands, losses = start_or_resume(
+        out, resume=resume, config=cfg, model=model, ema=ema, opt=opt, gen=gen,
+        command=command)
     if ckpt is not None:
-        tensors, meta = read_checkpoint(ckpt)
-        if meta.get("format") != TRAIN_FORMAT:
-            raise CheckpointError(f"{ckpt}: not a training checkpoint")
-        if meta["model"] != cfg:
-            raise ValueError(f"{ckpt}: checkpoint model config {meta['model']} differs from "
-                             f"the requested {cfg}; use another out_dir or resume=False")
-        step, elapsed, commands = restore_training_state(tensors, meta, model, ema, opt, gen,
-                                                         log_path)
         for g in opt.param_groups:  # hyper-parameters may change between runs
             g["weight_decay"] = float(weight_decay)
             g["betas"] = tuple(betas)
-    elif log_path.exists():
-        log_path.unlink()
-    if command:
-        commands.append(command)
-    losses = read_log(log_path)
-
-    def save(step_now: int, last_loss: Optional[float], seconds: float) -> Path:
-        tensors, ometa = training_state(model, ema, opt, gen)
-        meta = {"format": TRAIN_FORMAT, "name": name, "step": int(step_now),
-                "elapsed_seconds": float(seconds), "last_loss": last_loss, "model": cfg,
-                "prior": prior_meta, "train": hparams, "data": data_desc,
-                "commands": commands, "optimizer": ometa,
-                "parameters": int(sum(p.numel() for p in model.parameters()))}
-        path = write_checkpoint(tensors, meta, out / f"ckpt-{step_now:08d}")
-        prune_checkpoints(out, step_now, keep_last, keep_every)
-        return path
+    save = checkpoint_saver(out, model=model, ema=ema, opt=opt, gen=gen, keep_last=keep_last,
+                            keep_every=keep_every,
+                            meta={"name": name, "model": cfg, "prior": prior_meta,
+                                  "train": hparams, "data": data_desc, "commands": commands})
 
     def loss_step():
         x1 = scale * dataset.sample(batch_size, gen).to(device) + shift
