@@ -187,15 +187,15 @@ def test_noise_convention_is_relative_rms():
     y, sigma = simulate_measurement(A, x, rel, generator=torch.Generator().manual_seed(1))
     clean = A(x)
     rms = clean.flatten(1).norm(dim=1) / clean[0].numel() ** 0.5
-    torch.testing.assert_close(sigma, 0.05 * rms)
+    torch.testing.assert_close(sigma, 0.05 * rms.double())
     noise = (y - clean).flatten(1)
     # The empirical noise standard deviation matches sigma (m = 12 * detectors samples).
-    assert torch.allclose(noise.std(dim=1), sigma, rtol=0.15)
+    assert torch.allclose(noise.std(dim=1).double(), sigma, rtol=0.15)
     y2, _ = simulate_measurement(A, x, rel, generator=torch.Generator().manual_seed(1))
     assert torch.equal(y, y2)
     # An absolute sigma is the same for every item; a bare number is refused.
     _, s_abs = simulate_measurement(A, x, GaussianNoise(sigma=0.2))
-    torch.testing.assert_close(s_abs, torch.full((2,), 0.2))
+    torch.testing.assert_close(s_abs, torch.full((2,), 0.2, dtype=torch.float64))
     with pytest.raises(TypeError, match="GaussianNoise"):
         simulate_measurement(A, x, 0.05)
 

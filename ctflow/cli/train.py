@@ -31,8 +31,8 @@ from ctflow.flow.autoencoder import AutoEncoder
 from ctflow.flow import UNet
 from ctflow.priors.registry import bundled_dir
 from ctflow.training import (COUPLINGS, TIME_SAMPLINGS, DicomSliceDataset, PatchDataset,
-                             bundle_checkpoint, bundle_latent, ellipses_dataset,
-                             medmnist_dataset, split_slices, train_autoencoder,
+                             bundle_checkpoint, bundle_latent, ellipses_dataset, export_state,
+                             import_state, medmnist_dataset, split_slices, train_autoencoder,
                              train_latent_flow, train_prior)
 
 __all__ = ["register", "cmd_train"]
@@ -190,6 +190,15 @@ def register(sub) -> None:
     _flow_options(q, image_size=None, base=32, mults="1,2,2", blocks=2)
     _bundle_options(add("latent-bundle", "latent prior, step 3: export flow + codec as one "
                         "latent prior"), "flow run folder (with codec.json)")
+    q = add("export-state", "write the compact resumable state (float16 weights + EMA, RNG, "
+            "loss log) of a run's newest checkpoint, to carry the run to another machine")
+    q.add_argument("run", help="run directory")
+    q.add_argument("--dest", required=True, help="output stem (STEM.safetensors/.json/"
+                   ".loss.jsonl; replaced)")
+    q = add("import-state", "turn a compact state into a checkpoint of a run folder; then "
+            "rerun the training command with --out RUN to resume")
+    q.add_argument("state", help="the stem written by export-state")
+    q.add_argument("--out", required=True, help="run directory (created)")
 
 
 # ---------------------------------------------------------------------- commands
@@ -263,6 +272,12 @@ def cmd_train(args) -> int:
     """Run the trainer ``args.trainer`` (see the module docstring)."""
     if args.trainer in ("bundle", "latent-bundle"):
         return _bundle(args)
+    if args.trainer == "export-state":
+        print(f"{args.run} -> {export_state(args.run, args.dest)}")
+        return 0
+    if args.trainer == "import-state":
+        print(f"{args.state} -> {import_state(args.state, args.out)}")
+        return 0
     with _stop_on_signals() as stop:
         run = _run_kwargs(args, stop)
         if args.trainer == "autoencoder":
