@@ -16,7 +16,7 @@ from ctflow.metrics import psnr, ssim
 from ctflow.solvers.registry import method
 from ctflow.tasks import (DEFAULT_HU_WINDOW, infer_size, make_ct_operator, read_h5_array,
                           resolve_prior, run_solver, simulate_measurement, slice_seed,
-                          slice_stack, to_working_size)
+                          slice_stack, to_working_size, working_size)
 
 __all__ = ["register", "cmd_reconstruct", "OUTPUT_SUFFIXES"]
 
@@ -179,19 +179,19 @@ def _hu_window(args, kind: str, source: str, prior, arr, path: Path):
 
 
 def _working_size(args, kind: str, source: str, prior, arr, flow: bool) -> int:
+    fixed = getattr(prior, "image_size", None) if prior is not None else None
     if args.size is not None:
         n = int(args.size)
-    elif flow and prior is not None:
-        n = int(prior.image_size)
+    elif (flow or source == "dicom") and fixed is not None:
+        n = int(fixed)  # as reconstruct-dicom: a fixed-size prior's working size
     elif kind == "sinogram":
         n = infer_size(arr.shape[-2], arr.shape[-1], geometry=args.geometry)
-    elif source == "dicom" and prior is not None:
-        n = int(prior.image_size)  # as reconstruct-dicom: the prior's working size
     else:
-        n = int(max(arr.shape[-2:]))
-    if flow and prior is not None and n != prior.image_size:
-        raise CLIError(f"working size {n} differs from the prior's image_size "
-                       f"{prior.image_size}; flow priors reconstruct at their own size")
+        n = working_size(None, prior, native=int(max(arr.shape[-2:]))) \
+            if prior is not None and (flow or source == "dicom") else int(max(arr.shape[-2:]))
+    if flow and prior is not None and not prior.fits(n):
+        raise CLIError(f"working size {n} does not suit the prior, which models "
+                       f"{prior.size_text()} images")
     return n
 
 

@@ -8,6 +8,12 @@ public images acts on model-space states as :math:`A((x_m - b)/a)`.
 
 A prior exposes ``image_size``, ``channels`` and, for CT priors, ``hu_window`` (the HU range
 mapped to :math:`[0, 1]` in training), so scripts can prepare data exactly as the prior saw it.
+
+A *size-agnostic* prior (``image_size=None``; a fully convolutional velocity trained on
+patches, :mod:`ctflow.training.patches`) models square images of any side divisible by
+``size_multiple``; ``pixel_mm`` records the physical pixel sizes (mm) it was trained at, so a
+caller can check that an image's pixels are in that range. :meth:`FlowPrior.fits` says
+whether an image side suits the prior.
 """
 from __future__ import annotations
 
@@ -26,22 +32,31 @@ class FlowPrior:
 
     Args:
         velocity: callable ``v(x, t)`` (an ``nn.Module`` or any function).
-        image_size: side length of the square images the prior models.
+        image_size: side length of the square images the prior models, or ``None`` for a
+            size-agnostic prior (any side divisible by ``size_multiple``).
         channels: image channels.
         scale, shift: model-space normalisation :math:`x_m = \\text{scale}\\,x + \\text{shift}`.
         hu_window: ``(lo, hi)`` HU range mapped to ``[0, 1]`` (CT priors), else ``None``.
         name: a label for reports.
         config: the JSON config the prior was loaded from (if any).
+        size_multiple: the image side must be a multiple of this (size-agnostic priors: the
+            network's total down-sampling).
+        pixel_mm: ``(min, max)`` pixel sizes in mm of the training images, or ``None``.
     """
 
-    def __init__(self, velocity: Callable, *, image_size: int, channels: int = 1,
+    def __init__(self, velocity: Callable, *, image_size: Optional[int], channels: int = 1,
                  scale: float = 2.0, shift: float = -1.0,
                  hu_window: Optional[Tuple[float, float]] = None, name: str = "prior",
-                 config: Optional[dict] = None):
+                 config: Optional[dict] = None, size_multiple: int = 1,
+                 pixel_mm: Optional[Tuple[float, float]] = None):
         if scale == 0:
             raise ValueError("scale must be non-zero")
+        if int(size_multiple) < 1:
+            raise ValueError(f"size_multiple must be >= 1, got {size_multiple}")
         self.velocity = velocity
-        self.image_size = int(image_size)
+        self.image_size = None if image_size is None else int(image_size)
+        self.size_multiple = int(size_multiple)
+        self.pixel_mm = None if pixel_mm is None else (float(pixel_mm[0]), float(pixel_mm[1]))
         self.channels = int(channels)
         self.scale = float(scale)
         self.shift = float(shift)
@@ -53,9 +68,39 @@ class FlowPrior:
         return self.velocity(x, t)
 
     @property
+    def size_agnostic(self) -> bool:
+        """Whether the prior models images of any (suitable) size."""
+        return self.image_size is None
+
+    def fits(self, size: int) -> bool:
+        """Whether square images of side ``size`` suit the prior."""
+        if self.image_size is not None:
+            return int(size) == self.image_size
+        return int(size) > 0 and int(size) % self.size_multiple == 0
+
+    def size_text(self) -> str:
+        """``"64x64"`` or ``"any NxN, N a multiple of 8"`` (for messages and listings)."""
+        if self.image_size is not None:
+            return f"{self.image_size}x{self.image_size}"
+        return f"any NxN, N a multiple of {self.size_multiple}"
+
+    @property
     def shape(self) -> Tuple[int, int, int]:
-        """Per-item image shape ``(C, H, W)``."""
+        """Per-item image shape ``(C, H, W)`` (a size-agnostic prior has none: use
+        :meth:`shape_for`)."""
+        if self.image_size is None:
+            raise ValueError(f"prior {self.name!r} is size-agnostic ({self.size_text()}); "
+                             "use shape_for(size)")
         return (self.channels, self.image_size, self.image_size)
+
+    def shape_for(self, size: Optional[int] = None) -> Tuple[int, int, int]:
+        """``(C, size, size)``, checked against the prior (``size`` defaults to
+        ``image_size``)."""
+        size = self.image_size if size is None else int(size)
+        if size is None or not self.fits(size):
+            raise ValueError(f"prior {self.name!r} models {self.size_text()} images, "
+                             f"not {size}x{size}")
+        return (self.channels, size, size)
 
     def to_model(self, x: torch.Tensor) -> torch.Tensor:
         """Public ``[0, 1]`` image to model space."""
@@ -81,9 +126,11 @@ class FlowPrior:
     @torch.no_grad()
     def sample(self, n: int, *, steps: int = 50, method: str = "midpoint",
                generator: Optional[torch.Generator] = None, device=None,
-               dtype=torch.float32) -> torch.Tensor:
-        """``n`` samples in ``[0, 1]`` (unclipped) by integrating noise from t=0 to t=1."""
-        z = torch.randn((n, *self.shape), generator=generator, dtype=dtype).to(device or "cpu")
+               dtype=torch.float32, size: Optional[int] = None) -> torch.Tensor:
+        """``n`` samples in ``[0, 1]`` (unclipped) by integrating noise from t=0 to t=1
+        (``size``: the image side of a size-agnostic prior)."""
+        z = torch.randn((n, *self.shape_for(size)), generator=generator,
+                        dtype=dtype).to(device or "cpu")
         return self.from_model(integrate(self.velocity, z, 0.0, 1.0, steps, method, grad=False))
 
     def hu_to_unit(self, hu: torch.Tensor) -> torch.Tensor:
@@ -102,7 +149,9 @@ class FlowPrior:
 
     def __repr__(self) -> str:
         return (f"FlowPrior(name={self.name!r}, image_size={self.image_size}, "
-                f"channels={self.channels}, hu_window={self.hu_window})")
+                f"channels={self.channels}, hu_window={self.hu_window}"
+                + (f", size_multiple={self.size_multiple}, pixel_mm={self.pixel_mm}"
+                   if self.image_size is None else "") + ")")
 
 
 def gaussian_prior(mu: torch.Tensor, sigma: torch.Tensor, *, name: str = "gaussian") -> FlowPrior:

@@ -45,12 +45,16 @@ def save_prior(prior_or_model, path_stem: PathLike, *, model_config: Optional[di
                image_size: Optional[int] = None, channels: Optional[int] = None,
                scale: Optional[float] = None, shift: Optional[float] = None,
                hu_window=None, name: Optional[str] = None, data: Optional[dict] = None,
-               training: Optional[dict] = None, dtype: torch.dtype = torch.float32) -> Path:
+               training: Optional[dict] = None, dtype: torch.dtype = torch.float32,
+               size_agnostic: bool = False, size_multiple: Optional[int] = None,
+               pixel_mm=None) -> Path:
     """Save a prior (a :class:`~ctflow.priors.base.FlowPrior` with a module velocity, or a
     bare velocity module) as ``<path_stem>.safetensors`` + ``<path_stem>.json``.
 
     Keyword values override those of the prior; for a bare module ``image_size`` is required
-    (``channels`` defaults to the model's, ``scale=2, shift=-1``). ``model_config`` defaults
+    unless ``size_agnostic=True`` (a fully convolutional velocity for any image side divisible
+    by ``size_multiple``, trained at pixel sizes ``pixel_mm = (min, max)`` mm; ``channels``
+    defaults to the model's, ``scale=2, shift=-1``). ``model_config`` defaults
     to ``module.config``. ``data`` describes the training data (sources, patient split),
     ``training`` the run (steps, final loss, command, wall time). Weights are stored in
     ``dtype`` (float32 or float16); loading converts back to float32. Returns the JSON path.
@@ -59,6 +63,8 @@ def save_prior(prior_or_model, path_stem: PathLike, *, model_config: Optional[di
         prior = prior_or_model
         module = prior.velocity
         image_size = prior.image_size if image_size is None else image_size
+        size_multiple = prior.size_multiple if size_multiple is None else size_multiple
+        pixel_mm = prior.pixel_mm if pixel_mm is None else pixel_mm
         channels = prior.channels if channels is None else channels
         scale = prior.scale if scale is None else scale
         shift = prior.shift if shift is None else shift
@@ -73,8 +79,12 @@ def save_prior(prior_or_model, path_stem: PathLike, *, model_config: Optional[di
                         else getattr(module, "config", None) or {})
     if not model_config:
         raise ValueError("save_prior: the module has no .config; pass model_config=...")
-    if image_size is None:
-        raise ValueError("save_prior: image_size is required for a bare module")
+    if size_agnostic or (image_size is None and isinstance(prior_or_model, FlowPrior)):
+        image_size = None
+        size_multiple = int(size_multiple or getattr(module, "factor", 1))
+    elif image_size is None:
+        raise ValueError("save_prior: image_size is required for a bare module (or pass "
+                         "size_agnostic=True)")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     channels = int(channels if channels is not None else model_config.get("channels", 1))
@@ -83,7 +93,7 @@ def save_prior(prior_or_model, path_stem: PathLike, *, model_config: Optional[di
         "format_version": FORMAT_VERSION,
         "name": name or Path(path_stem).name,
         "model": model_config,
-        "image_size": int(image_size),
+        "image_size": None if image_size is None else int(image_size),
         "channels": channels,
         "scale": float(2.0 if scale is None else scale),
         "shift": float(-1.0 if shift is None else shift),
@@ -94,6 +104,9 @@ def save_prior(prior_or_model, path_stem: PathLike, *, model_config: Optional[di
         "training": training or {},
         "ctflow_version": ctflow_version(),
     }
+    if image_size is None:
+        meta["size_multiple"] = int(size_multiple or 1)
+        meta["pixel_mm"] = None if pixel_mm is None else [float(v) for v in pixel_mm]
     tensors = {k: v.detach().to(dtype) if v.is_floating_point() else v.detach()
                for k, v in module.state_dict().items()}
     return write_checkpoint(tensors, meta, path_stem)
@@ -138,7 +151,11 @@ def load_prior_file(path: PathLike, *, device=None, verify: bool = True):
     if channels != model_config.get("channels", channels):
         raise CheckpointError(f"{json_path}: channels={channels} but the model config has "
                               f"{model_config.get('channels')}")
-    prior = FlowPrior(model, image_size=int(prior_meta["image_size"]), channels=channels,
+    size = None if prior_meta.get("size_agnostic") else prior_meta["image_size"]
+    pixel_mm = prior_meta.get("pixel_mm")
+    prior = FlowPrior(model, image_size=None if size is None else int(size), channels=channels,
+                      size_multiple=int(prior_meta.get("size_multiple", 1)),
+                      pixel_mm=None if pixel_mm is None else tuple(pixel_mm),
                       scale=float(prior_meta.get("scale", 2.0)),
                       shift=float(prior_meta.get("shift", -1.0)),
                       hu_window=prior_meta.get("hu_window"),

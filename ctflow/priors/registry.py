@@ -5,6 +5,7 @@ Bundled priors live in ``ctflow/priors/bundled/`` as ``<name>.safetensors`` + ``
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import List, Union
@@ -19,14 +20,31 @@ def bundled_dir() -> Path:
     return Path(__file__).resolve().parent / "bundled"
 
 
-def list_priors() -> List[str]:
+def list_priors(*, details: bool = False) -> Union[List[str], List[dict]]:
     """Names of the bundled priors (sorted): every ``<name>.json`` in :func:`bundled_dir`
-    that has a ``<name>.safetensors`` beside it."""
+    that has a ``<name>.safetensors`` beside it.
+
+    ``details=True`` gives one dict per prior instead, read from its JSON (no weights are
+    loaded): ``name``, ``kind`` (``"pixel"`` or ``"latent"``), ``image_size`` (``None``: any
+    side divisible by ``size_multiple``), ``size_multiple``, ``pixel_mm`` (the training
+    images' pixel sizes in mm, where recorded), ``hu_window`` and ``parameters``."""
     d = bundled_dir()
     if not d.is_dir():
         return []
-    return sorted(p.stem for p in d.glob("*.json")
-                  if p.with_suffix(".safetensors").is_file())
+    names = sorted(p.stem for p in d.glob("*.json") if p.with_suffix(".safetensors").is_file())
+    if not details:
+        return names
+    return [_describe(d / f"{n}.json") for n in names]
+
+
+def _describe(path: Path) -> dict:
+    meta = json.loads(path.read_text())
+    size = meta.get("image_size")
+    return {"name": path.stem,
+            "kind": "latent" if meta.get("kind") in ("latent", "latent-codec") else "pixel",
+            "image_size": size, "size_multiple": meta.get("size_multiple", 1),
+            "pixel_mm": meta.get("pixel_mm"), "hu_window": meta.get("hu_window"),
+            "parameters": (meta.get("training") or {}).get("parameters")}
 
 
 def bundled_path(name: str) -> Path:

@@ -132,11 +132,14 @@ def check_prior(prior, operator, *, owner: str, allow_latent: bool = False,
         raise ValueError(f"{owner}: prior.velocity must be callable, got "
                          f"{type(prior.velocity).__name__}")
     dom = tuple(operator.domain_shape)
-    want = (prior.image_size,) * 2
-    if dom != want:
-        raise ValueError(f"{owner}: the prior models {prior.image_size}x{prior.image_size} "
-                         f"images but the operator's domain shape is {dom}; use a prior and an "
-                         f"operator of the same image size")
+    fits = getattr(prior, "fits", None)
+    ok = (len(dom) == 2 and dom[0] == dom[1] and fits(dom[0])) if callable(fits) \
+        else dom == (prior.image_size,) * 2
+    if not ok:
+        size = prior.size_text() if hasattr(prior, "size_text") else \
+            f"{prior.image_size}x{prior.image_size}"
+        raise ValueError(f"{owner}: the prior models {size} images but the operator's domain "
+                         f"shape is {dom}; use a prior and an operator of the same image size")
     if channels is not None and int(prior.channels) != int(channels):
         raise ValueError(f"{owner}: the prior models {prior.channels} channel(s) but y has "
                          f"{channels}")

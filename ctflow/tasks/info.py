@@ -166,9 +166,10 @@ def _priors() -> Dict[str, Any]:
     try:
         from ctflow.priors.registry import list_priors
 
-        return {"error": "", "names": list(list_priors())}
+        return {"error": "", "names": list(list_priors()),
+                "details": list(list_priors(details=True))}
     except Exception as exc:  # noqa: BLE001 - info() reports why instead of failing
-        return {"error": f"prior registry unavailable: {exc}", "names": []}
+        return {"error": f"prior registry unavailable: {exc}", "names": [], "details": []}
 
 
 def versions() -> Dict[str, str]:
@@ -255,6 +256,12 @@ def format_info(data: Optional[Dict[str, Any]] = None) -> str:
         lines.append(f"priors   {pri['error']}")
     else:
         lines.append("priors   " + (", ".join(pri["names"]) if pri["names"] else "(none bundled)"))
+        for p in pri.get("details", []):
+            size = (f"{p['image_size']}²" if p["image_size"] is not None
+                    else f"any N² (N a multiple of {p['size_multiple']})")
+            mm = f", {p['pixel_mm'][0]:g}-{p['pixel_mm'][1]:g} mm pixels" if p["pixel_mm"] else ""
+            hu = f", HU {p['hu_window'][0]:g}..{p['hu_window'][1]:g}" if p["hu_window"] else ""
+            lines.append(f"         {p['name']}: {p['kind']}, {size}{mm}{hu}")
     lines.append("")
     lines.append("optional extras:")
     for name, e in d["extras"].items():

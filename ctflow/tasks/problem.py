@@ -34,7 +34,7 @@ from ctflow.solvers.api import reconstruct
 
 __all__ = ["DEFAULT_HU_WINDOW", "DEFAULT_SIZE", "FAN_DISTANCES", "HU_CLIP", "make_ct_operator",
            "infer_size", "simulate_measurement", "check_noise", "resolve_prior", "run_solver",
-           "slice_seed", "to_working_size", "from_working_size"]
+           "slice_seed", "to_working_size", "from_working_size", "working_size"]
 
 #: HU window used when no prior is given (``prior=None``): the full 12-bit CT range.
 DEFAULT_HU_WINDOW = (-1024.0, 3071.0)
@@ -169,6 +169,18 @@ def run_solver(y: torch.Tensor, operator, prior, *, method: str, sigma: Optional
         options["progress"] = True
     return reconstruct(y, operator, prior if spec.needs_prior else None, spec.name,
                        sigma=sigma, **options)
+
+
+def working_size(size: Optional[int], prior: Any, *, native: int) -> int:
+    """The side of the images a task reconstructs: ``size`` if given, else a fixed-size
+    prior's ``image_size``, else (a size-agnostic prior) the data's ``native`` side, else
+    (no prior) :data:`DEFAULT_SIZE`."""
+    if size is not None:
+        return int(size)
+    if prior is not None:
+        fixed = getattr(prior, "image_size", None)
+        return int(fixed) if fixed is not None else int(native)
+    return DEFAULT_SIZE
 
 
 def slice_seed(seed: int, key: str) -> int:

@@ -68,7 +68,8 @@ from ctflow.tasks.info import resolve_device, versions
 from ctflow.tasks.montage import montage_items, write_montage
 from ctflow.tasks.problem import (DEFAULT_HU_WINDOW, DEFAULT_SIZE, HU_CLIP, check_noise,
                                   from_working_size, make_ct_operator, resolve_prior,
-                                  run_solver, simulate_measurement, slice_seed, to_working_size)
+                                  run_solver, simulate_measurement, slice_seed, to_working_size,
+                                  working_size)
 from ctflow.tasks.sinograms import load_sinograms
 
 __all__ = ["reconstruct_dicom", "solve_slice", "SliceMapper"]
@@ -218,14 +219,14 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
                                       or DEFAULT_HU_WINDOW))
     if not window[0] < window[1]:
         raise ValueError(f"hu_window must be (lo, hi) with lo < hi, got {window}")
-    n = int(size) if size is not None else int(getattr(prior_obj, "image_size", DEFAULT_SIZE))
-    if prior_obj is not None and spec_m.needs_prior and n != prior_obj.image_size:
-        raise ValueError(f"working size {n} differs from the prior's image_size "
-                         f"{prior_obj.image_size}; flow priors reconstruct at their own size")
     solve_prior = prior_obj if spec_m.needs_prior else None
 
     # The series and the slice range.
     vol = read_dicom_series(in_dir, progress=False)
+    n = working_size(size, prior_obj, native=int(max(vol.shape[1:])))
+    if prior_obj is not None and spec_m.needs_prior and not prior_obj.fits(n):
+        raise ValueError(f"working size {n} does not suit the prior, which models "
+                         f"{prior_obj.size_text()} images")
     nz = len(vol)
     if isinstance(slices, tuple):
         slices = slice(*slices)

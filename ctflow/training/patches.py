@@ -87,6 +87,9 @@ class PatchDataset:
         flip: left–right flips.
     """
 
+    #: A velocity trained on these patches models whole images of any size.
+    size_agnostic = True
+
     def __init__(self, slices: Sequence[TrainingSlice], *, patch_size: int = 64,
                  hu_window: tuple[float, float] = (-1024.0, 2000.0),
                  pixel_mm_range: tuple[float, float] = (0.6, 2.0), rotate_deg: float = 10.0,

@@ -195,9 +195,14 @@ def train_prior(dataset, *, out_dir, steps: int, batch_size: int = 16, lr: float
                    time_sampling=time_sampling, seed=int(seed),
                    checkpoint_every=int(checkpoint_every), log_every=int(log_every),
                    autocast=autocast)
-    prior_meta = {"name": name, "image_size": image_size, "channels": channels,
-                  "scale": float(scale), "shift": float(shift),
+    agnostic = bool(getattr(dataset, "size_agnostic", False))
+    pixel_mm = list(dataset.pixel_mm_range) if agnostic else None
+    prior_meta = {"name": name, "image_size": None if agnostic else image_size,
+                  "channels": channels, "scale": float(scale), "shift": float(shift),
                   "hu_window": list(hu_window) if hu_window is not None else None}
+    if agnostic:  # trained on patches: any image side divisible by the network's factor
+        prior_meta.update(size_agnostic=True, pixel_mm=pixel_mm,
+                          size_multiple=int(getattr(model, "factor", 1)))
     data_desc = data_description or (dataset.describe() if hasattr(dataset, "describe") else {})
 
     ckpt, step, elapsed, commands, losses = start_or_resume(
@@ -235,8 +240,9 @@ def train_prior(dataset, *, out_dir, steps: int, batch_size: int = 16, lr: float
 
     ema_model = type(model).from_config(cfg) if hasattr(type(model), "from_config") else model
     ema_model.load_state_dict(ema.shadow)
-    prior = FlowPrior(ema_model, image_size=image_size, channels=channels, scale=scale,
-                      shift=shift, hu_window=hu_window, name=name,
+    prior = FlowPrior(ema_model, image_size=prior_meta["image_size"], channels=channels,
+                      scale=scale, shift=shift, hu_window=hu_window, name=name,
+                      size_multiple=prior_meta.get("size_multiple", 1), pixel_mm=pixel_mm,
                       config={"model": cfg, "train": hparams, "step": step}).eval()
     return TrainResult(prior=prior, step=step, final_loss=last_loss, seconds=elapsed,
                        out_dir=str(out), checkpoint=str(path) if path else None, losses=losses)
@@ -269,7 +275,11 @@ def bundle_checkpoint(run_dir, dest_stem, *, name: Optional[str] = None,
     data = dict(meta.get("data", {}))
     if extra:
         data.update(extra)
+    # patch-trained runs (also those from before the flag was recorded) are size-agnostic
+    agnostic = bool(pm.get("size_agnostic")) or data.get("type") == "PatchDataset"
     return save_prior(model, dest_stem, image_size=pm["image_size"], channels=pm["channels"],
                       scale=pm["scale"], shift=pm["shift"], hu_window=pm.get("hu_window"),
-                      name=name or pm.get("name"), data=data, training=training, dtype=dtype)
+                      name=name or pm.get("name"), data=data, training=training, dtype=dtype,
+                      size_agnostic=agnostic, size_multiple=model.factor,
+                      pixel_mm=pm.get("pixel_mm") or data.get("pixel_mm_range"))
 
