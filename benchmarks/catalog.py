@@ -24,10 +24,11 @@ EXTERNAL_SUITES = {
     "convergence": "benchmarks.convergence",
     "jacobi": "benchmarks.jacobi",
     "latent": "benchmarks.suites.latent",
+    "unet-speed": "benchmarks.unet_speed",
 }
 #: Every suite, in the order ``all`` runs them.
 SUITES = ("operators", "memory", "convergence", "jacobi", "ct-sparse", "ablation",
-          "restoration", "latent")
+          "restoration", "latent", "unet-speed")
 
 
 def import_suite(name: str):

@@ -433,17 +433,18 @@ def test_sinogram_relative_noise_is_relative_to_the_measurement(tmp_path, cli):
 
 
 def test_bench_results_default_to_the_working_directory(tmp_path, monkeypatch, cli):
-    """Without --out the runner is told ./benchmarks/results (.../quick) of the current
-    directory, never the source tree it was imported from."""
+    """Without --out the runner chooses (benchmarks.settings.default_out: the current
+    directory unless a full run starts in the repository root); --out is passed on."""
     import ctflow.cli.bench as bench_mod
 
     seen = []
     monkeypatch.setattr(bench_mod, "_runner", lambda what: seen.append)
     monkeypatch.chdir(tmp_path)
     assert cli("bench", "ct-sparse", "--quick", "--limit", "1").returncode == 0
-    assert seen[-1][-2:] == ["--out", str(tmp_path / "benchmarks" / "results" / "quick")]
-    assert cli("bench", "report").returncode == 0
-    assert seen[-1][-2:] == ["--out", str(tmp_path / "benchmarks" / "results")]
+    assert "--out" not in seen[-1]
+    from benchmarks.settings import default_out
+    assert default_out(True) == tmp_path / "bench-results" / "quick"
+    assert default_out(False) == tmp_path / "bench-results"
     assert cli("bench", "report", "--out", "elsewhere").returncode == 0
     assert seen[-1] == ["report", "--out", "elsewhere"]
 

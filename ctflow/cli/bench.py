@@ -2,8 +2,10 @@
 
 The ``benchmarks/`` folder is not installed: it is found in the current directory or in the
 source checkout an editable install points to, and imported from there (``sys.path``).
-Results go to ``./benchmarks/results`` under the current directory (``.../quick`` with
-``--quick``) unless ``--out`` says otherwise -- never into an installed source tree.
+Results go where the runner puts them without ``--out`` (``benchmarks.settings.default_out``):
+``benchmarks/results`` for a full run from the repository root, else ``./bench-results``
+(``.../quick`` with ``--quick``) under the current directory -- never into an installed
+source tree.
 """
 from __future__ import annotations
 
@@ -16,14 +18,14 @@ from typing import Callable, List, Optional, Sequence
 from ctflow.cli.common import CLIError, add_command, add_ray_arguments
 from ctflow.tasks import resolve_device
 
-__all__ = ["register", "cmd_bench", "cmd_tune", "find_benchmarks_root", "default_out"]
+__all__ = ["register", "cmd_bench", "cmd_tune", "find_benchmarks_root"]
 
 BENCH_EPILOG = """\
 All arguments after 'bench' are passed to the benchmark runner (the benchmarks/ folder of
 the repository, which is not installed: run from the repository root). Global options given
 before 'bench' (--device, --seed, --threads, --quiet) are passed on too. Results go to
-./benchmarks/results under the current directory (./benchmarks/results/quick with --quick)
-unless --out is given. Run 'ctflow bench --help' for the suites and their options.
+benchmarks/results for a full run from the repository root, else ./bench-results under the
+current directory (.../quick with --quick), unless --out is given. Run 'ctflow bench --help' for the suites and their options.
 
 examples:
   ctflow bench ct-sparse --quick
@@ -75,7 +77,8 @@ def register(sub) -> None:
     p.add_argument("--prior", default=None, help="bundled prior name or checkpoint path "
                    "(default: the suite's, ct64)")
     p.add_argument("--out", default=None,
-                   help="result folder (default: ./benchmarks/results, or .../quick)")
+                   help="result folder (default: benchmarks/results for a full run from the "
+                        "repository root, else ./bench-results; .../quick with --quick)")
     p.add_argument("--settings-out", default=None, metavar="FILE",
                    help="write the best settings here instead of the suite's config")
     add_ray_arguments(p, "trials")
@@ -89,13 +92,6 @@ def find_benchmarks_root() -> Optional[Path]:
                for f in ("__init__.py", "__main__.py", "runner.py")):
             return root
     return None
-
-
-def default_out(quick: bool) -> Path:
-    """Where results go without ``--out``: ``./benchmarks/results`` (``.../quick``) under the
-    current directory."""
-    out = Path.cwd() / "benchmarks" / "results"
-    return out / "quick" if quick else out
 
 
 def _runner(what: str) -> Callable[[List[str]], int]:
@@ -154,8 +150,6 @@ def cmd_bench(args) -> int:
             rest += ["--threads", str(args.threads)]     # its worker processes too
         if args.quiet and "--no-progress" not in rest:
             rest.append("--no-progress")
-        if _given(rest, "--out") is None:
-            rest += ["--out", str(default_out("--quick" in rest))]
     return _call(main, rest)
 
 
@@ -169,9 +163,8 @@ def cmd_tune(args) -> int:
     argv = ["tune"] + ([args.suite] if args.suite else []) + ["--search", str(args.search)]
     if args.quick:
         argv.append("--quick")
-    out = args.out if args.out is not None else default_out(args.quick)
     for flag, value in (("--num-samples", args.num_samples), ("--prior", args.prior),
-                        ("--out", out), ("--settings-out", args.settings_out)):
+                        ("--out", args.out), ("--settings-out", args.settings_out)):
         if value is not None:
             argv += [flag, str(value)]
     if args.ray is not None:

@@ -14,7 +14,8 @@ from ctflow.data.medmnist import MEDMNIST_SIZES, MedMNIST, medmnist_file
 from ctflow.data.hdf5 import LODOPAB_PARTS, LoDoPaB, ResultStore
 from ctflow.data.splits import (SPLIT_NAMES, SPLITS, TEST_PATIENTS, TRAIN_COVID_PATIENTS,
                      VALIDATION_PATIENTS, SplitPart, split_files, split_of_patient, split_parts)
-from ctflow.data.atomic import atomic_save, atomic_write_bytes, atomic_write_json, json_default
+from ctflow.data.atomic import (atomic_save, atomic_write_bytes, atomic_write_json,
+                                atomic_write_text, json_default)
 from ctflow.data.samples import SAMPLE_NAMES, heldout_files, heldout_slices, sample_files, sample_path
 
 __all__ = [
@@ -38,5 +39,5 @@ __all__ = [
     "TRAIN_COVID_PATIENTS", "split_parts", "split_of_patient", "split_files",
     "SAMPLE_NAMES", "sample_path", "sample_files", "heldout_files", "heldout_slices",
     # atomic writes
-    "atomic_save", "atomic_write_bytes", "atomic_write_json", "json_default",
+    "atomic_save", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "json_default",
 ]
