@@ -19,6 +19,7 @@ TINY = {
     "dflow": dict(N=2, iterations=1, max_iter=1),
     "pnpflow": dict(steps=2),
     "otode": dict(steps=2),
+    "flowdp": dict(rounds=1),
     "fbp": {},
     "tv": dict(iterations=5),
     "cgls": dict(iterations=3),

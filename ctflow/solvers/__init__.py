@@ -18,6 +18,7 @@ module per solver (``msflow`` with ``msflow_sweeps``, ``dflow``, ``pnpflow``, ``
 from ctflow.solvers.api import reconstruct, solver_class
 from ctflow.solvers.base import FlowOptions, IterativeOptions
 from ctflow.solvers.cgls import CGLS, cgls
+from ctflow.solvers.denoise_project import FlowDP
 from ctflow.solvers.dflow import DFlow
 from ctflow.solvers.fbp import FBP_FILTERS, FBPSolver
 from ctflow.solvers.flow_baseline import StartOptions

@@ -83,6 +83,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "plug-and-play: data gradient step, interpolation, flow denoiser"),
     Method("otode", "OT-ODE", "otode", "OTODE", True, _FLOW, True,
            "ODE sampling with a data-consistency correction of the velocity"),
+    Method("flowdp", "Flow-DP", "denoise_project", "FlowDP", True, _FLOW, True,
+           "one-step flow denoiser near t = 1 alternated with an exact data step"),
     Method("fbp", "FBP", "fbp", "FBPSolver", False, (), False,
            "filtered back-projection (CT operators only)"),
     Method("tv", "TV", "tv", "TV", False, (), False,
