@@ -21,6 +21,15 @@ all-air slice reconstructs as 0); TV then warns once that its weight has no effe
 :math:`\sigma \ge 0`.
 The reported ``objective`` and ``gap`` are in the :math:`1/(2\sigma^2)` form when
 :math:`\sigma > 0` (else in the unscaled form).
+
+Statistical weights (``weights=w``, :mod:`ctflow.solvers.weights`) make the data term
+:math:`\tfrac1{2\sigma^2}\sum_i w_i(Ax - y)_i^2`: PDHG runs on the whitened
+:math:`W^{1/2}A`, :math:`W^{1/2}y` (the data block of :math:`K` is :math:`W^{1/2}A/c` with
+:math:`c = \|W^{1/2}A\|/\sqrt{4d}`, so the step condition and the adaptive step balancing
+hold unchanged, and the prox of the data term's conjugate is the same closed form in the
+whitened dual variable). In whitened units the noise has standard deviation :math:`\sigma`,
+so the ``"relative"`` weight :math:`\lambda = \text{weight}\cdot\sigma` keeps its meaning
+(Poisson post-log data: weights = counts and :math:`\sigma = 1`).
 """
 from __future__ import annotations
 
