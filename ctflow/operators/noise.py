@@ -19,8 +19,8 @@ statistical weights :math:`w \approx 1/\mathrm{Var}(y)`; it returns a :class:`Lo
 ``(y, weights, counts, sigma=1)``. The weights convention shared with the solvers:
 ``ctflow.reconstruct(y, A, prior, method, sigma=1.0, weights=w)`` minimises the data term
 :math:`\frac{1}{2\sigma^2}\sum_i w_i (Ax - y)_i^2` (``weights=None``: all ones, the Gaussian
-case). :func:`check_weights` is the shape/value check of weights. Physical units (HU, μ in
-mm⁻¹, the prior's window) are in :mod:`ctflow.operators.units`.
+case; ``ctflow.solvers.inputs.check_weights`` checks their shape and values). Physical
+units (HU, μ in mm⁻¹, the prior's window) are in :mod:`ctflow.operators.units`.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["GaussianNoise", "PoissonNoise", "LowDoseData", "check_weights", "COUNT_FLOOR"]
+__all__ = ["GaussianNoise", "PoissonNoise", "LowDoseData", "COUNT_FLOOR"]
 
 
 @dataclass(frozen=True)
@@ -101,24 +101,6 @@ def _positive(value, name: str, owner: str, *, allow_zero: bool = False) -> floa
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{owner}: {name} must be a finite number {bound}, got {value!r}")
     return value
-
-
-def check_weights(weights: torch.Tensor, shape, *, owner: str = "weights") -> torch.Tensor:
-    """``weights`` if it is a tensor of exactly ``shape`` with finite values ``>= 0``;
-    ``ValueError`` naming the shape or the bad value otherwise (``TypeError`` for a
-    non-tensor). The check every user of statistical weights shares."""
-    if not isinstance(weights, torch.Tensor):
-        raise TypeError(f"{owner}: weights must be a torch.Tensor, got {type(weights).__name__}")
-    if tuple(weights.shape) != tuple(shape):
-        raise ValueError(f"{owner}: weights have shape {tuple(weights.shape)}, but the data have "
-                         f"shape {tuple(shape)}; pass one weight per measurement")
-    w = weights.detach()
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError(f"{owner}: weights must be finite, got "
-                         f"{int((~torch.isfinite(w)).sum())} non-finite value(s)")
-    if bool((w < 0).any()):
-        raise ValueError(f"{owner}: weights must be >= 0, got a minimum of {float(w.min())!r}")
-    return weights
 
 
 @dataclass(frozen=True)
