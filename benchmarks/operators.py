@@ -27,6 +27,9 @@ with 60 and 180 angles.
 
 Writes ``operators.json`` (rows + metadata) and ``operators.md`` to ``--out``
 (default :func:`benchmarks.settings.default_out`).
+
+The module is longer than 400 lines because it is one benchmark: the timing table, the two
+fresh-process memory cases (whose child scripts are inline strings) and their one report.
 """
 from __future__ import annotations
 
@@ -202,17 +205,20 @@ print("RESULT" + json.dumps(out))
 """
 
 
-def big_case(n: int, angles: int, device: str, threads: int) -> dict:
-    """Build + one forward/adjoint in a fresh process; returns its timings and peak memory."""
-    code = _CHILD.format(root=str(ROOT), threads=threads, device=device, n=n, angles=angles,
-                         seed=SEED)
+def _run_child(code: str, what: str) -> dict:
+    """Run ``code`` in a fresh Python process; its ``RESULT{json}`` line as a dict."""
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=3600)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
     if proc.returncode != 0 or not line:
-        raise RuntimeError(f"big case {n}x{angles} failed (exit {proc.returncode}):\n"
-                           f"{proc.stderr[-2000:]}")
-    res = json.loads(line[0][len("RESULT"):])
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    return json.loads(line[0][len("RESULT"):])
+
+
+def big_case(n: int, angles: int, device: str, threads: int) -> dict:
+    """Build + one forward/adjoint in a fresh process; returns its timings and peak memory."""
+    res = _run_child(_CHILD.format(root=str(ROOT), threads=threads, device=device, n=n,
+                                   angles=angles, seed=SEED), f"big case {n}x{angles}")
     peak = res.get("peak_cuda_bytes", res["peak_rss_bytes"])
     res["peak_bytes"] = peak
     res["within_4gb"] = peak <= FOUR_GB
@@ -265,14 +271,8 @@ def clinical_fan_case(threads: int, *, n: int = 512, views: int = 1152) -> dict:
     """The ``clinical-fan`` preset at ``n²`` and ``views`` views in a fresh process: build,
     forward and adjoint (torch, float32, CPU; best of 2), the peak RSS of the torch part
     (must stay within 8 GB), then ODL ``astra_cpu`` on the same geometry (best of 2)."""
-    code = _FAN_CHILD.format(root=str(ROOT), threads=threads, n=n, views=views, seed=SEED)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=3600)
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
-    if proc.returncode != 0 or not line:
-        raise RuntimeError(f"clinical fan case failed (exit {proc.returncode}):\n"
-                           f"{proc.stderr[-2000:]}")
-    res = json.loads(line[0][len("RESULT"):])
+    res = _run_child(_FAN_CHILD.format(root=str(ROOT), threads=threads, n=n, views=views,
+                                       seed=SEED), "clinical fan case")
     res["within_8gb"] = res["peak_rss_bytes"] <= EIGHT_GB
     res["threads"] = threads
     return res
