@@ -22,7 +22,7 @@ from ctflow.solvers.inputs import (Measurement, check_prior, check_problem, chec
 from ctflow.solvers.options import (SolverOptions, check_choice, check_positive,
                                     check_probability, check_x_init, record_options)
 from ctflow.solvers.result import Reconstruction, SolveMeter
-from ctflow.solvers.weights import whiten
+from ctflow.solvers.weights import normalize_weights, whiten
 
 __all__ = ["Solver", "FlowSolver", "FlowOptions", "IterativeSolver", "IterativeOptions",
            "finish"]
@@ -183,6 +183,9 @@ class IterativeSolver(Solver):
     unchanged."""
 
     Options = IterativeOptions
+    #: whether ``weights`` are normalised to mean 1 (and ``sigma`` to the equivalent white
+    #: noise level) first: :func:`~ctflow.solvers.weights.normalize_weights`
+    normalizes_weights = False
 
     def solve(self, operator, y: torch.Tensor, prior=None, sigma: float = 0.0, *,
               weights: Optional[torch.Tensor] = None) -> Reconstruction:
@@ -197,6 +200,8 @@ class IterativeSolver(Solver):
         x0 = None
         if x_init is not None:
             x0, _ = initial_image(x_init, operator, y, owner=o, clip=False, name="x_init")
+        if self.normalizes_weights:
+            weights, sigma = normalize_weights(weights, sigma)
         self.before_run(sigma)
         operator, y = whiten(operator, y, weights)
         with SolveMeter(y.device) as meter:

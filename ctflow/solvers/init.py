@@ -20,7 +20,7 @@ from ctflow.solvers.linalg import broadcast_items, conjugate_gradient, per_item_
 from ctflow.solvers.options import SolverOptions, check_choice, check_int, check_positive
 from ctflow.solvers.pdhg import pdhg_tv
 from ctflow.solvers.rng import randn
-from ctflow.solvers.weights import whiten
+from ctflow.solvers.weights import normalize_weights, whiten
 
 __all__ = ["INIT_CHOICES", "TV_START_WEIGHT", "check_init", "check_start", "initial_image",
            "fbp_initialiser", "blend_init"]
@@ -105,6 +105,7 @@ def _named_image(init: str, operator, y: torch.Tensor, *, owner: str, cgls_itera
                              f"'cgls', a tensor or a callable y -> image instead")
         if fbp is not None:
             return fbp(y), "fbp"        # FBP is unweighted
+    weights, sigma = normalize_weights(weights, sigma)   # for TV (the others: invariant)
     operator, y = whiten(operator, y, weights)
     if init in ("auto", "fbp", "adjoint"):      # "auto" without a CT geometry
         return _scaled_adjoint(operator, y), "adjoint"

@@ -28,8 +28,13 @@ Statistical weights (``weights=w``, :mod:`ctflow.solvers.weights`) make the data
 :math:`c = \|W^{1/2}A\|/\sqrt{4d}`, so the step condition and the adaptive step balancing
 hold unchanged, and the prox of the data term's conjugate is the same closed form in the
 whitened dual variable). In whitened units the noise has standard deviation :math:`\sigma`,
-so the ``"relative"`` weight :math:`\lambda = \text{weight}\cdot\sigma` keeps its meaning
-(Poisson post-log data: weights = counts and :math:`\sigma = 1`).
+after the weights have been normalised to mean 1 and :math:`\sigma` replaced by the
+equivalent white noise level :math:`\sigma/\sqrt{\bar w}` (the same data term,
+:func:`~ctflow.solvers.weights.normalize_weights`), so the rules above hold as they are:
+weights :math:`cI` with :math:`\sigma` give the image of no weights with
+:math:`\sigma/\sqrt c`, and the ``"unscaled"`` form reads
+:math:`\tfrac12\sum_i (w_i/\bar w)(Ax-y)_i^2 + \lambda\,\mathrm{TV}(x)` (Poisson post-log
+data: weights = counts and :math:`\sigma = 1`).
 """
 from __future__ import annotations
 
@@ -52,6 +57,7 @@ class TV(IterativeSolver):
     options: :class:`TV.Options`."""
 
     name = "tv"
+    normalizes_weights = True
 
     @dataclasses.dataclass(frozen=True, eq=False)
     class Options(IterativeOptions):

@@ -23,6 +23,9 @@ OT-ODE's ΠGDM correction have a closed form only for :math:`W = cI`
 (:meth:`WeightedOperator.solve_shifted_normal`), else the solvers use conjugate gradients.
 The operator norm :math:`\|W^{1/2}A\|` (step sizes of Landweber, TV's PDHG and PnP-Flow) is
 :math:`\sqrt c\,\|A\|` for :math:`W = cI`, else the largest per-item norm by power iteration.
+CGLS, Landweber, PnP-Flow, OT-ODE, MS-Flow and D-Flow are invariant to a joint scaling of
+:math:`w` and :math:`\sigma^2`; TV is not (PDHG and its noise-relative weight), so TV and the
+``init="tv"`` start first normalise the weights to mean 1 (:func:`normalize_weights`).
 
 Reported residuals of a weighted solve are the weighted ones,
 :math:`\|W^{1/2}(Ax - y)\| / \|W^{1/2}y\|`. FBP does not use weights
@@ -39,7 +42,7 @@ import torch
 
 from ctflow.operators import LinearOperator
 
-__all__ = ["WeightedOperator", "whiten", "repeat_items"]
+__all__ = ["WeightedOperator", "whiten", "repeat_items", "normalize_weights"]
 
 
 class WeightedOperator(LinearOperator):
@@ -136,6 +139,22 @@ def whiten(operator, y: torch.Tensor,
         return operator, y
     weighted = WeightedOperator(operator, weights)
     return weighted, weighted.apply_root(y)
+
+
+def normalize_weights(weights: Optional[torch.Tensor], sigma: Optional[float]
+                      ) -> Tuple[Optional[torch.Tensor], Optional[float]]:
+    r"""The same data term with the weights normalised to mean 1:
+    :math:`(w/\bar w,\ \sigma/\sqrt{\bar w})`, :math:`\bar w` the mean weight, since
+    :math:`\tfrac1{2\sigma^2}\sum_i w_i r_i^2 = \tfrac{\bar w}{2\sigma^2}\sum_i
+    (w_i/\bar w) r_i^2`. :math:`\sigma/\sqrt{\bar w}` is the equivalent white noise level
+    (exact for :math:`W = cI`: weights :math:`cI` with :math:`\sigma` are no weights with
+    :math:`\sigma/\sqrt c`). For the solvers that are not invariant to a scaling of the data
+    term (TV's PDHG and its noise-relative weight); ``(None, sigma)`` unchanged (and a
+    ``sigma`` of ``None`` stays ``None``)."""
+    if weights is None:
+        return None, sigma
+    mean = float(weights.mean())
+    return weights / mean, None if sigma is None else float(sigma) / math.sqrt(mean)
 
 
 def repeat_items(weights: Optional[torch.Tensor], repeats: int) -> Optional[torch.Tensor]:
