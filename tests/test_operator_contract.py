@@ -36,7 +36,8 @@ import ctflow.operators as ops_pkg
 from ctflow.operators import (AdjointOperator, ComposedOperator, Denoising, GaussianBlur,
                               Inpainting, LinearOperator, ScaledOperator, SumOperator,
                               SuperResolution)
-from ctflow.operators.ct import FBP, FanBeam2D, ParallelBeam2D, RayTransform, available_backends
+from ctflow.operators.ct import (FBP, FanBeam2D, ParallelBeam2D, RayTransform, available_backends,
+                                 preset)
 
 PAR = ParallelBeam2D(5, 4, detectors=7)
 FAN = FanBeam2D(5, 5, source_origin=3.0, origin_detector=1.0, detectors=7)
@@ -95,6 +96,14 @@ CASES = [
     Case("ray-fan-nonuniform", RayTransform,
          lambda: RayTransform(FanBeam2D(5, torch.linspace(0.1, 5.0, 6), source_origin=4.0,
                                         origin_detector=4.0, extent=1.5, detectors=8))),
+    # the geometry presets in mm (clinical fan beam, LoDoPaB parallel beam) on coarse grids;
+    # their detectors are wide (736 / 513 bins), so gradcheck runs in fast mode
+    Case("ray-preset-clinical-fan", RayTransform,
+         lambda: RayTransform(preset("clinical-fan", 5, 60.0, views=3)),
+         grad=dict(fast_mode=True)),
+    Case("ray-preset-lodopab", RayTransform,
+         lambda: RayTransform(preset("lodopab-parallel", 5, 40.0, views=2)),
+         grad=dict(fast_mode=True)),
     Case("fbp-parallel", FBP, lambda: FBP(PAR, "hann")),
     Case("fbp-fan", FBP, lambda: FBP(FAN, "shepp-logan", frequency_scaling=0.8)),
     # composites

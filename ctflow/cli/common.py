@@ -4,7 +4,8 @@
 * :func:`parse_slices`, :func:`parse_options` -- ``START:STOP`` and ``KEY=VALUE`` arguments;
 * :func:`add_solver_arguments`, :func:`default_prior` -- ``--method`` (choices from the method
   registry, :mod:`ctflow.solvers.registry`), ``--prior`` and the measurement options;
-* :func:`add_noise_arguments`, :func:`noise_from_args` -- ``--sigma`` / ``--noise-rel``;
+* :func:`add_noise_arguments`, :func:`noise_from_args` -- ``--sigma`` / ``--noise-rel`` /
+  ``--dose`` (transmission Poisson noise with I0 photons per detector bin);
 * :func:`add_ray_arguments`, :func:`ray_settings` -- ``--ray [ADDRESS]`` and its options;
 * :func:`add_command` -- a sub-command with the shared formatter and the global options;
 * :func:`set_threads`, :func:`seed_everything`, :func:`echo`.
@@ -23,9 +24,10 @@ import torch
 
 from ctflow.data import sample_path
 from ctflow.distributed import RAY_ARGUMENTS, RayOptions, ray_options_from
-from ctflow.operators.noise import GaussianNoise
+from ctflow.operators.noise import GaussianNoise, PoissonNoise
 from ctflow.solvers.registry import method, method_names
 from ctflow.tasks import check_noise
+from ctflow.tasks.problem import geometry_names
 
 __all__ = ["CLIError", "parse_slices", "parse_options", "method_key", "add_solver_arguments",
            "default_prior", "add_noise_arguments", "noise_from_args", "add_ray_arguments",
@@ -124,9 +126,13 @@ def add_solver_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prior", default=None,
                    help="a bundled prior name, a checkpoint path, or 'none' (default: 'ct64' "
                         f"for the methods that need a prior, none for {no_prior})")
-    g.add_argument("--views", type=int, default=60, help="number of projection angles")
-    g.add_argument("--geometry", choices=("parallel", "fan"), default="parallel",
-                   help="beam geometry")
+    g.add_argument("--views", type=int, default=60,
+                   help="number of projection angles (also for the presets: their full "
+                        "counts are 1152 for clinical-fan and 1000 for lodopab-parallel)")
+    g.add_argument("--geometry", choices=geometry_names(), default="parallel",
+                   help="beam geometry: parallel, fan (unit half-width), or a preset in mm "
+                        "(clinical-fan: SOMATOM Definition AS fan beam, 1152 views; "
+                        "lodopab-parallel: LoDoPaB-CT parallel beam; see docs/lowdose.md)")
     add_noise_arguments(g)
     g.add_argument("--size", type=int, default=None,
                    help="working image size (default: the prior's image_size; without a "
@@ -158,7 +164,8 @@ class _Removed(argparse.Action):
 
 
 def add_noise_arguments(g) -> None:
-    """``--sigma S`` / ``--noise-rel ETA`` (mutually exclusive) on the group ``g``; the
+    """``--sigma S`` / ``--noise-rel ETA`` / ``--dose I0`` (mutually exclusive) on the group
+    ``g``; the
     removed ``--noise-level`` is an error that names them."""
     g.add_argument("--noise-level", action=_Removed, default=argparse.SUPPRESS,
                    replacement="--noise-rel ETA (relative to the data RMS) or --sigma S "
@@ -170,12 +177,24 @@ def add_noise_arguments(g) -> None:
                    help="relative noise level: sigma = ETA * RMS of the clean data when "
                         "simulating, of the measured sinogram otherwise (default: "
                         f"{DEFAULT_NOISE_REL}, i.e. 1%%)")
+    m.add_argument("--dose", type=float, default=None, metavar="I0",
+                   help="simulate a low-dose transmission scan instead of Gaussian noise: "
+                        "Poisson photon counts with I0 incident photons per detector bin "
+                        "(ctflow.operators.noise.PoissonNoise), physical units (HU -> mu in "
+                        "mm^-1, see docs/lowdose.md) and statistically weighted data")
 
 
-def noise_from_args(args, method_name: str) -> GaussianNoise:
+def noise_from_args(args, method_name: str):
     """The :class:`~ctflow.operators.noise.GaussianNoise` of ``--sigma`` / ``--noise-rel``
-    (default ``relative=DEFAULT_NOISE_REL``), checked for ``method_name`` before any work
-    starts (:func:`ctflow.tasks.check_noise`: zero only for methods that need no sigma)."""
+    (default ``relative=DEFAULT_NOISE_REL``), or the
+    :class:`~ctflow.operators.noise.PoissonNoise` of ``--dose I0``, checked for
+    ``method_name`` before any work starts (:func:`ctflow.tasks.check_noise`: zero only for
+    methods that need no sigma)."""
+    if getattr(args, "dose", None) is not None:
+        try:
+            return check_noise(method_name, PoissonNoise(args.dose))
+        except ValueError as exc:
+            raise CLIError(f"--dose: {exc}") from None
     if args.sigma is not None:
         flag, noise = "--sigma", dict(sigma=args.sigma)
     else:

@@ -13,10 +13,12 @@ from ctflow.cli.common import (CLIError, add_command, add_solver_arguments, defa
 from ctflow.data import read_dicom_series, read_dicom_slices
 from ctflow.data.atomic import atomic_save
 from ctflow.metrics import psnr, ssim
+from ctflow.operators.noise import PoissonNoise
+from ctflow.operators.units import WindowMap
 from ctflow.solvers.registry import method
 from ctflow.tasks import (DEFAULT_HU_WINDOW, infer_size, make_ct_operator, read_h5_array,
                           resolve_prior, run_solver, simulate_measurement, slice_seed,
-                          slice_stack, to_working_size, working_size)
+                          simulate_lowdose, slice_stack, to_working_size, working_size)
 
 __all__ = ["register", "cmd_reconstruct", "OUTPUT_SUFFIXES"]
 
@@ -36,6 +38,10 @@ Input kinds:
 Noise: --noise-rel ETA (default 0.01) is relative: sigma = ETA * RMS of the clean data when
 simulating, of the measured sinogram otherwise; --sigma S is the absolute standard deviation.
 0 is accepted by the methods that need no sigma (fbp, tv, cgls, landweber).
+--dose I0 simulates a low-dose transmission scan of an image input instead: Poisson counts
+with I0 photons per detector bin, in physical units (the HU window -> mu in mm^-1, pixel size
+from the DICOM header or the preset's field of view; needs a DICOM input or a preset
+--geometry), reconstructed with the statistical weights (sigma = 1; docs/lowdose.md).
 
 Output by extension: .npy (float32 reconstruction in [0, 1]), .h5/.hdf5 (datasets
 'reconstruction', 'measurement' and, for image inputs, 'ground_truth', plus attributes
@@ -46,6 +52,7 @@ examples:
   ctflow reconstruct phantom.npy -o recon.png --views 30 --noise-rel 0.02 --method tv
   ctflow reconstruct scan.h5 --dataset sinogram -o recon.h5 --method msflow --prior ct64
   ctflow reconstruct slice.dcm -o slice.png --method msflow --option sweeps=20
+  ctflow reconstruct slice.dcm -o slice.png --geometry clinical-fan --views 1152 --dose 1e4
 """
 
 
@@ -70,8 +77,10 @@ def register(sub) -> None:
 
 
 def _load_input(args, path: Path):
-    """→ (kind, float32 array (Z, a, b), source: "array" or "dicom")."""
+    """→ (kind, float32 array (Z, a, b), source: "array" or "dicom", side in mm of the
+    padded square slice from the DICOM pixel spacing, or None)."""
     suffix = path.suffix.lower()
+    side_mm = None
     if suffix == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
@@ -88,12 +97,17 @@ def _load_input(args, path: Path):
         if path.is_dir():
             vol = read_dicom_series(path)
             arr = vol.numpy()
+            side_mm = max(arr.shape[-2] * vol.spacing[1], arr.shape[-1] * vol.spacing[2])
             if args.slice is not None:
                 if not -len(vol) <= args.slice < len(vol):
                     raise CLIError(f"--slice {args.slice}: the series has {len(vol)} slices")
                 arr = arr[args.slice:args.slice + 1] if args.slice != -1 else arr[-1:]
         else:
-            arr = np.stack([s.hu for s in read_dicom_slices([path])])
+            slices = read_dicom_slices([path])
+            arr = np.stack([s.hu for s in slices])
+            ps = slices[0].meta.pixel_spacing
+            if ps is not None:
+                side_mm = max(arr.shape[-2] * ps[0], arr.shape[-1] * ps[1])
         source = "dicom"
     arr = np.asarray(arr)
     if arr.dtype.kind not in "fiu":
@@ -108,7 +122,7 @@ def _load_input(args, path: Path):
         kind = "image"
     elif kind == "auto":
         kind = "image" if arr.shape[-1] == arr.shape[-2] else "sinogram"
-    return kind, arr, source
+    return kind, arr, source, side_mm
 
 
 def _save(out: Path, recon, *, measurement, truth, attrs: Dict[str, Any]) -> None:
@@ -195,6 +209,19 @@ def _working_size(args, kind: str, source: str, prior, arr, flow: bool) -> int:
     return n
 
 
+def _pixel_mm(args, kind: str, side_mm, n: int):
+    """The working pixel size (mm) of a ``--dose`` scan: the DICOM slice's side / ``n``, or
+    ``None`` (a preset's native field of view); ``CLIError`` where no physical size exists."""
+    if kind == "sinogram":
+        raise CLIError("--dose simulates the scan of an image input; a sinogram input is "
+                       "measured data (use --sigma / --noise-rel)")
+    if side_mm is None and args.geometry in ("parallel", "fan"):
+        raise CLIError(f"--dose needs physical units: --geometry {args.geometry} has none for "
+                       "an array input; use a DICOM input or --geometry clinical-fan / "
+                       "lodopab-parallel")
+    return None if side_mm is None else float(side_mm) / n
+
+
 def cmd_reconstruct(args) -> int:
     """Run ``ctflow reconstruct`` (see :data:`EPILOG`)."""
     name = args.method
@@ -205,14 +232,22 @@ def cmd_reconstruct(args) -> int:
     prior_name = default_prior(name, args.prior)
     if prior_name is None and spec.needs_prior:
         raise CLIError(f"method {name!r} needs a prior; pass --prior NAME or PATH")
-    kind, arr, source = _load_input(args, path)
+    kind, arr, source, side_mm = _load_input(args, path)
     device = torch.device(args.device)
     prior = resolve_prior(prior_name, device=device) if prior_name else None
     options = parse_options(args.option)
     window, arr = _hu_window(args, kind, source, prior, arr, path)
     n = _working_size(args, kind, source, prior, arr, spec.needs_prior)
     views = int(arr.shape[-2]) if kind == "sinogram" else int(args.views)
-    A = make_ct_operator(n, views, geometry=args.geometry, backend=args.backend, device=device)
+    lowdose = isinstance(noise, PoissonNoise)
+    pixel_mm = _pixel_mm(args, kind, side_mm, n) if lowdose else None
+    try:
+        A = make_ct_operator(n, views, geometry=args.geometry, pixel_mm=pixel_mm,
+                             backend=args.backend, device=device)
+    except ValueError as exc:
+        raise CLIError(f"--geometry {args.geometry}: {exc}") from None
+    units = WindowMap(window or getattr(prior, "hu_window", None) or DEFAULT_HU_WINDOW) \
+        if lowdose else None
     if kind == "sinogram" and tuple(arr.shape[-2:]) != tuple(A.range_shape[-2:]):
         raise CLIError(f"{path}: sinogram shape {tuple(arr.shape[-2:])} does not match the "
                        f"{args.geometry} geometry at size {n} with {views} views, which "
@@ -224,17 +259,22 @@ def cmd_reconstruct(args) -> int:
             # HU images: prepared exactly as the prior's training data (window, pad, resize).
             x = to_working_size(arr[z], n, hu_window=window).to(device).reshape(1, 1, n, n)
             gen = torch.Generator().manual_seed(slice_seed(args.seed, f"{path.name}:{z}"))
-            y, sigma = simulate_measurement(A, x, noise, generator=gen)
+            if lowdose:
+                scan = simulate_lowdose(A, x, noise, window=units, generator=gen)
+                y, weights, sigma = scan.y, scan.weights, torch.ones(1, dtype=torch.float64)
+            else:
+                y, sigma = simulate_measurement(A, x, noise, generator=gen)
+                weights = None
             truths.append(x.reshape(n, n).cpu().numpy())
         else:
             y = torch.from_numpy(arr[z]).to(device).reshape(1, 1, *arr.shape[-2:])
             sigma = noise.std(y)   # a relative level refers to the measured data
-            x = None
+            x, weights = None, None
         opts = dict(options)
         solve_seed = int(opts.pop("seed", slice_seed(args.seed, f"solve:{z}") % 2**31))
         show = bool(opts.pop("progress", not args.quiet))
-        res = run_solver(y, A, prior, method=name, sigma=float(sigma[0]), seed=solve_seed,
-                         progress=show, **opts)
+        res = run_solver(y, A, prior, method=name, sigma=float(sigma[0]), weights=weights,
+                         seed=solve_seed, progress=show, **opts)
         img = res.image.detach().to("cpu", torch.float32).reshape(n, n).clamp(0, 1)
         row = {"index": z, "sigma": float(sigma[0]), "seconds": round(res.seconds, 3),
                "nfe": dict(res.nfe)}
@@ -251,6 +291,8 @@ def cmd_reconstruct(args) -> int:
              "geometry": args.geometry, "noise": noise.describe(), "size": n,
              "seed": args.seed, "backend": args.backend, "options": options,
              "hu_window": list(window) if window is not None else None,
+             "pixel_mm": A.geometry.pixel_size if lowdose else None,
+             "units": units.describe() if lowdose else None,
              "input": str(path), "metrics": rows}
     _save(out, np.stack(recons), measurement=np.stack(meas),
           truth=np.stack(truths) if truths else None, attrs=attrs)

@@ -6,7 +6,8 @@ r"""``ctflow.reconstruct``: one entry point for every solver.
     result.image, result.history, result.nfe, result.seconds, result.peak_memory_bytes
 
 Methods and the classes behind them (each constructed with the keyword ``**options``, which
-build its ``Options`` dataclass, and called as ``.solve(operator, y, prior, sigma)``) are the
+build its ``Options`` dataclass, and called as ``.solve(operator, y, prior, sigma,
+weights=weights)``) are the
 entries of the one registry, :data:`ctflow.solvers.registry.METHODS`:
 
 =============  ==============================================  ===============
@@ -33,6 +34,11 @@ Solver modules are imported on first use. Everything is checked before any work:
   in the units of ``y``) must be a finite number, ``> 0`` for the methods whose registry
   entry has ``needs_sigma``, ``>= 0`` (or ``None``) for the others (TV reads its default
   weight relative to sigma and then asks for ``weight_mode="unscaled"`` at sigma 0);
+* ``weights`` (the statistical weights :math:`w` of the data term
+  :math:`\tfrac1{2\sigma^2}\sum_i w_i(Ax - y)_i^2`, ``None`` for all ones) must be finite,
+  non-negative, broadcastable to the batched ``y`` ``(B, C, *range_shape)`` and not all zero
+  for a batch item (:func:`~ctflow.solvers.inputs.check_weights`); every iterative and flow
+  solver uses them (:mod:`ctflow.solvers.weights`), FBP does not and warns;
 * ``prior`` (a :class:`~ctflow.priors.FlowPrior` or the name of a bundled prior, loaded with
   ``ctflow.priors.load_prior``) must model images of the operator's domain shape.
 
@@ -50,7 +56,7 @@ from typing import Any
 import torch
 
 from ctflow.solvers import registry
-from ctflow.solvers.inputs import check_prior, check_sigma, prepare_measurement
+from ctflow.solvers.inputs import check_prior, check_sigma, check_weights, prepare_measurement
 from ctflow.solvers.registry import METHODS
 from ctflow.solvers.result import Reconstruction
 
@@ -82,7 +88,8 @@ def _load_prior(name: str):
 
 
 def reconstruct(y: torch.Tensor, operator, prior=None, method: str = "msflow", *,
-                sigma: float | None = None, **options: Any) -> Reconstruction:
+                sigma: float | None = None, weights: Any = None,
+                **options: Any) -> Reconstruction:
     r"""Reconstruct an image from the measurement ``y = A x + noise`` with ``method``.
 
     Args:
@@ -97,6 +104,11 @@ def reconstruct(y: torch.Tensor, operator, prior=None, method: str = "msflow", *
             has ``needs_sigma``, optional (``None`` or ``0``) for FBP, TV, CGLS and
             Landweber. A relative level (a fraction of the RMS of the data) is converted by
             :func:`ctflow.operators.noise.GaussianNoise.std` before the call.
+        weights: statistical weights :math:`w` of the data term
+            :math:`\tfrac1{2\sigma^2}\sum_i w_i(Ax - y)_i^2` (a non-negative finite tensor
+            broadcastable to ``y``'s batched shape ``(B, C, *range_shape)``), or ``None``
+            for all ones. For post-log transmission (Poisson) data pass the counts and
+            ``sigma=1.0``. FBP does not use weights (it warns).
         **options: keyword options of the solver class (the fields of its ``Options``
             dataclass, ``registry.method(method).options_type``); unknown names, bad values
             and options without effect raise ``ValueError``; ``seed`` (default 0) and
@@ -128,12 +140,13 @@ def reconstruct(y: torch.Tensor, operator, prior=None, method: str = "msflow", *
         check_prior(prior, operator, owner=own, allow_latent="latent" in spec.prior_kinds)
     channels = getattr(prior, "channels", None) if prior is not None else None
     meas = prepare_measurement(operator, y, owner=own, channels=channels)
+    weights = check_weights(weights, meas.y, owner=own)
     solver = spec.solver_class()(**options)      # the Options dataclass checks every option
     seed = solver.options.seed
     devices = [meas.y.device] if meas.y.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        result = solver.solve(operator, meas.y, prior, sigma)
+        result = solver.solve(operator, meas.y, prior, sigma, weights=weights)
     result.image = meas.restore(result.image)
     if not result.method:
         result.method = method

@@ -1,11 +1,12 @@
 r"""The solver classes' common front.
 
 :class:`Solver`: ``Solver(**options)`` or ``Solver(options)`` (an instance of the class's
-``Options`` dataclass, see :mod:`ctflow.solvers.options`), ``solve(operator, y, prior, sigma)``
-and ``solver(operator, y, prior, sigma, options=None)`` (``options`` a dict overriding some
-options for one call). :class:`FlowSolver` adds the checks a flow solve starts with;
-:class:`IterativeSolver` is the classical baselines' ``solve`` (start image ``x_init``,
-meter, result).
+``Options`` dataclass, see :mod:`ctflow.solvers.options`), ``solve(operator, y, prior, sigma,
+*, weights=None)`` and ``solver(operator, y, prior, sigma, options=None, *, weights=None)``
+(``options`` a dict overriding some options for one call; ``weights`` the statistical weights
+of the data term, :mod:`ctflow.solvers.weights`). :class:`FlowSolver` adds the checks a flow
+solve starts with; :class:`IterativeSolver` is the classical baselines' ``solve`` (start
+image ``x_init``, meter, result).
 """
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ import torch
 from ctflow.flow.integrate import METHODS as INTEGRATORS
 from ctflow.solvers.init import TV_START_WEIGHT, check_start, initial_image
 from ctflow.solvers.inputs import (Measurement, check_prior, check_problem, check_sigma,
-                                   prepare_measurement)
+                                   check_weights, prepare_measurement)
 from ctflow.solvers.options import (SolverOptions, check_choice, check_positive,
                                     check_probability, check_x_init, record_options)
 from ctflow.solvers.result import Reconstruction, SolveMeter
+from ctflow.solvers.weights import normalize_weights, whiten
 
 __all__ = ["Solver", "FlowSolver", "FlowOptions", "IterativeSolver", "IterativeOptions",
            "finish"]
@@ -42,12 +44,17 @@ class Solver:
                             f"keywords, got {type(options).__name__}")
         self.options = self.Options.build(options, **kw)
 
-    def __call__(self, operator, y, prior, sigma, options: Optional[Mapping[str, Any]] = None):
+    def __call__(self, operator, y, prior, sigma, options: Optional[Mapping[str, Any]] = None,
+                 *, weights: Optional[torch.Tensor] = None):
         """``solve``, with ``options`` (a dict) overriding this solver's options."""
         solver = type(self)(self.options, **options) if options else self
-        return solver.solve(operator, y, prior, sigma)
+        return solver.solve(operator, y, prior, sigma, weights=weights)
 
-    def solve(self, operator, y: torch.Tensor, prior, sigma) -> Reconstruction:
+    def solve(self, operator, y: torch.Tensor, prior, sigma, *,
+              weights: Optional[torch.Tensor] = None) -> Reconstruction:
+        r"""Reconstruct from ``y = A x + noise``: the data term is
+        :math:`\tfrac1{2\sigma^2}\sum_i w_i (Ax - y)_i^2` with ``weights`` :math:`w`
+        (``None``: all ones; :mod:`ctflow.solvers.weights`)."""
         raise NotImplementedError  # pragma: no cover
 
     def recorded_options(self, **extra: Any) -> Dict[str, Any]:
@@ -124,24 +131,30 @@ class FlowSolver(Solver):
     """Base of the trajectory solvers (MS-Flow, D-Flow), which take image and latent priors
     and every layout of ``y`` that :func:`~ctflow.solvers.inputs.prepare_measurement` does."""
 
-    def begin(self, operator, y, prior, sigma) -> Tuple[float, Measurement]:
-        r"""Check ``sigma > 0``, the prior (image or latent) against ``operator`` and ``y``,
-        all before any work; return :math:`\sigma` and the prepared measurement."""
+    def begin(self, operator, y, prior, sigma, weights=None
+              ) -> Tuple[float, Measurement, Optional[torch.Tensor]]:
+        r"""Check ``sigma > 0``, the prior (image or latent) against ``operator`` and ``y``
+        and the statistical ``weights`` against the batched ``y``, all before any work;
+        return :math:`\sigma`, the prepared measurement and the checked weights."""
         own = type(self).__name__
         sigma = check_sigma(sigma, owner=own)
         check_prior(prior, operator, owner=own, allow_latent=True)
-        return sigma, prepare_measurement(operator, y, owner=own, channels=prior.channels)
+        meas = prepare_measurement(operator, y, owner=own, channels=prior.channels)
+        return sigma, meas, check_weights(weights, meas.y, owner=own)
 
-    def start_image(self, operator, y: torch.Tensor,
-                    sigma: float) -> Tuple[Optional[torch.Tensor], str]:
-        """The initial public image of the options' ``init`` and its label; ``(None,
-        "none")`` when the options make it unused (:meth:`FlowOptions.start_unused`), so no
-        work is spent on it."""
+    def start_image(self, operator, y: torch.Tensor, sigma: float,
+                    weights: Optional[torch.Tensor] = None
+                    ) -> Tuple[Optional[torch.Tensor], str]:
+        """The initial public image of the options' ``init`` (weighted by ``weights``, see
+        :func:`~ctflow.solvers.init.initial_image`) and its label; ``(None, "none")`` when
+        the options make it unused (:meth:`FlowOptions.start_unused`), so no work is spent
+        on it."""
         o = self.options
         if o.start_unused() is not None:
             return None, "none"
         return initial_image(o.init, operator, y, owner=type(self).__name__,
-                             cgls_iterations=o.cgls_iters, sigma=sigma, tv_weight=o.tv_weight)
+                             cgls_iterations=o.cgls_iters, sigma=sigma, tv_weight=o.tv_weight,
+                             weights=weights)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -162,20 +175,35 @@ class IterativeOptions(SolverOptions):
 class IterativeSolver(Solver):
     """``solve`` of the iterative classical baselines: check the problem, take the start image
     (``x_init``, or ``None`` for zeros), run the subclass's ``_run(operator, y, sigma, x0)``
-    → ``(x, history, extra recorded options)`` under a :class:`SolveMeter`, clip and record."""
+    → ``(x, history, extra recorded options)`` under a :class:`SolveMeter`, clip and record.
+
+    With statistical ``weights`` ``_run`` gets the whitened problem
+    :math:`(W^{1/2}A, W^{1/2}y)` (:func:`~ctflow.solvers.weights.whiten`), whose unweighted
+    least squares is the weighted one; ``weights=None`` passes ``operator`` and ``y``
+    unchanged."""
 
     Options = IterativeOptions
+    #: whether ``weights`` are normalised to mean 1 (and ``sigma`` to the equivalent white
+    #: noise level) first: :func:`~ctflow.solvers.weights.normalize_weights`
+    normalizes_weights = False
 
-    def solve(self, operator, y: torch.Tensor, prior=None, sigma: float = 0.0) -> Reconstruction:
-        """Reconstruct from ``y = A x + noise`` (the prior is unused; ``sigma`` is the
-        absolute noise standard deviation in ``y``, 0 allowed)."""
+    def solve(self, operator, y: torch.Tensor, prior=None, sigma: float = 0.0, *,
+              weights: Optional[torch.Tensor] = None) -> Reconstruction:
+        r"""Reconstruct from ``y = A x + noise`` (the prior is unused; ``sigma`` is the
+        absolute noise standard deviation in ``y``, 0 allowed; ``weights`` the statistical
+        weights :math:`w` of the data term :math:`\tfrac12\sum_i w_i(Ax - y)_i^2`, ``None``
+        for all ones)."""
         o = type(self).__name__
         sigma = check_problem(operator, y, sigma, owner=o)
+        weights = check_weights(weights, y, owner=o)
         x_init = self.options.x_init
         x0 = None
         if x_init is not None:
             x0, _ = initial_image(x_init, operator, y, owner=o, clip=False, name="x_init")
+        if self.normalizes_weights:
+            weights, sigma = normalize_weights(weights, sigma)
         self.before_run(sigma)
+        operator, y = whiten(operator, y, weights)
         with SolveMeter(y.device) as meter:
             x, history, extra = self._run(operator, y, sigma, x0)
         return finish(self, x, history, meter, **extra)

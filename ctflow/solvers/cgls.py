@@ -4,6 +4,12 @@ r"""CGLS: conjugate gradients on the normal equations of
 Works in the public image space (images in :math:`[0, 1]`, the space the operator acts on)
 and ignores the prior; ``sigma`` is not needed (0 allowed). The data residual in the history
 is the batch-aggregate relative residual :math:`\|Ax - y\| / \|y\|`.
+
+With statistical weights (``CGLS().solve(A, y, weights=w)``, :mod:`ctflow.solvers.weights`)
+:class:`CGLS` is weighted least squares
+:math:`\min_x \tfrac12\sum_i w_i(Ax - y)_i^2 + \tfrac\lambda2\|x\|^2`: :func:`cgls` on
+:math:`W^{1/2}A` and :math:`W^{1/2}y`, i.e. CG on :math:`(A^TWA + \lambda I)x = A^TWy`; the
+history's residual and objective are then the weighted ones.
 """
 from __future__ import annotations
 

@@ -22,11 +22,16 @@ and ``seconds``. If an L-BFGS step leaves a non-finite state or end image (the l
 wandered where the discretised flow blows up), the last finite iterate is kept, the last
 history entry gets ``diverged_at`` (the outer iteration) and the solve stops. The result image
 is :math:`x(\Phi_{0\to1}(s_0))` clipped to :math:`[0,1]`.
+
+With statistical weights (``solve(..., weights=w)``, :mod:`ctflow.solvers.weights`) the data
+term is :math:`\tfrac1{2\sigma^2}\sum_i w_i(A\,x(\Phi_{0\to1}(s_0)) - y)_i^2` (its gradient
+back-propagates :math:`A^TW(Ax - y)/\sigma^2`) and ``data``/``residual`` are the weighted ones.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Optional
 
 import torch
 
@@ -99,17 +104,20 @@ class DFlow(FlowSolver):
             self.refuse_unless(self.iterations > 0, LBFGS_OPTIONS, "with iterations=0")
             self.check_start()
 
-    def solve(self, operator, y: torch.Tensor, prior, sigma: float) -> Reconstruction:
-        """Reconstruct from ``y`` (``sigma`` > 0: the absolute noise standard deviation)."""
+    def solve(self, operator, y: torch.Tensor, prior, sigma: float, *,
+              weights: Optional[torch.Tensor] = None) -> Reconstruction:
+        """Reconstruct from ``y`` (``sigma`` > 0: the absolute noise standard deviation;
+        ``weights``: the statistical weights of the data term, ``None`` for all ones)."""
         o = self.options
-        sigma, meas = self.begin(operator, y, prior, sigma)
+        sigma, meas, weights = self.begin(operator, y, prior, sigma, weights)
         yb = meas.y
         with SolveMeter(yb.device) as meter:
             v = SolverVelocity(prior, yb.device)
             with v.evaluation_mode():
                 t_start = time.perf_counter()
-                problem = make_problem(operator, yb, prior, sigma)  # latent: via decoder
-                x0, init_label = self.start_image(operator, yb, sigma)
+                # latent priors: via the decoder; weights: the whitened data term
+                problem = make_problem(operator, yb, prior, sigma, weights)
+                x0, init_label = self.start_image(operator, yb, sigma, weights)
                 s0 = blend_init(v, prior, x0, alpha=o.alpha, steps=o.N, method=o.method,
                                 generator=make_generator(o.seed), like=yb.new_empty(
                                     (yb.shape[0], yb.shape[1], *operator.domain_shape)))

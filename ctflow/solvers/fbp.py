@@ -1,13 +1,22 @@
 r"""The FBP baseline: filtered back-projection for CT ray transforms (operators with a
-``geometry``), through ``ctflow.operators.ct.FBP``; the prior and ``sigma`` are unused."""
+``geometry``), through ``ctflow.operators.ct.FBP``; the prior and ``sigma`` are unused.
+
+FBP is unweighted: statistical weights (``weights=``, :mod:`ctflow.solvers.weights`) are
+checked like for every solver and then not used, with a :class:`UserWarning` (a statistically
+weighted FBP is out of scope; use ``"cgls"`` or ``"tv"`` for a weighted reconstruction). It
+warns rather than refuses so that one call with the same weights runs every method of a
+comparison (the unweighted FBP is the reference there).
+"""
 from __future__ import annotations
 
 import dataclasses
+import warnings
+from typing import Optional
 
 import torch
 
 from ctflow.solvers.base import Solver, finish
-from ctflow.solvers.inputs import check_problem
+from ctflow.solvers.inputs import check_problem, check_weights
 from ctflow.solvers.linalg import relative_residual
 from ctflow.solvers.options import SolverOptions, check_choice
 from ctflow.solvers.result import Reconstruction, SolveMeter
@@ -43,10 +52,17 @@ class FBPSolver(Solver):
         def check(self) -> None:
             check_choice("filter", self.filter, FBP_FILTERS, owner=self.OWNER)
 
-    def solve(self, operator, y: torch.Tensor, prior=None, sigma: float = 0.0) -> Reconstruction:
-        """Filtered back-projection of ``y`` (the prior and ``sigma`` are unused)."""
+    def solve(self, operator, y: torch.Tensor, prior=None, sigma: float = 0.0, *,
+              weights: Optional[torch.Tensor] = None) -> Reconstruction:
+        """Filtered back-projection of ``y`` (the prior and ``sigma`` are unused; checked
+        ``weights`` are not used either, with a warning: see the module docstring)."""
         o = type(self).__name__
         check_problem(operator, y, sigma, owner=o)
+        if check_weights(weights, y, owner=o) is not None:
+            warnings.warn(f"{o}: filtered back-projection is unweighted: the statistical "
+                          f"weights are not used (pass weights=None to silence this, or use "
+                          f"method 'cgls' or 'tv' for a weighted reconstruction)",
+                          UserWarning, stacklevel=2)
         geometry = getattr(operator, "geometry", None)
         if geometry is None:
             raise ValueError(f"{o}: filtered back-projection needs a CT ray transform (an "

@@ -12,13 +12,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, NamedTuple, Optional
 
+from ctflow.operators import LinearOperator
+
 import torch
 
 from ctflow.solvers.init import TV_START_WEIGHT, check_start, initial_image
-from ctflow.solvers.inputs import check_prior, check_problem
+from ctflow.solvers.inputs import check_prior, check_problem, check_weights
 from ctflow.solvers.options import SolverOptions, check_x_init
 from ctflow.solvers.rng import make_generator
 from ctflow.solvers.velocity import SolverVelocity
+from ctflow.solvers.weights import whiten
 
 __all__ = ["StartOptions", "FlowSolve", "begin_solve", "start_image", "times"]
 
@@ -71,6 +74,12 @@ class FlowSolve(NamedTuple):
     #: the weight of :math:`\tfrac12\|Ax - y\|^2` in the reported objective:
     #: :math:`1/\sigma^2`, or 1 when :math:`\sigma = 0`
     data_scale: float
+    #: the operator of the data term: :math:`W^{1/2}A` with statistical weights, else ``A``
+    operator: LinearOperator
+    #: the data of the data term: :math:`W^{1/2}y` with statistical weights, else ``y``
+    y: torch.Tensor
+    #: the checked statistical weights (``None``: all ones)
+    weights: Optional[torch.Tensor]
 
     @property
     def nfe(self) -> Dict[str, int]:
@@ -79,30 +88,36 @@ class FlowSolve(NamedTuple):
 
 
 def begin_solve(owner: str, operator, y: torch.Tensor, prior, sigma: float,
-                seed: int) -> FlowSolve:
-    """Check the problem (:func:`~ctflow.solvers.inputs.check_problem`, ``sigma >= 0``) and
-    the image-space prior (:func:`~ctflow.solvers.inputs.check_prior`) before any work, and
-    set up the counted velocity field and the seeded generator."""
+                seed: int, weights: Any = None) -> FlowSolve:
+    """Check the problem (:func:`~ctflow.solvers.inputs.check_problem`, ``sigma >= 0``),
+    the statistical ``weights`` (:func:`~ctflow.solvers.inputs.check_weights`) and the
+    image-space prior (:func:`~ctflow.solvers.inputs.check_prior`) before any work, and set
+    up the counted velocity field, the seeded generator and the (whitened, with weights:
+    :func:`~ctflow.solvers.weights.whiten`) data term."""
     sigma = check_problem(operator, y, sigma, owner=owner)
+    weights = check_weights(weights, y, owner=owner)
     check_prior(prior, operator, owner=owner, channels=int(y.shape[1]))
+    data_operator, data = whiten(operator, y, weights)
     return FlowSolve(sigma=sigma, scale=float(getattr(prior, "scale", 1.0)),
                      velocity=SolverVelocity(prior, y.device),
                      generator=make_generator(seed),
-                     data_scale=1.0 / (sigma * sigma) if sigma > 0 else 1.0)
+                     data_scale=1.0 / (sigma * sigma) if sigma > 0 else 1.0,
+                     operator=data_operator, y=data, weights=weights)
 
 
 def start_image(owner: str, operator, y: torch.Tensor, options: StartOptions,
-                sigma: float) -> torch.Tensor:
+                sigma: float, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The public starting image in [0, 1]: ``options.x_init`` if given, else from
     ``options.init`` (:func:`~ctflow.solvers.init.initial_image`; ``"cgls"`` takes
     ``options.init_iterations`` steps, ``"tv"`` the relative weight ``options.tv_weight`` at
-    the noise level ``sigma``). A tensor start may have batch size 1 or that of ``y``."""
+    the noise level ``sigma``; both weighted by ``weights``). A tensor start may have batch
+    size 1 or that of ``y``."""
     x_init = options.x_init
     start = x_init if x_init is not None else options.init
     x, _ = initial_image(start, operator, y, owner=owner,
                          cgls_iterations=options.init_iterations, sigma=sigma,
                          tv_weight=options.tv_weight,
-                         name="x_init" if x_init is not None else "init")
+                         name="x_init" if x_init is not None else "init", weights=weights)
     return x
 
 

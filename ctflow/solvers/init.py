@@ -20,6 +20,7 @@ from ctflow.solvers.linalg import broadcast_items, conjugate_gradient, per_item_
 from ctflow.solvers.options import SolverOptions, check_choice, check_int, check_positive
 from ctflow.solvers.pdhg import pdhg_tv
 from ctflow.solvers.rng import randn
+from ctflow.solvers.weights import normalize_weights, whiten
 
 __all__ = ["INIT_CHOICES", "TV_START_WEIGHT", "check_init", "check_start", "initial_image",
            "fbp_initialiser", "blend_init"]
@@ -93,7 +94,8 @@ def _scaled_adjoint(operator, y: torch.Tensor) -> torch.Tensor:
 
 
 def _named_image(init: str, operator, y: torch.Tensor, *, owner: str, cgls_iterations: int,
-                 sigma: Optional[float], tv_weight: float) -> Tuple[torch.Tensor, str]:
+                 sigma: Optional[float], tv_weight: float,
+                 weights: Optional[torch.Tensor]) -> Tuple[torch.Tensor, str]:
     check_choice("init", init, INIT_CHOICES, owner=owner)
     if init in ("auto", "fbp"):
         fbp = fbp_initialiser(operator)
@@ -102,10 +104,11 @@ def _named_image(init: str, operator, y: torch.Tensor, *, owner: str, cgls_itera
                              f"(and ctflow.operators.ct.FBP); use init='adjoint', "
                              f"'cgls', a tensor or a callable y -> image instead")
         if fbp is not None:
-            return fbp(y), "fbp"
+            return fbp(y), "fbp"        # FBP is unweighted
+    weights, sigma = normalize_weights(weights, sigma)   # for TV (the others: invariant)
+    operator, y = whiten(operator, y, weights)
+    if init in ("auto", "fbp", "adjoint"):      # "auto" without a CT geometry
         return _scaled_adjoint(operator, y), "adjoint"
-    if init == "adjoint":
-        return _scaled_adjoint(operator, y), init
     if init == "cgls":      # CG steps on the normal equations from zero (per item)
         return conjugate_gradient(operator.normal, operator.adjoint(y), None,
                                   iterations=cgls_iterations), init
@@ -123,7 +126,8 @@ def _named_image(init: str, operator, y: torch.Tensor, *, owner: str, cgls_itera
 def initial_image(init: Any, operator, y: torch.Tensor, *, owner: str,
                   cgls_iterations: int = 10, sigma: Optional[float] = None,
                   tv_weight: float = TV_START_WEIGHT, clip: bool = True,
-                  name: str = "init") -> Tuple[torch.Tensor, str]:
+                  name: str = "init",
+                  weights: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, str]:
     """The initial public image (clipped to ``[0, 1]`` with ``clip``) and a label for it.
 
     ``init``: ``"auto"`` (FBP for CT operators with a ``.geometry``, else ``"adjoint"``),
@@ -134,6 +138,10 @@ def initial_image(init: Any, operator, y: torch.Tensor, *, owner: str,
     a piecewise-constant guess, where the adjoint and CGLS leave zeros), ``"zeros"`` (a
     mid-grey 0.5 image), a tensor ``(B or 1, C, *domain_shape)`` (or ``(C, *domain_shape)``
     for one item), or a callable ``y -> image``. ``name`` is the option named in errors.
+
+    ``weights`` (checked statistical weights, :mod:`ctflow.solvers.weights`, or ``None``)
+    weight the data term of ``"adjoint"``, ``"cgls"`` and ``"tv"`` (they run on the whitened
+    :math:`W^{1/2}A, W^{1/2}y`); FBP and a callable see the unweighted ``y``.
     """
     what = "init image" if name == "init" else f"option {name}"
     with torch.no_grad():
@@ -145,7 +153,7 @@ def initial_image(init: Any, operator, y: torch.Tensor, *, owner: str,
         else:
             x, label = _named_image(init, operator, y, owner=owner,
                                     cgls_iterations=cgls_iterations, sigma=sigma,
-                                    tv_weight=tv_weight)
+                                    tv_weight=tv_weight, weights=weights)
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{owner}: init must produce a torch.Tensor, got {type(x).__name__}")
         x = x.to(dtype=y.dtype, device=y.device)

@@ -4,6 +4,8 @@ standard deviation ``sigma`` and the prior.
 * :func:`prepare_measurement`: ``y`` in one of the layouts ``reconstruct`` accepts, batched;
 * :func:`check_problem`: the strict batched layout of the solver classes' ``solve``;
 * :func:`check_sigma`: :math:`\sigma` a finite number ``> 0`` (``>= 0`` where allowed);
+* :func:`check_weights`: the statistical weights of a weighted data term (finite,
+  non-negative, broadcastable to ``y``; :mod:`ctflow.solvers.weights`);
 * :func:`check_prior`: a flow prior of the operator's image size, latent priors only for the
   methods whose registry entry supports them.
 """
@@ -17,8 +19,8 @@ import torch
 from ctflow.solvers.options import is_number
 from ctflow.solvers.registry import METHODS
 
-__all__ = ["check_sigma", "check_problem", "Measurement", "prepare_measurement",
-           "check_prior"]
+__all__ = ["check_sigma", "check_problem", "check_weights", "Measurement",
+           "prepare_measurement", "check_prior"]
 
 
 def check_sigma(sigma: Any, *, owner: str, allow_zero: bool = False) -> float:
@@ -58,6 +60,56 @@ def check_problem(operator, y: Any, sigma: Any, *, owner: str) -> float:
     if not bool(torch.isfinite(y).all()):
         raise ValueError(f"{owner}: y contains NaN or infinite values")
     return check_sigma(sigma, owner=owner, allow_zero=True)
+
+
+def check_weights(weights: Any, y: torch.Tensor, *, owner: str) -> Optional[torch.Tensor]:
+    r"""The statistical weights :math:`w` of the data term
+    :math:`\tfrac1{2\sigma^2}\sum_i w_i(Ax - y)_i^2`, checked against the batched ``y``
+    ``(B, C, *range_shape)`` before any work; ``None`` (all ones) stays ``None``.
+
+    ``weights`` is a tensor (or array, or a number) that broadcasts to ``y``'s shape, with
+    finite, non-negative values, not all zero for any batch item (else ``ValueError`` naming
+    the shapes or the bad values). Returns it as a tensor of ``y``'s dtype, device and number
+    of dimensions (leading axes of length 1 added; not expanded).
+    """
+    if weights is None:
+        return None
+    if isinstance(weights, (str, bytes)) or isinstance(weights, bool):
+        raise ValueError(f"{owner}: weights must be a tensor of non-negative statistical "
+                         f"weights broadcastable to y's shape {tuple(y.shape)}, got "
+                         f"{weights!r}")
+    try:
+        w = torch.as_tensor(weights)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{owner}: weights must be a tensor of non-negative statistical "
+                         f"weights broadcastable to y's shape {tuple(y.shape)}, got "
+                         f"{type(weights).__name__} ({exc})") from None
+    if w.is_complex():
+        raise ValueError(f"{owner}: weights must be real, got dtype {w.dtype}")
+    try:
+        ok = w.ndim <= y.ndim and torch.broadcast_shapes(w.shape, y.shape) == y.shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{owner}: weights shape mismatch: weights of shape "
+                         f"{tuple(w.shape)} do not broadcast to y's shape {tuple(y.shape)} "
+                         f"(B, C, *range_shape)")
+    w = w.detach().to(dtype=y.dtype, device=y.device)
+    finite = torch.isfinite(w)
+    if not bool(finite.all()):
+        nan = int(torch.isnan(w).sum())
+        raise ValueError(f"{owner}: weights contain {nan} NaN and {int((~finite).sum()) - nan} "
+                         f"infinite value(s); weights must be finite")
+    if bool((w < 0).any()):
+        raise ValueError(f"{owner}: weights must be non-negative, got "
+                         f"{int((w < 0).sum())} negative value(s) (min {float(w.min()):g})")
+    w = w.reshape((1,) * (y.ndim - w.ndim) + tuple(w.shape))
+    top = torch.broadcast_to(w, y.shape).reshape(y.shape[0], -1).amax(1)
+    if bool((top == 0).any()):
+        items = [int(i) for i in torch.nonzero(top == 0).flatten()]
+        raise ValueError(f"{owner}: the weights of batch item(s) {items} are all zero (the "
+                         f"data term would vanish)")
+    return w
 
 
 class Measurement:

@@ -3,6 +3,10 @@ r"""Landweber iteration
 :class:`Landweber`).
 
 Works in the public image space and ignores the prior; ``sigma`` is not needed (0 allowed).
+With statistical weights (``weights=w``, :mod:`ctflow.solvers.weights`) :class:`Landweber`
+descends the weighted :math:`\tfrac12\sum_i w_i(Ax - y)_i^2`: the step is
+:math:`\tfrac{\omega}{\|W^{1/2}A\|^2}A^TW(y - Ax)` (:func:`landweber` on :math:`W^{1/2}A`,
+:math:`W^{1/2}y`).
 """
 from __future__ import annotations
 

@@ -27,6 +27,10 @@ calls. The memory of a data step is that of one decoder forward and backward pas
 not depend on the number of ODE steps.
 
 D-Flow back-propagates :math:`d(\Phi_{0\to1}(z_0))` through the latent ODE and the decoder.
+
+Statistical weights (:mod:`ctflow.solvers.weights`): :func:`ctflow.solvers.problem.make_problem`
+builds :class:`LatentDataProblem` on :math:`W^{1/2}A` and :math:`W^{1/2}y`, so :math:`d(z) =
+\tfrac1{2\sigma^2}\sum_i w_i(A D(z) - y)_i^2` and every gradient above is the weighted one.
 """
 from __future__ import annotations
 

@@ -122,6 +122,15 @@ trajectory="interpolate", nodes="power"`` (:math:`p = 2`) gives 35.9 dB with one
 rollout trajectory one draw gives 35.3 dB and 4 draws (``alpha=0.9``) 35.0 dB
 (``benchmarks/configs/ct-sparse.json`` records the whole search).
 
+**Weights** (``solve(..., weights=w)``, :mod:`ctflow.solvers.weights`): the data term is
+:math:`\tfrac1{2\sigma^2}\sum_i w_i(A\,x(s_K) - y)_i^2` (Poisson post-log data: :math:`w` =
+counts, :math:`\sigma = 1`); the data block solves :math:`(A_m^TWA_m + \rho\sigma^2 I)s =
+A_m^TWy_m + \rho\sigma^2\Phi_{K-1}(s_{K-1})` by the same warm-started CG (closed form for
+:math:`W = cI` only). :math:`\rho` compares with the data curvature, top eigenvalue
+:math:`\|W^{1/2}A_m\|^2/\sigma^2 \le \max(w)\|A_m\|^2/\sigma^2` (for :math:`\|A_m\|^2/\sigma^2`
+unweighted); counts with :math:`\sigma = 1` match :math:`1/\sigma^2` = 1/(post-log variance)
+of the unweighted term, so the default ``rho`` (unchanged) transfers.
+
 The result image is :math:`x(s_K)` clipped to :math:`[0, 1]` (averaged over the draws). NFE
 counts every velocity call (a batched call counts once), the initialisation's included.
 """
@@ -138,6 +147,7 @@ from ctflow.solvers.msflow_sweeps import Trajectory, node_grid
 from ctflow.solvers.options import check_choice, check_int, check_positive, check_probability
 from ctflow.solvers.result import Reconstruction, SolveMeter
 from ctflow.solvers.velocity import SolverVelocity
+from ctflow.solvers.weights import repeat_items
 
 __all__ = ["MSFlow", "node_grid", "CPU_MAX_BATCH"]
 
@@ -357,10 +367,11 @@ class MSFlow(FlowSolver):
                                    "cg_iters and cg_tol)")
 
     # -------------------------------------------------------------------------------------
-    def solve(self, operator, y: torch.Tensor, prior, sigma: float) -> Reconstruction:
-        """Reconstruct from ``y``; see the class and module docstrings."""
+    def solve(self, operator, y: torch.Tensor, prior, sigma: float, *,
+              weights: Optional[torch.Tensor] = None) -> Reconstruction:
+        """Reconstruct from ``y`` (``weights``: the module docstring's **Weights**)."""
         o = self.options
-        sigma, meas = self.begin(operator, y, prior, sigma)
+        sigma, meas, weights = self.begin(operator, y, prior, sigma, weights)
         o.check_prior_kind(bool(getattr(prior, "is_latent", False)))
         yb = meas.y
         D = o.draws
@@ -373,8 +384,9 @@ class MSFlow(FlowSolver):
                 t_start = time.perf_counter()
                 # D independent trajectories per measurement in one batch (item i*D + d)
                 yd = yb.repeat_interleave(D, dim=0)
-                start = self.start_image(operator, yd, sigma)
-                run = Trajectory(o, operator, yd, prior, sigma, v, start, t_start)
+                wd = repeat_items(weights, D)
+                start = self.start_image(operator, yd, sigma, wd)
+                run = Trajectory(o, operator, yd, prior, sigma, v, start, t_start, wd)
                 history = run.solve()
             images = prior.from_model(run.s[-1]).clamp(0.0, 1.0).detach()
             images = images.reshape(yb.shape[0], D, *images.shape[1:])

@@ -39,7 +39,8 @@ class Trajectory:
     updates, sweeps and penalty schedules; :meth:`solve` runs the sweeps."""
 
     def __init__(self, o, operator, y, prior, sigma, velocity: SolverVelocity,
-                 start: Tuple[Optional[torch.Tensor], str], t_start: float):
+                 start: Tuple[Optional[torch.Tensor], str], t_start: float,
+                 weights: Optional[torch.Tensor] = None):
         self.o = o
         self.K, self.M, self.method = o.K, o.M, o.method
         self.N = self.K * self.M
@@ -47,7 +48,8 @@ class Trajectory:
         self.prior = prior
         self.B = y.shape[0]
         self.v = velocity
-        self.problem = make_problem(operator, y, prior, sigma)   # latent priors: decoder
+        # latent priors: the data through the decoder; weights: the whitened data term
+        self.problem = make_problem(operator, y, prior, sigma, weights)
         self.problem_is_latent = bool(getattr(prior, "is_latent", False))
         self.nodes = node_grid(o.nodes, self.K, power=o.node_power)
         self._nodes_t = torch.tensor(self.nodes, dtype=torch.float64)

@@ -45,12 +45,20 @@ Initialisation (as in the paper): start at :math:`t_0 > 0` from
 :func:`ctflow.solvers.init.initial_image`), clipped to [0, 1]. Then ``steps`` Euler steps of size
 :math:`h = (1 - t_0)/\text{steps}` reach :math:`t = 1`.
 
+Weights (``solve(..., weights=w)``, :mod:`ctflow.solvers.weights`): the likelihood
+:math:`\exp(-\tfrac1{2\sigma^2}\sum_i w_i(Ax - y)_i^2)` is a Gaussian of covariance
+:math:`\sigma^2W^{-1}`, and
+:math:`A^T(r^2AA^T + \sigma^2W^{-1})^{-1} = (W^{1/2}A)^T(r^2\,W^{1/2}AA^TW^{1/2} +
+\sigma^2I)^{-1}W^{1/2}` (no inverse weights, so zero weights are fine): the guidance is that
+of the whitened operator :math:`W^{1/2}A` and data :math:`W^{1/2}y`, by CG (the closed form
+holds for :math:`W = cI` only); the reported residual and objective are the weighted ones.
+
 Cost: ``steps`` forward and ``steps`` backward (VJP) velocity evaluations.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 
@@ -130,19 +138,21 @@ class OTODE(Solver):
             self._set("cg_tol", check_float("cg_tol", self.cg_tol, owner=o, minimum=0.0))
             super().check()
 
-    def solve(self, operator, y: torch.Tensor, prior,
-              sigma: float = 0.0) -> Reconstruction:
-        """Run OT-ODE on ``y = A x + noise`` (``sigma`` = absolute noise std of y)."""
+    def solve(self, operator, y: torch.Tensor, prior, sigma: float = 0.0, *,
+              weights: Optional[torch.Tensor] = None) -> Reconstruction:
+        """Run OT-ODE on ``y = A x + noise`` (``sigma`` = absolute noise std of y;
+        ``weights``: the statistical weights of the data term, ``None`` for all ones)."""
         o, opt = type(self).__name__, self.options
-        run = begin_solve(o, operator, y, prior, sigma, opt.seed)
+        run = begin_solve(o, operator, y, prior, sigma, opt.seed, weights)
         vel, a, sigma, data_scale = run.velocity, run.scale, run.sigma, run.data_scale
+        A, yw = run.operator, run.y       # W^(1/2) A and W^(1/2) y with weights
         steps, t0 = opt.steps, opt.t0
         h = (1.0 - t0) / steps
         history: List[Dict[str, Any]] = []
         with SolveMeter(y.device) as meter:
             with torch.no_grad():
-                x_pub = start_image(o, operator, y, opt, run.sigma)
-                norm2 = operator_norm(o, operator, y) ** 2
+                x_pub = start_image(o, operator, y, opt, run.sigma, run.weights)
+                norm2 = operator_norm(o, A, yw) ** 2
                 eps = randn(x_pub.shape, run.generator, x_pub)
                 x = t0 * prior.to_model(x_pub) + (1.0 - t0) * eps
             for k in progress(range(steps), enabled=opt.progress, desc="ot-ode"):
@@ -154,11 +164,11 @@ class OTODE(Solver):
                 with torch.no_grad():
                     vd = v.detach()
                     x1 = x + (1.0 - t) * vd
-                    ax1 = operator.forward(prior.from_model(x1))
-                    d = y - ax1
+                    ax1 = A.forward(prior.from_model(x1))
+                    d = yw - ax1
                     r2 = (1.0 - t) ** 2 / (t * t + (1.0 - t) ** 2)
                     s2 = max(sigma * sigma, 1e-6 * r2 * norm2 / (a * a))
-                    w, cg_its = self._pigdm(operator, d, r2, s2, a)
+                    w, cg_its = self._pigdm(A, d, r2, s2, a)
                 # g = (I + (1 - t) dv/dx)^T w : one VJP through the velocity field
                 jtw = None
                 if v.requires_grad:
@@ -171,17 +181,17 @@ class OTODE(Solver):
                     x = x + h * (vd + weight * g)
                     rn = float(torch.linalg.vector_norm(d))
                     history.append({"step": k + 1, "t": t,
-                                    "residual": relative_residual(ax1 - y, y),
+                                    "residual": relative_residual(ax1 - yw, yw),
                                     "objective": 0.5 * rn * rn * data_scale,
                                     "guidance": float(torch.linalg.vector_norm(g)),
                                     "cg_iterations": cg_its})
                 del v, xr
             with torch.no_grad():
                 x_pub = prior.from_model(x.detach())
-                ax = operator.forward(x_pub)
-                rn = float(torch.linalg.vector_norm(ax - y))
+                ax = A.forward(x_pub)
+                rn = float(torch.linalg.vector_norm(ax - yw))
                 history.append({"step": steps + 1, "t": 1.0,
-                                "residual": relative_residual(ax - y, y),
+                                "residual": relative_residual(ax - yw, yw),
                                 "objective": 0.5 * rn * rn * data_scale})
         return finish(self, x_pub, history, meter, run.nfe)
 

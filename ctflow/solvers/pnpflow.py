@@ -38,6 +38,11 @@ Initialisation: with ``t_start = 0`` the first re-noising discards the starting 
 explicit ``x_init`` image, or ``init`` as in :func:`ctflow.solvers.init.initial_image`
 (clipped to [0, 1]); with ``t_start = 0`` the start options are refused (no effect).
 
+Weights (``solve(..., weights=w)``, :mod:`ctflow.solvers.weights`): the data term is
+:math:`\tfrac1{2\sigma^2}\sum_i w_i(Ax - y)_i^2`, its gradient step
+:math:`a^{-1}A^TW(Ax - y)` and the step's Lipschitz constant :math:`\|W^{1/2}A_m\|^2`; the
+reported residual and objective are the weighted ones.
+
 Cost: :math:`N \cdot D` forward velocity evaluations, no backward ones.
 """
 from __future__ import annotations
@@ -111,33 +116,36 @@ class PnPFlow(Solver):
                 return "with t_start=0 (the first re-noising discards the start image)"
             return None
 
-    def solve(self, operator, y: torch.Tensor, prior, sigma: float = 0.0) -> Reconstruction:
-        """Run PnP-Flow on ``y = A x + noise`` (``sigma`` = absolute noise std of y)."""
+    def solve(self, operator, y: torch.Tensor, prior, sigma: float = 0.0, *,
+              weights: Optional[torch.Tensor] = None) -> Reconstruction:
+        """Run PnP-Flow on ``y = A x + noise`` (``sigma`` = absolute noise std of y;
+        ``weights``: the statistical weights of the data term, ``None`` for all ones)."""
         o, opt = type(self).__name__, self.options
-        run = begin_solve(o, operator, y, prior, sigma, opt.seed)
+        run = begin_solve(o, operator, y, prior, sigma, opt.seed, weights)
         vel, gen, a = run.velocity, run.generator, run.scale
+        A, yw = run.operator, run.y       # W^(1/2) A and W^(1/2) y with weights
         n_steps, draws, ts = opt.steps, opt.draws, opt.t_start
         history: List[Dict[str, Any]] = []
         with SolveMeter(y.device) as meter:
             with torch.no_grad():
-                x_pub = start_image(o, operator, y, opt, run.sigma)
-                lip = (operator_norm(o, operator, y) / abs(a)) ** 2  # ||A_m||^2
+                x_pub = start_image(o, operator, y, opt, run.sigma, run.weights)
+                lip = (operator_norm(o, A, yw) / abs(a)) ** 2  # ||A_m||^2
                 x = prior.to_model(x_pub)
-                ax = operator.forward(prior.from_model(x))
+                ax = A.forward(prior.from_model(x))
                 for n in progress(range(n_steps), enabled=opt.progress, desc="pnp-flow"):
                     t = ts + (1.0 - ts) * n / n_steps
                     eta = opt.gamma * (1.0 - t) ** opt.alpha / lip
-                    z = x - (eta / a) * operator.adjoint(ax - y)
+                    z = x - (eta / a) * A.adjoint(ax - yw)
                     acc = torch.zeros_like(z)
                     tt = times(t, z)
                     for _ in range(draws):
                         zt = t * z + (1.0 - t) * randn(z.shape, gen, z)
                         acc = acc + zt + (1.0 - t) * vel(zt, tt)
                     x = acc / draws
-                    ax = operator.forward(prior.from_model(x))
-                    rn = float(torch.linalg.vector_norm(ax - y))
+                    ax = A.forward(prior.from_model(x))
+                    rn = float(torch.linalg.vector_norm(ax - yw))
                     history.append({"step": n + 1, "t": t, "step_size": eta,
-                                    "residual": relative_residual(ax - y, y),
+                                    "residual": relative_residual(ax - yw, yw),
                                     "objective": 0.5 * rn * rn * run.data_scale})
                 x_pub = prior.from_model(x)
         return finish(self, x_pub, history, meter, run.nfe)

@@ -13,6 +13,12 @@ Latent priors see the data through their decoder
 fits the prior. The data step :math:`(A_m^TA_m/\sigma^2 + \rho I)s = A_m^Ty_m/\sigma^2 + \rho p`
 (:func:`data_step`) is solved in closed form when the operator's ``solve_shifted_normal``
 hook provides one, else by conjugate gradients.
+
+Statistical weights :math:`w` (:mod:`ctflow.solvers.weights`) enter by whitening:
+:func:`make_problem` builds either problem on :math:`W^{1/2}A` and :math:`W^{1/2}y`, so the
+data term is :math:`\tfrac1{2\sigma^2}\sum_i w_i(Ax - y)_i^2` and the data step solves
+:math:`(A_m^TWA_m + \rho\sigma^2 I)s = A_m^TWy_m + \rho\sigma^2 p` -- in closed form only
+for :math:`W = cI`, else by the same warm-started CG.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import torch
 
 from ctflow.solvers.latent import LatentDataProblem
 from ctflow.solvers.linalg import conjugate_gradient, per_item_sq, relative_residual
+from ctflow.solvers.weights import whiten
 
 __all__ = ["ModelSpaceProblem", "make_problem", "data_step"]
 
@@ -66,10 +73,13 @@ class ModelSpaceProblem:
         return self.A.adjoint(self.y_m)
 
 
-def make_problem(operator, y: torch.Tensor, prior, sigma: float):
+def make_problem(operator, y: torch.Tensor, prior, sigma: float, weights=None):
     """The data term the flow solvers use: :class:`ModelSpaceProblem` for image-space priors,
     :class:`~ctflow.solvers.latent.LatentDataProblem` (data seen through the decoder) for
-    latent priors."""
+    latent priors; with checked statistical ``weights``, on the whitened operator and data
+    (:func:`~ctflow.solvers.weights.whiten`: the residuals, data terms and data steps are
+    then the weighted ones)."""
+    operator, y = whiten(operator, y, weights)
     if getattr(prior, "is_latent", False):
         return LatentDataProblem(operator, y, prior, sigma)
     return ModelSpaceProblem(operator, y, prior.scale, prior.shift, sigma)

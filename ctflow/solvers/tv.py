@@ -21,6 +21,20 @@ all-air slice reconstructs as 0); TV then warns once that its weight has no effe
 :math:`\sigma \ge 0`.
 The reported ``objective`` and ``gap`` are in the :math:`1/(2\sigma^2)` form when
 :math:`\sigma > 0` (else in the unscaled form).
+
+Statistical weights (``weights=w``, :mod:`ctflow.solvers.weights`) make the data term
+:math:`\tfrac1{2\sigma^2}\sum_i w_i(Ax - y)_i^2`: PDHG runs on the whitened
+:math:`W^{1/2}A`, :math:`W^{1/2}y` (the data block of :math:`K` is :math:`W^{1/2}A/c` with
+:math:`c = \|W^{1/2}A\|/\sqrt{4d}`, so the step condition and the adaptive step balancing
+hold unchanged, and the prox of the data term's conjugate is the same closed form in the
+whitened dual variable). In whitened units the noise has standard deviation :math:`\sigma`,
+after the weights have been normalised to mean 1 and :math:`\sigma` replaced by the
+equivalent white noise level :math:`\sigma/\sqrt{\bar w}` (the same data term,
+:func:`~ctflow.solvers.weights.normalize_weights`), so the rules above hold as they are:
+weights :math:`cI` with :math:`\sigma` give the image of no weights with
+:math:`\sigma/\sqrt c`, and the ``"unscaled"`` form reads
+:math:`\tfrac12\sum_i (w_i/\bar w)(Ax-y)_i^2 + \lambda\,\mathrm{TV}(x)` (Poisson post-log
+data: weights = counts and :math:`\sigma = 1`).
 """
 from __future__ import annotations
 
@@ -43,6 +57,7 @@ class TV(IterativeSolver):
     options: :class:`TV.Options`."""
 
     name = "tv"
+    normalizes_weights = True
 
     @dataclasses.dataclass(frozen=True, eq=False)
     class Options(IterativeOptions):

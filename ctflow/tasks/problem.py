@@ -11,6 +11,9 @@ slice is prepared, measured and solved the same way everywhere:
   :func:`infer_size` (the image size that matches a sinogram's detector count);
 * :func:`simulate_measurement` -- :math:`y = Ax + \sigma\varepsilon` with a
   :class:`~ctflow.operators.noise.GaussianNoise` (absolute ``sigma`` or a ``relative`` level);
+* :func:`simulate_lowdose` -- a transmission scan with
+  :class:`~ctflow.operators.noise.PoissonNoise` in physical units (:mod:`ctflow.operators.units`),
+  returned as data and statistical weights of the window image;
 * :func:`check_noise` -- a method that needs :math:`\sigma > 0` (registry ``needs_sigma``)
   refuses a zero noise before any work;
 * :func:`resolve_prior` -- a name, a checkpoint path or a prior object to a prior on a device;
@@ -28,13 +31,15 @@ import torch.nn.functional as F
 
 from ctflow.data.volume import window_hu
 from ctflow.operators import ct
-from ctflow.operators.noise import GaussianNoise
+from ctflow.operators.noise import GaussianNoise, LowDoseData, PoissonNoise
+from ctflow.operators.units import WindowMap
 from ctflow.solvers import registry
 from ctflow.solvers.api import reconstruct
 
 __all__ = ["DEFAULT_HU_WINDOW", "DEFAULT_SIZE", "FAN_DISTANCES", "HU_CLIP", "make_ct_operator",
-           "infer_size", "simulate_measurement", "check_noise", "resolve_prior", "run_solver",
-           "slice_seed", "to_working_size", "from_working_size", "working_size"]
+           "infer_size", "simulate_measurement", "simulate_lowdose", "geometry_names",
+           "check_noise", "resolve_prior", "run_solver", "slice_seed", "to_working_size",
+           "from_working_size", "working_size"]
 
 #: HU window used when no prior is given (``prior=None``): the full 12-bit CT range.
 DEFAULT_HU_WINDOW = (-1024.0, 3071.0)
@@ -52,30 +57,59 @@ FAN_DISTANCES = {"source_origin": 4.0, "origin_detector": 2.0}
 _GEOMETRIES = {"parallel": ct.ParallelBeam2D, "fan": ct.FanBeam2D}
 
 
-def _geometry(geometry: str, size: int, views: int):
+def geometry_names() -> Tuple[str, ...]:
+    """Every ``geometry=`` name: ``parallel``, ``fan`` and the presets in mm
+    (:func:`ctflow.operators.ct.preset_names`)."""
+    return tuple(_GEOMETRIES) + ct.preset_names()
+
+
+def _geometry(geometry: str, size: int, views: Optional[int],
+              pixel_mm: Optional[float] = None):
+    if geometry in ct.PRESETS:
+        return ct.preset(geometry, int(size), pixel_mm, views)
     if geometry not in _GEOMETRIES:
-        raise ValueError(f"geometry must be 'parallel' or 'fan', got {geometry!r}")
-    extra = FAN_DISTANCES if geometry == "fan" else {}
-    return _GEOMETRIES[geometry](image_size=int(size), angles=int(views), **extra)
+        raise ValueError(f"geometry must be one of {', '.join(geometry_names())}, "
+                         f"got {geometry!r}")
+    if views is None:
+        raise ValueError(f"geometry {geometry!r} needs a view count (views=None is only for "
+                         f"the presets {', '.join(ct.preset_names())})")
+    if pixel_mm is None:
+        extent = 1.0
+    elif isinstance(pixel_mm, bool) or not isinstance(pixel_mm, (int, float)) \
+            or not np.isfinite(pixel_mm) or pixel_mm <= 0:
+        raise ValueError(f"pixel_mm must be a finite number > 0, got {pixel_mm!r}")
+    else:
+        extent = 0.5 * int(size) * float(pixel_mm)
+    extra = {k: v * extent for k, v in FAN_DISTANCES.items()} if geometry == "fan" else {}
+    return _GEOMETRIES[geometry](image_size=int(size), angles=int(views), extent=extent, **extra)
 
 
-def make_ct_operator(size: int, views: int, *, geometry: str = "parallel",
-                     backend: str = "torch", device: Any = None):
+def make_ct_operator(size: int, views: Optional[int], *, geometry: str = "parallel",
+                     pixel_mm: Optional[float] = None, backend: str = "torch",
+                     device: Any = None):
     r"""The CT forward operator on ``size × size`` images with ``views`` angles.
 
     ``geometry`` is ``"parallel"`` (:class:`ctflow.operators.ct.ParallelBeam2D`, angles
-    uniform over :math:`[0, \pi)`) or ``"fan"`` (:class:`ctflow.operators.ct.FanBeam2D` with
-    the distances :data:`FAN_DISTANCES`, angles uniform over :math:`[0, 2\pi)`); both use the
-    geometry's default detector (covering the image). Returns
+    uniform over :math:`[0, \pi)`), ``"fan"`` (:class:`ctflow.operators.ct.FanBeam2D` with
+    the distances :data:`FAN_DISTANCES`, angles uniform over :math:`[0, 2\pi)`), both with the
+    geometry's default detector (covering the image), or a preset in mm
+    (:func:`ctflow.operators.ct.preset`: ``clinical-fan``, ``lodopab-parallel``; ``views=None``
+    is the preset's full view count).
+
+    ``pixel_mm`` is the pixel size in mm: for ``parallel``/``fan`` the image then covers
+    :math:`[-e, e]^2` with ``e = size * pixel_mm / 2`` (the fan distances scale with it) and
+    line integrals are in mm; ``None`` keeps the unit half-width (``e = 1``). For the presets
+    ``None`` means the preset's native field of view divided by ``size``. Returns
     ``RayTransform(geom, backend=backend)`` placed on ``device`` where the operator supports
     it (tensors passed to it decide the device for the torch backend).
     """
-    size, views = int(size), int(views)
+    size = int(size)
     if size < 8:
         raise ValueError(f"working size must be >= 8 pixels, got {size}")
-    if views < 1:
+    if views is not None and int(views) < 1:
         raise ValueError(f"views must be >= 1, got {views}")
-    op = ct.RayTransform(_geometry(geometry, size, views), backend=backend)
+    op = ct.RayTransform(_geometry(geometry, size, None if views is None else int(views),
+                                   pixel_mm), backend=backend)
     to = getattr(op, "to", None)
     if device is not None and callable(to):
         moved = to(torch.device(device))
@@ -86,7 +120,12 @@ def make_ct_operator(size: int, views: int, *, geometry: str = "parallel",
 def infer_size(views: int, detectors: int, *, geometry: str = "parallel",
                max_size: int = 4096) -> int:
     r"""The image size ``N`` whose default ``geometry`` has ``detectors`` detector bins
-    (parallel beam: :math:`\lceil\sqrt2 N\rceil`); ``ValueError`` if none does."""
+    (parallel beam: :math:`\lceil\sqrt2 N\rceil`); ``ValueError`` if none does (and for a
+    preset, whose detector is fixed)."""
+    if geometry in ct.PRESETS:
+        raise ValueError(f"the preset {geometry!r} has a fixed detector "
+                         f"({ct.PRESETS[geometry].detectors} bins): its image size cannot be "
+                         f"inferred from a sinogram; pass --size")
     for n in range(8, max_size + 1):
         d = _geometry(geometry, n, views).sinogram_shape[-1]
         if d == detectors:
@@ -112,13 +151,42 @@ def simulate_measurement(operator, x: torch.Tensor, noise: GaussianNoise, *,
         return noise.simulate(operator(x), generator=generator)
 
 
-def check_noise(method: str, noise: GaussianNoise) -> GaussianNoise:
+def simulate_lowdose(operator, x: torch.Tensor, noise: PoissonNoise, *,
+                     window: Optional[WindowMap] = None,
+                     generator: Optional[torch.Generator] = None) -> LowDoseData:
+    r"""A simulated low-dose scan of the window image ``x`` (in ``[0, 1]``), ready for
+    ``reconstruct(y, operator, prior, method, sigma=1.0, weights=w)`` on ``x``.
+
+    The chain of :mod:`ctflow.operators.units`: :math:`\mu = \max(a x + b, 0)` (mm⁻¹,
+    ``window``, default :class:`~ctflow.operators.units.WindowMap` of
+    :data:`DEFAULT_HU_WINDOW`), line integrals :math:`p = A\mu` (``operator`` must be a
+    geometry in mm: a preset or ``pixel_mm=``), counts and post-log data from ``noise``
+    (:meth:`~ctflow.operators.noise.PoissonNoise.simulate`), then the data of the window image
+    :math:`y_x = (y - b\,A\mathbf 1)/a` with weights :math:`a^2 w`
+    (:meth:`~ctflow.operators.units.WindowMap.data_for_window`). Returns a
+    :class:`~ctflow.operators.noise.LowDoseData` (``y``, ``weights`` in ``x``'s dtype,
+    ``counts``, ``sigma=1``)."""
+    if not isinstance(noise, PoissonNoise):
+        raise TypeError(f"simulate_lowdose: noise must be a PoissonNoise, got "
+                        f"{type(noise).__name__}")
+    window = WindowMap(DEFAULT_HU_WINDOW) if window is None else window
+    with torch.no_grad():
+        data = noise.simulate(operator(window.to_mu(x, physical=True)), generator=generator)
+        y_x, w_x = window.data_for_window(data.y.to(x.dtype), operator,
+                                          data.weights.to(x.dtype))
+    return LowDoseData(y=y_x, weights=w_x, counts=data.counts, sigma=1.0)
+
+
+def check_noise(method: str, noise):
     """``noise`` if ``method`` can use it: a :class:`GaussianNoise`, and not zero when the
     method needs :math:`\\sigma > 0` (registry ``needs_sigma``); ``ValueError`` (``TypeError``
     for another type) naming both otherwise. Called before any work starts."""
+    if isinstance(noise, PoissonNoise):
+        registry.method(method)  # the data of a PoissonNoise scan have sigma = 1
+        return noise
     if not isinstance(noise, GaussianNoise):
         raise TypeError("noise must be a ctflow.operators.noise.GaussianNoise (sigma= absolute "
-                        f"or relative= level), got {noise!r}")
+                        f"or relative= level) or PoissonNoise, got {noise!r}")
     spec = registry.method(method)
     level = noise.sigma if noise.sigma is not None else noise.relative
     if spec.needs_sigma and level == 0:
@@ -155,9 +223,14 @@ def _solver_takes(method: str, name: str) -> bool:
 
 
 def run_solver(y: torch.Tensor, operator, prior, *, method: str, sigma: Optional[float],
-               seed: Optional[int] = None, progress: bool = False, **options):
+               weights: Optional[torch.Tensor] = None, seed: Optional[int] = None,
+               progress: bool = False, **options):
     """``ctflow.solvers.api.reconstruct(y, operator, prior, method, sigma=sigma, **options)``
     → a :class:`~ctflow.solvers.result.Reconstruction`.
+
+    ``weights`` (the statistical weights of a low-dose scan, :func:`simulate_lowdose`) are
+    passed on as ``weights=`` (data term :math:`\frac1{2\sigma^2}\sum_i w_i(Ax-y)_i^2`);
+    ``None`` passes nothing (the unweighted data term, as before).
 
     ``seed`` (reduced modulo :math:`2^{31}`) and ``progress`` are passed on to the solvers
     that take them unless ``options`` already set them. A method that needs no prior
@@ -167,6 +240,8 @@ def run_solver(y: torch.Tensor, operator, prior, *, method: str, sigma: Optional
         options["seed"] = int(seed) % 2**31
     if progress and "progress" not in options and _solver_takes(spec.name, "progress"):
         options["progress"] = True
+    if weights is not None:
+        options["weights"] = weights
     return reconstruct(y, operator, prior if spec.needs_prior else None, spec.name,
                        sigma=sigma, **options)
 
