@@ -29,12 +29,12 @@ from helpers import Dense
 
 D64 = torch.float64
 N = 32
-PRIOR_METHODS = ("msflow", "dflow", "pnpflow", "otode")
+PRIOR_METHODS = registry.method_names(needs_prior=True)
 #: small settings per method (fast on one CPU core)
 SMALL = {"fbp": {}, "cgls": {"iterations": 8}, "landweber": {"iterations": 8},
          "tv": {"iterations": 40}, "msflow": {"K": 2, "M": 2, "sweeps": 2},
          "dflow": {"N": 2, "iterations": 1, "max_iter": 2}, "pnpflow": {"steps": 4},
-         "otode": {"steps": 4}}
+         "otode": {"steps": 4}, "flowdp": {"rounds": 2}}
 
 
 def phantom(n: int = N, seed: int = 0) -> torch.Tensor:
@@ -115,6 +115,7 @@ def test_registry_entries_unchanged():
     assert {n: v[3:] for n, v in got.items()} == {
         "msflow": (True, both, True), "dflow": (True, both, True),
         "pnpflow": (True, flow, True), "otode": (True, flow, True),
+        "flowdp": (True, flow, True),
         "fbp": (False, (), False), "tv": (False, (), False), "cgls": (False, (), False),
         "landweber": (False, (), False)}
     assert [f.name for f in dataclasses.fields(registry.Method)] == [

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -40,6 +40,7 @@ from ctflow.solvers.progress import progress
 from ctflow.solvers.result import Reconstruction, SolveMeter
 from ctflow.solvers.rng import make_generator, randn
 from ctflow.solvers.velocity import SolverVelocity
+from ctflow.solvers.weights import repeat_items
 
 __all__ = ["FlowDP"]
 
@@ -49,7 +50,7 @@ class FlowDP(FlowSolver):
     :class:`FlowDP.Options`. History per round: ``round``, ``data``
     (:math:`\tfrac1{2\sigma^2}\|Ax - y\|^2`), ``residual`` (:math:`\|Ax-y\|/\|y\|`),
     ``data_step`` (``"closed-form"`` or ``"cg"``), cumulative ``nfe_forward`` and
-    ``seconds``."""
+    ``seconds`` (with weights, the weighted data term and residual)."""
 
     name = "flowdp"
 
@@ -100,10 +101,13 @@ class FlowDP(FlowSolver):
         def start_unused(self):
             return None
 
-    def solve(self, operator, y: torch.Tensor, prior, sigma: float) -> Reconstruction:
-        """Reconstruct from ``y = A x + noise`` (``sigma``: absolute noise std of ``y``)."""
+    def solve(self, operator, y: torch.Tensor, prior, sigma: float,
+              weights: Optional[torch.Tensor] = None) -> Reconstruction:
+        """Reconstruct from ``y = A x + noise`` (``sigma``: absolute noise std of ``y``;
+        ``weights``: statistical weights of a weighted data term, see
+        :mod:`ctflow.solvers.weights`)."""
         o = self.options
-        sigma, meas = self.begin(operator, y, prior, sigma)
+        sigma, meas, weights = self.begin(operator, y, prior, sigma, weights)
         if getattr(prior, "is_latent", False):
             raise ValueError("FlowDP: latent priors are not supported (the denoiser and the "
                              "data step work on images)")
@@ -115,8 +119,9 @@ class FlowDP(FlowSolver):
             with v.evaluation_mode(), torch.no_grad():
                 t0 = time.perf_counter()
                 yd = yb.repeat_interleave(D, dim=0)      # item i*D + d
-                start, label = self.start_image(operator, yd, sigma)
-                problem = make_problem(operator, yd, prior, sigma)
+                wd = repeat_items(weights, D)
+                start, label = self.start_image(operator, yd, sigma, wd)
+                problem = make_problem(operator, yd, prior, sigma, wd)
                 s = prior.to_model(start)
                 tt = torch.full((s.shape[0],), o.t, dtype=s.dtype, device=s.device)
                 for r in progress(range(o.rounds), enabled=o.progress, desc="flow-dp"):
@@ -125,9 +130,13 @@ class FlowDP(FlowSolver):
                     s, how = data_step(problem, d, o.rho, s, iterations=o.cg_iters,
                                        tol=o.cg_tol)
                     res = operator.forward(prior.from_model(s)) - yd
+                    if wd is not None:
+                        res = res * wd.sqrt()
                     rn = float(torch.linalg.vector_norm(res))
                     history.append({"round": r + 1, "data": 0.5 * rn * rn / sigma ** 2,
-                                    "residual": relative_residual(res, yd), "data_step": how,
+                                    "residual": relative_residual(
+                                        res, yd if wd is None else yd * wd.sqrt()),
+                                    "data_step": how,
                                     "nfe_forward": v.nfe["forward"],
                                     "seconds": time.perf_counter() - t0})
             images = prior.from_model(s).clamp(0.0, 1.0)
