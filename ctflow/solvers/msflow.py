@@ -93,6 +93,11 @@ Gauss–Seidel sweep costs exactly one segment evaluation per block (:math:`N` s
 **History** (``Reconstruction.history``): entry 0 is the initial trajectory, then one entry
 per sweep with ``data`` :math:`\tfrac1{2\sigma^2}\|Ax-y\|^2`, ``prior`` :math:`\lambda R(s_0)`,
 ``gaps`` (per segment :math:`\tfrac12\|s_{k+1} - \Phi_k(s_k)\|^2`, without :math:`\rho_k`),
+``gap_rel`` (per trajectory the relative stitching gap
+:math:`\max_k\|s_{k+1} - \Phi_k(s_k)\|/\|s_{k+1}\|`: near 0 when the states lie on one ODE
+trajectory), the last entry also ``consistency`` (per trajectory
+:math:`\|s_K - \Phi_{0\to1}(s_0)\|/\|s_K\|`, the end state against the ODE run from
+:math:`s_0` over the same grid; computed after the solve, not in its time or NFE),
 ``trajectory_loss`` (their sum), ``penalty`` :math:`\sum_k\rho_k\,\text{gaps}_k`, ``objective``
 :math:`J`, ``residual`` :math:`\|Ax-y\|/\|y\|`, ``rho`` (the penalties the entry was computed
 with), cumulative ``nfe_forward``/``nfe_backward`` and ``seconds``. All sums run over the batch.
@@ -392,6 +397,8 @@ class MSFlow(FlowSolver):
             images = images.reshape(yb.shape[0], D, *images.shape[1:])
             image = images.mean(1)
             spread = images.std(1) if D > 1 else None
+        with v.evaluation_mode():     # a diagnostic, outside the solve's time and NFE
+            history[-1]["consistency"] = run.consistency()
         options = self.recorded_options(init=run.init_label,
                                         relaxation=o.resolved_relaxation())
         return Reconstruction(image=meas.restore(image), history=history,

@@ -112,11 +112,34 @@ class Trajectory:
             penalty = sum(r * g for r, g in zip(self.rho, gaps))
             nfe = self.v.nfe
             return {"sweep": sweep, "data": data, "prior": prior, "gaps": gaps,
+                    "gap_rel": self.relative_gaps(),
                     "trajectory_loss": sum(gaps), "penalty": penalty,
                     "objective": data + prior + penalty,
                     "residual": self.problem.relative_residual(sK), "rho": list(self.rho),
                     "nfe_forward": nfe["forward"], "nfe_backward": nfe["backward"],
                     "seconds": time.perf_counter() - self.t_start}
+
+    def relative_gaps(self) -> List[float]:
+        r"""Per item (trajectory) the relative stitching gap
+        :math:`\max_k \|s_{k+1} - \Phi_k(s_k)\| / \|s_{k+1}\|`."""
+        rel = torch.stack([per_item_sq(self.s[k + 1] - self.phi[k]).sqrt()
+                           / per_item_sq(self.s[k + 1]).sqrt().clamp_min(1e-30)
+                           for k in range(self.K)])
+        return [float(v) for v in rel.max(0).values]
+
+    def consistency(self) -> List[float]:
+        r"""Per item the trajectory consistency of the result,
+        :math:`\|s_K - \Phi_{0\to1}(s_0)\| / \|s_K\|`: how far the stitched end state is
+        from the end of the ODE run from :math:`s_0` over the same grid (``K`` segments of
+        ``M`` steps). A diagnostic: its velocity calls are not counted in the NFE."""
+        with torch.no_grad():
+            x = self.s[0]
+            for k in range(self.K):
+                x = integrate(self.v.uncounted, x, self.nodes[k], self.nodes[k + 1], self.M,
+                              self.method, grad=False)
+            d = per_item_sq(self.s[-1] - x).sqrt() / per_item_sq(self.s[-1]).sqrt().clamp_min(
+                1e-30)
+        return [float(v) for v in d]
 
     # --- block machinery -------------------------------------------------------------
     def _block_data(self, ks: Sequence[int]):

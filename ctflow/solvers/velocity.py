@@ -49,6 +49,11 @@ class SolverVelocity:
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.counter(x, t)
 
+    def uncounted(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The same velocity, not counted (diagnostics that are not part of a method's
+        cost)."""
+        return self._call(x, t)
+
     @property
     def nfe(self) -> Dict[str, int]:
         return {"forward": int(self.counter.forward_evals),
