@@ -45,3 +45,19 @@ def test_rollout_start_has_zero_gaps_and_consistency_costs_no_nfe():
     nfe_sweeps = r.history[-1]["nfe_forward"]
     assert r.nfe["forward"] == nfe_sweeps                     # the diagnostic is not counted
     assert len(r.history[-1]["consistency"]) == 2
+
+
+def test_nfe_per_image_counts_every_item_of_a_batched_call():
+    """8 draws of 2 images run as one batch of 16: one call counts once in ``nfe`` but 8 per
+    image in ``nfe_per_image``; D-Flow solves items alone, so its per-image NFE is its
+    per-solve NFE."""
+    from ctflow.solvers import DFlow
+
+    prior, A, y = _problem()
+    r = MSFlow(K=3, M=1, sweeps=2, alpha=0.5, init="adjoint", draws=8).solve(A, y, prior, 0.01)
+    assert r.nfe_per_image["forward"] == 8 * r.nfe["forward"]
+    one = MSFlow(K=3, M=1, sweeps=2, alpha=0.5, init="adjoint").solve(A, y[:1], prior, 0.01)
+    assert one.nfe_per_image["forward"] == one.nfe["forward"]
+    d = DFlow(N=2, iterations=1, max_iter=2, alpha=0.5).solve(A, y, prior, 0.01)
+    assert d.nfe_per_image["forward"] == d.nfe["forward"] / 2
+    assert d.nfe_per_image["backward"] == d.nfe["backward"] / 2

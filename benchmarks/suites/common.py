@@ -173,6 +173,8 @@ class SuiteContext:
         nfe = {"forward": int(res.nfe.get("forward", 0)),
                "backward": int(res.nfe.get("backward", 0))}
         nfe["total"] = nfe["forward"] + nfe["backward"]
+        per_image = getattr(res, "nfe_per_image", None) or {}
+        nfe["per_image"] = float(per_image.get("forward", 0.0) + per_image.get("backward", 0.0))
         row = {
             "metrics": {"psnr": float(psnr(img, prob.x, data_range=1.0)[0]),
                         "ssim": float(ssim(img, prob.x, data_range=1.0)[0])},

@@ -150,6 +150,7 @@ class _CountBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         ctx.counter.backward_evals += 1
+        ctx.counter.backward_items += int(g.shape[0]) if g.ndim else 1
         return g, None
 
 
@@ -157,16 +158,18 @@ class CountingVelocity:
     """Wrap a velocity field and count its evaluations.
 
     ``forward_evals`` counts calls (one per batched call, whatever the batch size);
-    ``backward_evals`` counts vector-Jacobian products taken through those calls.
+    ``backward_evals`` counts vector-Jacobian products taken through those calls;
+    ``forward_items`` / ``backward_items`` count the batch items of those calls (a call on
+    ``b`` images counts ``b``: the cost per image is ``items / images``).
     """
 
     def __init__(self, v: Velocity):
         self.v = v
-        self.forward_evals = 0
-        self.backward_evals = 0
+        self.reset()
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.forward_evals += 1
+        self.forward_items += int(x.shape[0]) if x.ndim else 1
         out = self.v(x, t)
         if out.requires_grad:
             out = _CountBackward.apply(out, self)
@@ -175,3 +178,5 @@ class CountingVelocity:
     def reset(self) -> None:
         self.forward_evals = 0
         self.backward_evals = 0
+        self.forward_items = 0
+        self.backward_items = 0

@@ -63,10 +63,13 @@ class Solver:
 
 
 def finish(solver: Solver, x: torch.Tensor, history: List[Dict[str, Any]], meter: SolveMeter,
-           nfe: Optional[Dict[str, int]] = None, **extra: Any) -> Reconstruction:
+           nfe: Optional[Dict[str, int]] = None, *,
+           nfe_per_image: Optional[Dict[str, float]] = None, **extra: Any) -> Reconstruction:
     """The :class:`Reconstruction` of a public image ``x`` (clipped to ``[0, 1]``)."""
     return Reconstruction(image=x.detach().clamp(0.0, 1.0), history=history,
                           nfe=dict(nfe or {"forward": 0, "backward": 0}),
+                          nfe_per_image=dict(nfe_per_image or {"forward": 0.0,
+                                                               "backward": 0.0}),
                           seconds=meter.seconds, peak_memory_bytes=meter.peak_memory_bytes,
                           method=solver.name, options=solver.recorded_options(**extra))
 

@@ -143,6 +143,7 @@ class FlowDP(FlowSolver):
             images = images.reshape(yb.shape[0], D, *images.shape[1:])
             image, spread = images.mean(1), (images.std(1) if D > 1 else None)
         return Reconstruction(image=meas.restore(image), history=history, nfe=v.nfe,
+                              nfe_per_image=v.nfe_per_image(yb.shape[0]),
                               seconds=meter.seconds, peak_memory_bytes=meter.peak_memory_bytes,
                               method=self.name, options=self.recorded_options(init=label),
                               uncertainty=None if spread is None else meas.restore(spread))

@@ -145,12 +145,14 @@ class DFlow(FlowSolver):
                                    [float(torch.linalg.vector_norm(yb[i]))
                                     for i in range(yb.shape[0])])
         nfe = {k: sum(r[2][k] for r in runs) for k in runs[0][2]}
+        per_image = {k: sum(r[4][k] for r in runs) / len(runs) for k in runs[0][4]}
         return Reconstruction(image=meas.restore(image.detach()), history=history, nfe=nfe,
+                              nfe_per_image=per_image,
                               seconds=meter.seconds, peak_memory_bytes=meter.peak_memory_bytes,
                               method=self.name, options=self.recorded_options(init=runs[0][3]))
 
     def _solve_one(self, operator, yb, prior, sigma, weights):
-        """One item: ``(image, history, nfe, init label)``."""
+        """One item: ``(image, history, nfe, init label, nfe per image)``."""
         o = self.options
         v = SolverVelocity(prior, yb.device)
         with v.evaluation_mode():
@@ -238,7 +240,7 @@ class DFlow(FlowSolver):
             finally:
                 bar.close()
             image = prior.from_model(x1).clamp(0.0, 1.0)
-        return image, history, v.nfe, init_label
+        return image, history, v.nfe, init_label, v.nfe_per_image(1)
 
 
 def _merge_histories(histories, y_norms):

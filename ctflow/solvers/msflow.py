@@ -402,6 +402,7 @@ class MSFlow(FlowSolver):
         options = self.recorded_options(init=run.init_label,
                                         relaxation=o.resolved_relaxation())
         return Reconstruction(image=meas.restore(image), history=history,
+                              nfe_per_image=run.v.nfe_per_image(yb.shape[0]),
                               nfe=run.v.nfe, seconds=meter.seconds,
                               peak_memory_bytes=meter.peak_memory_bytes, method=self.name,
                               options=options,

@@ -193,7 +193,8 @@ class OTODE(Solver):
                 history.append({"step": steps + 1, "t": 1.0,
                                 "residual": relative_residual(ax - yw, yw),
                                 "objective": 0.5 * rn * rn * data_scale})
-        return finish(self, x_pub, history, meter, run.nfe)
+        return finish(self, x_pub, history, meter, run.nfe,
+                      nfe_per_image=run.velocity.nfe_per_image(y.shape[0]))
 
     def _pigdm(self, operator, d: torch.Tensor, r2: float, s2: float, a: float):
         r""":math:`A_m^T (r^2 A_m A_m^T + s^2 I)^{-1} d` with :math:`A_m = A/a`; returns the

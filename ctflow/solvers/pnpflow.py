@@ -148,4 +148,5 @@ class PnPFlow(Solver):
                                     "residual": relative_residual(ax - yw, yw),
                                     "objective": 0.5 * rn * rn * run.data_scale})
                 x_pub = prior.from_model(x)
-        return finish(self, x_pub, history, meter, run.nfe)
+        return finish(self, x_pub, history, meter, run.nfe,
+                      nfe_per_image=run.velocity.nfe_per_image(y.shape[0]))

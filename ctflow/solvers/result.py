@@ -35,7 +35,12 @@ class Reconstruction:
         history: one dict per outer iteration (for MS-Flow: ``data``, ``prior``, ``gaps`` (a
             list, one stitching gap per segment), ``objective``, ``residual``).
         nfe: velocity evaluations, ``{"forward": int, "backward": int}`` (backward counts
-            vector-Jacobian products through the velocity field).
+            vector-Jacobian products through the velocity field); a batched call counts
+            once.
+        nfe_per_image: the cost per image, ``{"forward": float, "backward": float}``: the
+            batch items of every velocity call divided by the number of measurements (a call
+            on ``b`` items counts ``b``; ``D`` averaged draws count ``D`` per call). The
+            number to compare methods by.
         seconds: wall time of the solve.
         peak_memory_bytes: peak memory of the solve (see the module docstring), or ``None``.
         method: the method name.
@@ -53,6 +58,8 @@ class Reconstruction:
     method: str = ""
     options: Dict[str, Any] = field(default_factory=dict)
     uncertainty: Optional[torch.Tensor] = None
+    nfe_per_image: Dict[str, float] = field(
+        default_factory=lambda: {"forward": 0.0, "backward": 0.0})
 
     @property
     def nfe_total(self) -> int:

@@ -59,6 +59,14 @@ class SolverVelocity:
         return {"forward": int(self.counter.forward_evals),
                 "backward": int(self.counter.backward_evals)}
 
+    def nfe_per_image(self, images: int) -> Dict[str, float]:
+        """Velocity evaluations per image of a solve of ``images`` measurements: the batch
+        items of every call, divided by ``images`` (a batched call on ``b`` items counts
+        ``b``; ``D`` draws of one image count ``D`` per step)."""
+        n = max(int(images), 1)
+        return {"forward": self.counter.forward_items / n,
+                "backward": self.counter.backward_items / n}
+
     @contextlib.contextmanager
     def evaluation_mode(self):
         """Run a torch module in eval mode during the solve (restored afterwards)."""
