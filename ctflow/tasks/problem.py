@@ -52,6 +52,10 @@ FAN_DISTANCES = {"source_origin": 4.0, "origin_detector": 2.0}
 _GEOMETRIES = {"parallel": ct.ParallelBeam2D, "fan": ct.FanBeam2D}
 
 
+#: The largest working size (pixels per side) of :func:`make_ct_operator`.
+MAX_SIZE = 4096
+
+
 def _geometry(geometry: str, size: int, views: int):
     if geometry not in _GEOMETRIES:
         raise ValueError(f"geometry must be 'parallel' or 'fan', got {geometry!r}")
@@ -71,8 +75,8 @@ def make_ct_operator(size: int, views: int, *, geometry: str = "parallel",
     it (tensors passed to it decide the device for the torch backend).
     """
     size, views = int(size), int(views)
-    if size < 8:
-        raise ValueError(f"working size must be >= 8 pixels, got {size}")
+    if not 8 <= size <= MAX_SIZE:
+        raise ValueError(f"working size must be 8 to {MAX_SIZE} pixels, got {size}")
     if views < 1:
         raise ValueError(f"views must be >= 1, got {views}")
     op = ct.RayTransform(_geometry(geometry, size, views), backend=backend)
