@@ -56,6 +56,10 @@ def register(sub) -> None:
                    help="slice range, 0-based in anatomical order, STOP exclusive (e.g. 10:20)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run: skip slices whose output exists")
+    p.add_argument("--preset", choices=("recommended", "paper"), default=None,
+                   help="solver settings without --option: 'recommended' (the default: the "
+                        "prior's tuned settings, recorded in summary.json) or 'paper' (the "
+                        "solver's defaults)")
     p.add_argument("--stable-uids", action="store_true",
                    help="derive the SeriesInstanceUID and SOPInstanceUIDs from the input and "
                         "the settings (the same in every run); by default every run writes a "
@@ -83,7 +87,7 @@ def cmd_reconstruct_dicom(args) -> int:
         slices=parse_slices(args.slices),
         # on Ray the tasks pick their device on their own node (main() resolved it otherwise)
         device=args.device if ray is None else args.device_requested,
-        resume=args.resume, stable_uids=args.stable_uids, seed=args.seed,
+        resume=args.resume, stable_uids=args.stable_uids, preset=args.preset, seed=args.seed,
         progress=not args.quiet, sinogram=args.sinogram,
         backend=args.backend, map_slices=None if ray is None else ray_slice_mapper(ray),
         **options)

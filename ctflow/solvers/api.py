@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from ctflow.priors.recommended import choose_options
 from ctflow.solvers import registry
 from ctflow.solvers.inputs import check_prior, check_sigma, prepare_measurement
 from ctflow.solvers.registry import METHODS
@@ -82,7 +83,8 @@ def _load_prior(name: str):
 
 
 def reconstruct(y: torch.Tensor, operator, prior=None, method: str = "msflow", *,
-                sigma: float | None = None, **options: Any) -> Reconstruction:
+                sigma: float | None = None, preset: str | None = None,
+                **options: Any) -> Reconstruction:
     r"""Reconstruct an image from the measurement ``y = A x + noise`` with ``method``.
 
     Args:
@@ -97,10 +99,15 @@ def reconstruct(y: torch.Tensor, operator, prior=None, method: str = "msflow", *
             has ``needs_sigma``, optional (``None`` or ``0``) for FBP, TV, CGLS and
             Landweber. A relative level (a fraction of the RMS of the data) is converted by
             :func:`ctflow.operators.noise.GaussianNoise.std` before the call.
+        preset: ``None`` (default) or ``"recommended"``: without solver options, the
+            prior's recommended settings for ``method`` (its JSON ``"recommended"``, see
+            :mod:`ctflow.priors.recommended`); ``"paper"``: the solver's defaults (the
+            paper's layout). The result's ``options["preset"]`` says which were used.
         **options: keyword options of the solver class (the fields of its ``Options``
             dataclass, ``registry.method(method).options_type``); unknown names, bad values
             and options without effect raise ``ValueError``; ``seed`` (default 0) and
-            ``progress``.
+            ``progress``. Any of them (but ``seed``/``progress``) replaces the prior's
+            recommendation.
 
     Returns:
         a :class:`~ctflow.solvers.result.Reconstruction` (image in ``[0, 1]`` in the layout
@@ -128,6 +135,7 @@ def reconstruct(y: torch.Tensor, operator, prior=None, method: str = "msflow", *
         check_prior(prior, operator, owner=own, allow_latent="latent" in spec.prior_kinds)
     channels = getattr(prior, "channels", None) if prior is not None else None
     meas = prepare_measurement(operator, y, owner=own, channels=channels)
+    options, preset_note = choose_options(prior, method, options, preset=preset)
     solver = spec.solver_class()(**options)      # the Options dataclass checks every option
     seed = solver.options.seed
     devices = [meas.y.device] if meas.y.device.type == "cuda" else []
@@ -135,6 +143,8 @@ def reconstruct(y: torch.Tensor, operator, prior=None, method: str = "msflow", *
         torch.manual_seed(seed)
         result = solver.solve(operator, meas.y, prior, sigma)
     result.image = meas.restore(result.image)
+    if preset_note is not None:
+        result.options = {**dict(result.options or {}), "preset": preset_note}
     if not result.method:
         result.method = method
     return result

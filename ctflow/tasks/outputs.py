@@ -60,7 +60,7 @@ def check_folders(in_dir: Path, out_dir: Path) -> None:
 def settings_key(settings: Dict[str, Any]) -> Dict[str, Any]:
     """The settings that must agree between a run and the run it resumes."""
     keys = ("method", "prior", "views", "geometry", "noise", "size", "seed", "backend",
-            "sinogram", "options", "hu_window", "source_series_uid")
+            "sinogram", "options", "preset", "hu_window", "source_series_uid")
     return {k: settings.get(k) for k in keys}
 
 
@@ -82,6 +82,8 @@ def series_description(settings: Dict[str, Any], *, with_prior: bool) -> str:
         meas = f"{settings['views']} views {level}"
     text = (f"ctflow {settings['method']}{prior} {settings['geometry']} {meas} "
             f"{settings['size']}px seed {settings['seed']}")
+    if settings.get("preset"):
+        text += f" preset {settings['preset']}"
     if settings.get("options"):
         text += " " + " ".join(f"{k}={json.dumps(v)}" for k, v in
                                sorted(settings["options"].items()))

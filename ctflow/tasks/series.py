@@ -67,6 +67,7 @@ from ctflow.data import (clip_hu, derived_output_name, derived_series_number,
 from ctflow.data.atomic import atomic_write_json
 from ctflow.metrics import psnr, ssim
 from ctflow.operators.noise import GaussianNoise
+from ctflow.priors.recommended import choose_options
 from ctflow.solvers import registry
 import ctflow.tasks.outputs as outputs
 from ctflow.tasks.info import resolve_device, versions
@@ -153,7 +154,7 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
                       sinogram: Optional[PathLike] = None, backend: str = "torch",
                       hu_window: Optional[Tuple[float, float]] = None, verbose: bool = False,
                       map_slices: Optional[SliceMapper] = None, stable_uids: bool = False,
-                      **options) -> Dict[str, Any]:
+                      preset: Optional[str] = None, **options) -> Dict[str, Any]:
     """Reconstruct the CT series in ``in_dir`` slice by slice into a derived series in
     ``out_dir`` (see the module docstring for the exact steps and the outputs).
 
@@ -198,6 +199,10 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
         stable_uids: derive the SeriesInstanceUID (and so the SOPInstanceUIDs) from the input
             series and the settings, the same in every run; by default each run writes a new
             series. ``resume`` always reuses the UID recorded in ``summary.json``.
+        preset: ``None``/``"recommended"`` (without ``options``: the prior's recommended
+            settings for the method) or ``"paper"`` (the solver's defaults); see
+            :mod:`ctflow.priors.recommended`. The summary's ``settings.solver_options``
+            records the options used.
         **options: solver options passed to ``ctflow.reconstruct``.
 
     Returns:
@@ -266,7 +271,12 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
         "sinogram": str(Path(sinogram).resolve()) if sinogram is not None else None,
         "options": dict(options), "hu_window": list(window), "hu_clip": list(HU_CLIP),
         "source_series_uid": vol.series_uid, "stable_uids": bool(stable_uids),
+        "preset": preset,
     }
+    run_options, note = choose_options(solve_prior, method, options, preset=preset)
+    settings["solver_options"] = {"options": run_options, "from": note}
+    if preset is not None:
+        options = dict(options, preset=preset)
     settings["series_description"] = description = outputs.series_description(
         settings, with_prior=spec_m.needs_prior)
 
