@@ -49,6 +49,10 @@ in-process) and return its result; this process writes each slice as it arrives,
 outputs, the summary and ``resume`` are the same as in-process.
 :func:`ctflow.distributed.ray_slice_mapper` builds one on Ray (``ctflow reconstruct-dicom
 --ray``).
+
+The module is longer than 400 lines because :func:`reconstruct_dicom` is one pipeline (checks,
+resume, solve, write, clean-up) whose steps share the run's state; its folder, UID and summary
+helpers live in :mod:`ctflow.tasks.outputs`.
 """
 from __future__ import annotations
 
