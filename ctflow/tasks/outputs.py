@@ -29,6 +29,7 @@ from ctflow.tasks.problem import to_working_size
 
 __all__ = ["check_folders", "series_description", "settings_key", "read_previous",
            "check_no_clash", "locked_out_dir", "choose_series_uid", "grid_note", "discard_empty_run",
+           "remove_stale_temps",
            "valid_output",
            "set_aside", "read_output_hu", "record_from_file", "fill_summary", "finite_or_none",
            "LOCK_NAME"]
@@ -183,6 +184,30 @@ def grid_note(n: int, hu_shape: Sequence[int], spacing: Sequence[float]) -> Dict
     return {"working_size": int(n), "working_pixel_mm": pixel, "written_shape": [rows, cols],
             "written_pixel_mm": [float(spacing[0]), float(spacing[1])],
             "resampled": bool(resampled), "text": text}
+
+
+def remove_stale_temps(out_dir: Path, names: Sequence[str]) -> List[Path]:
+    """On ``--resume``: remove the temporary files a killed run of this series left behind --
+    only names of the exact form our atomic writer gives the temporary of one of ``names``
+    (this series' outputs, its ``summary.json``, ``montage.png``): ``.<name>.<8
+    characters>.tmp``. Any other file (a user's ``.notes.tmp``) is never touched."""
+    import re
+
+    removed = []
+    for name in names:
+        pattern = re.compile(r"^\." + re.escape(name) + r"\.[A-Za-z0-9_]{8}\.tmp$")
+        for tmp in out_dir.glob(f".{_glob_escape(name)}.*.tmp"):
+            if pattern.match(tmp.name) and tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def _glob_escape(name: str) -> str:
+    """``name`` with the glob metacharacters escaped."""
+    import glob
+
+    return glob.escape(name)
 
 
 def discard_empty_run(out_dir: Path, summary_path: Path, *, own_summary: bool,

@@ -301,6 +301,9 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
     done = skipped = 0
     try:
         with outputs.locked_out_dir(out_dir):
+            if resume:      # temporaries of this series' outputs left by a killed run
+                outputs.remove_stale_temps(out_dir, [t.name for t in targets.values()]
+                                           + ["summary.json", "montage.png"])
             prev_records = {r["sop_instance_uid"]: r for r in previous.get("slices", [])
                             if "sop_instance_uid" in r and not r.get("metrics_from")}
             # Records of an earlier run outside this run's slice range stay in the summary.
