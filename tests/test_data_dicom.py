@@ -412,13 +412,15 @@ def test_round_trip_chest_subset(tmp_path, strict_pydicom):
         for el in ds.iterall():
             el.value  # noqa: B018 - decode every element
         assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
-        assert list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+        assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]  # value 3 is required
         assert ds.SeriesDescription == "ctflow fbp 60 views sigma=0.01"
         assert ds.Modality == "CT" and ds.SOPClassUID == CTImageStorage
         assert ds.FrameOfReferenceUID == vol.datasets[k].FrameOfReferenceUID
         assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == old_sops[k]
         assert ds.pixel_array.dtype == np.int16
-        assert p.name == cd.derived_file_name(old_sops[k])
+        assert p.name == cd.derived_file_name(ds.SOPInstanceUID, ds.InstanceNumber)
+        assert old_sops[k] not in p.name      # never named after the source
+        assert ds.InstanceNumber == vol.slices[k].instance_number   # the source's order
         assert not any(tag.is_private for tag in ds.keys())
 
 
@@ -476,10 +478,11 @@ def test_write_refuses_existing_file_before_writing_anything(tmp_path):
     vol = read_dicom_series(src)
     out = tmp_path / "out"
     out.mkdir()
-    clash = out / cd.derived_file_name(vol.slices[2].sop_instance_uid)
+    uid = "1.2.3.4"
+    clash = out / cd.derived_output_name(vol, 2, uid)
     clash.write_bytes(b"precious")
     with pytest.raises(FileExistsError, match="already exists") as err:
-        cd.write_dicom_series(vol.hu, vol, out, description="x")
+        cd.write_dicom_series(vol.hu, vol, out, description="x", series_uid=uid)
     assert str(clash) in str(err.value)
     assert listing(out) == [clash.name] and clash.read_bytes() == b"precious"
 
@@ -528,8 +531,7 @@ def test_write_slice_by_slice_resumes_into_one_series(tmp_path, strict_pydicom):
     first = [cd.write_dicom_slice(vol.hu[k], vol, k, out, description=desc) for k in (0, 1)]
     # A second run skips what is written (by file name) and writes the rest.
     done = {p.name for p in out.iterdir()}
-    todo = [k for k in range(len(vol))
-            if cd.derived_file_name(vol.slices[k].sop_instance_uid) not in done]
+    todo = [k for k in range(len(vol)) if cd.derived_output_name(vol, k, uid) not in done]
     assert todo == [2, 3, 4, 5]
     with pytest.raises(FileExistsError):
         cd.write_dicom_slice(vol.hu[0], vol, 0, out, description=desc)
@@ -539,8 +541,8 @@ def test_write_slice_by_slice_resumes_into_one_series(tmp_path, strict_pydicom):
     np.testing.assert_array_equal(back.hu, vol.hu)
     np.testing.assert_allclose(back.positions, vol.positions, atol=1e-4)
     assert [p.name for p in first + rest] == [
-        cd.derived_file_name(m.sop_instance_uid) for m in vol.slices]
-    assert [m.instance_number for m in back.slices] == [1, 2, 3, 4, 5, 6]
+        cd.derived_output_name(vol, k, uid) for k in range(len(vol))]
+    assert [m.instance_number for m in back.slices] == [m.instance_number for m in vol.slices]
     with pytest.raises(ValueError, match="2-D"):
         cd.write_dicom_slice(vol.hu[:2], vol, 0, tmp_path / "o", description=desc)
     with pytest.raises(IndexError):

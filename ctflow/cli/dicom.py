@@ -20,7 +20,11 @@ window into [0, 1] (HU outside the window are clipped and do not come back), res
 working size, simulate a sparse-view measurement (seeded per slice; --noise-rel ETA, default
 0.01, or --sigma S) or take it from --sinogram (then sigma = ETA * RMS of the measured
 sinogram, or S), reconstruct, map back to HU at the original matrix size and write a derived
-DICOM slice to OUT_DIR. OUT_DIR also receives summary.json (settings, per-slice PSNR/SSIM
+DICOM slice to OUT_DIR on the input's grid (ImageType DERIVED/SECONDARY/AXIAL, plus RESAMPLED
+when the working size differs from the input's; DerivationDescription and summary.json "grid"
+state the working grid). Every run writes a new series (new UIDs, its own SeriesNumber) unless
+--stable-uids; files are named <InstanceNumber>-<SOPInstanceUID>.dcm.
+OUT_DIR also receives summary.json (settings, per-slice PSNR/SSIM
 against the windowed, resized input, means, versions, timing) and montage.png. Inputs are
 never modified; OUT_DIR must differ from IN_DIR; existing outputs are never overwritten.
 
@@ -52,6 +56,14 @@ def register(sub) -> None:
                    help="slice range, 0-based in anatomical order, STOP exclusive (e.g. 10:20)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run: skip slices whose output exists")
+    p.add_argument("--preset", choices=("recommended", "paper"), default=None,
+                   help="solver settings without --option: 'recommended' (the default: the "
+                        "prior's tuned settings, recorded in summary.json) or 'paper' (the "
+                        "solver's defaults)")
+    p.add_argument("--stable-uids", action="store_true",
+                   help="derive the SeriesInstanceUID and SOPInstanceUIDs from the input and "
+                        "the settings (the same in every run); by default every run writes a "
+                        "new series (--resume always adds to the series it continues)")
     p.add_argument("--sinogram", default=None, metavar="FILE",
                    help="measured sinograms (.npy/.h5, shape (Z, views, detectors)) instead "
                         "of simulating them")
@@ -75,7 +87,8 @@ def cmd_reconstruct_dicom(args) -> int:
         slices=parse_slices(args.slices),
         # on Ray the tasks pick their device on their own node (main() resolved it otherwise)
         device=args.device if ray is None else args.device_requested,
-        resume=args.resume, seed=args.seed, progress=not args.quiet, sinogram=args.sinogram,
+        resume=args.resume, stable_uids=args.stable_uids, preset=args.preset, seed=args.seed,
+        progress=not args.quiet, sinogram=args.sinogram,
         backend=args.backend, map_slices=None if ray is None else ray_slice_mapper(ray),
         **options)
     m = summary.get("mean", {})

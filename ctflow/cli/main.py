@@ -23,7 +23,7 @@ Global options may be given before or after the command. ``--threads N`` sets to
 threads (``torch.set_num_threads``) for every command; by default torch chooses (one per
 core), and on a small, busy machine fewer threads are often much faster. Errors a user can
 cause (a bad argument, a missing file, an unreadable DICOM, CUDA requested but absent, a prior
-that is not found) print one line ``ctflow ...: error: ...`` to stderr and exit with status
+that is not found, a CT backend that cannot run here) print one line ``ctflow ...: error: ...`` to stderr and exit with status
 2; ``--debug`` prints the traceback as well. Unexpected failures exit with status 1.
 """
 from __future__ import annotations
@@ -87,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The largest --seed (torch's generators take 64-bit seeds; solvers take signed 64-bit).
+MAX_SEED = 2 ** 63 - 1
+
+
+def _backend_unavailable(exc: BaseException) -> bool:
+    """A CT backend the user chose cannot run here (``RuntimeError("backend='...': ...")``
+    from :mod:`ctflow.operators.ct`, naming what to install): a user error, not a bug."""
+    return isinstance(exc, RuntimeError) and str(exc).startswith("backend=")
+
+
 def _one_line(exc: BaseException) -> str:
     """The exception as one line (multi-line messages are joined with ' | ')."""
     if isinstance(exc, KeyError) and exc.args:
@@ -127,19 +137,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command not in _DEVICE_UNRESOLVED and getattr(args, "ray", None) is None:
             args.device = str(resolve_device(args.device))
         set_threads(args.threads)
+        if not 0 <= int(args.seed) <= MAX_SEED:
+            raise CLIError(f"--seed {args.seed}: must be an integer from 0 to 2**63 - 1")
         seed_everything(args.seed)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("ctflow: interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as exc:
+    except Exception as exc:
+        if not isinstance(exc, USER_ERRORS) and not _backend_unavailable(exc):
+            if args.debug:
+                traceback.print_exc()
+            print(f"ctflow {args.command}: internal error ({type(exc).__name__}): "
+                  f"{_one_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
+            return EXIT_INTERNAL_ERROR
         if args.debug:
             traceback.print_exc()
         print(f"ctflow {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except Exception as exc:  # an unexpected failure: one line unless --debug
-        if args.debug:
-            traceback.print_exc()
-        print(f"ctflow {args.command}: internal error ({type(exc).__name__}): {_one_line(exc)}"
-              " (rerun with --debug for the traceback)", file=sys.stderr)
-        return EXIT_INTERNAL_ERROR

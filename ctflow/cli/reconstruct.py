@@ -276,6 +276,9 @@ def cmd_reconstruct(args) -> int:
         res = run_solver(y, A, prior, method=name, sigma=float(sigma[0]), weights=weights,
                          seed=solve_seed, progress=show, **opts)
         img = res.image.detach().to("cpu", torch.float32).reshape(n, n).clamp(0, 1)
+        if not torch.isfinite(img).all():   # checked before anything is written
+            raise CLIError(f"{path}: the {name} reconstruction of image {z} holds NaN or "
+                           f"infinite values (prior {prior_name}); nothing was written")
         row = {"index": z, "sigma": float(sigma[0]), "seconds": round(res.seconds, 3),
                "nfe": dict(res.nfe)}
         if x is not None:

@@ -5,8 +5,9 @@ This package imports nothing from the rest of ctflow.
 from ctflow.data.volume import HU_MAX, HU_MIN, SliceMeta, Volume, clip_hu, unwindow_hu, window_hu
 from ctflow.data.dicom import (NON_DICOM_SUFFIXES, DicomError, DicomSlice, list_dicom_files,
                     read_dicom_series, read_dicom_slices)
-from ctflow.data.dicom_write import (choose_rescale, derived_file_name, derived_series_uid,
-                          write_dicom_series, write_dicom_slice)
+from ctflow.data.dicom_write import (choose_rescale, derived_file_name, derived_output_name,
+                                    derived_series_number, derived_series_uid,
+                                    write_dicom_series, write_dicom_slice)
 from ctflow.data.nifti import read_nifti, write_nifti
 from ctflow.data.phantoms import (MODIFIED_SHEPP_LOGAN_ELLIPSES, SHEPP_LOGAN_ELLIPSES, EllipsesDataset,
                        ellipse_image, shepp_logan)
@@ -24,7 +25,7 @@ __all__ = [
     # DICOM
     "DicomError", "DicomSlice", "read_dicom_series", "read_dicom_slices", "list_dicom_files",
     "NON_DICOM_SUFFIXES", "write_dicom_series", "write_dicom_slice", "derived_series_uid",
-    "derived_file_name", "choose_rescale",
+    "derived_file_name", "derived_output_name", "derived_series_number", "choose_rescale",
     # NIfTI
     "read_nifti", "write_nifti",
     # phantoms

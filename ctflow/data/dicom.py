@@ -149,6 +149,16 @@ def read_dicom_series(
                                  f"(use read_dicom_slices for unrelated single slices)")
         metas.append(slice_meta(ds, f))
 
+    # Two files with one SOPInstanceUID: the same slice twice, or a broken series. Refused
+    # here, before anything is decoded or written (a writer keyed by the UID would lose one).
+    seen: dict[str, Path] = {}
+    for m, (f, _) in zip(metas, items):
+        if m.sop_instance_uid and m.sop_instance_uid in seen:
+            raise DicomError(f"{seen[m.sop_instance_uid]} and {f}: duplicate SOPInstanceUID "
+                             f"{m.sop_instance_uid} in one series (the same slice twice?); "
+                             "remove one of the files")
+        seen.setdefault(m.sop_instance_uid, f)
+
     # Each slice is compared with the most common orientation / matrix / spacing, so that
     # the odd one out is the file named in the error.
     iops = [np.array(float_tuple(ds.ImageOrientationPatient, 6, f, "ImageOrientationPatient"))

@@ -1,13 +1,15 @@
 """The contents of a derived DICOM slice, for :mod:`ctflow.data.dicom_write`: the int16 rescale
-(:func:`choose_rescale`), stable UIDs and file names (:func:`derived_series_uid`,
-:func:`derived_file_name`), and the dataset of one derived slice (:func:`derived_slice`,
-:func:`encode_dataset`). What goes into the dataset is described in
-:mod:`ctflow.data.dicom_write`.
+(:func:`choose_rescale`), UIDs, numbers and file names (:func:`derived_series_uid` -- stable
+across runs, on request --, :func:`derived_sop_uid`, :func:`derived_series_number`,
+:func:`derived_instance_number`, :func:`derived_file_name`), and the dataset of one derived
+slice (:func:`derived_slice`, :func:`encode_dataset`). What goes into the dataset is described
+in :mod:`ctflow.data.dicom_write`.
 """
 from __future__ import annotations
 
 import copy
 import datetime as _dt
+import hashlib
 import io
 from pathlib import Path
 
@@ -20,8 +22,9 @@ from pydicom.uid import (PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRL
 from ctflow.data.dicom_file import DicomError
 from ctflow.data.volume import Volume
 
-__all__ = ["choose_rescale", "derived_series_uid", "derived_file_name", "derived_slice",
-           "encode_dataset", "study_uid_of", "default_series_number", "output_file_name"]
+__all__ = ["choose_rescale", "derived_series_uid", "derived_sop_uid", "derived_file_name",
+           "derived_slice", "encode_dataset", "study_uid_of", "default_series_number",
+           "derived_series_number", "derived_instance_number", "derived_output_name"]
 
 _INT16_MIN, _INT16_MAX = -32768, 32767
 
@@ -82,12 +85,42 @@ def derived_series_uid(reference: Volume, description: str,
                                       description, str(series_number)])
 
 
-def derived_file_name(source_sop_uid: str) -> str:
-    """The output file name of the derived slice made from the source slice ``source_sop_uid``."""
-    uid = str(source_sop_uid).strip()
+def derived_sop_uid(series_uid: str, reference: Volume, k: int) -> str:
+    """The SOPInstanceUID of the derived slice made from ``reference`` slice ``k`` in the
+    derived series ``series_uid``: a function of both (new with every new series UID; the same
+    for a resumed run that reuses the series UID)."""
+    m = reference.slices[k]
+    return generate_uid(entropy_srcs=["ctflow-derived-sop", str(series_uid),
+                                      m.sop_instance_uid or m.path])
+
+
+def derived_file_name(sop_instance_uid: str, instance_number: int | None = None) -> str:
+    """The output file name of the derived slice with the (derived) ``sop_instance_uid``:
+    ``"<instance number, 4 digits>-<UID>.dcm"`` (``"<UID>.dcm"`` without a number). It is
+    never named after the source slice's UID."""
+    uid = str(sop_instance_uid).strip()
     if not uid or any(ch not in "0123456789." for ch in uid):
         raise ValueError(f"derived_file_name needs a DICOM UID (digits and dots); got {uid!r}")
-    return f"{uid}.dcm"
+    if instance_number is None:
+        return f"{uid}.dcm"
+    return f"{int(instance_number):04d}-{uid}.dcm"
+
+
+def derived_instance_number(reference: Volume, k: int) -> int:
+    """InstanceNumber of the derived slice ``k``: the source slice's (so the derived series
+    runs in the source's order), or ``k + 1`` when the source has none."""
+    number = reference.slices[k].instance_number
+    return int(number) if number is not None else int(k) + 1
+
+
+def derived_series_number(reference: Volume, series_uid: str) -> int:
+    """SeriesNumber of a derived series: the source's SeriesNumber ``s`` plus
+    ``1000 * (1 + h mod 99999)``, ``h`` a hash of the derived ``series_uid`` -- so different
+    derived series of one input get different numbers (the last three digits still show
+    ``s`` for ``s < 1000``)."""
+    h = int(hashlib.sha256(str(series_uid).encode()).hexdigest()[:12], 16)
+    number = default_series_number(reference) - 1000 + 1000 * (1 + h % 99999)
+    return int(number % (2 ** 31 - 1))
 
 
 # ---------------------------------------------------------------------- datasets
@@ -96,6 +129,7 @@ def _derived_dataset(
     series_uid: str, study_uid: str, description: str, series_number: int,
     instance_number: int, position: np.ndarray, orientation: np.ndarray,
     pixel_spacing: tuple[float, float], source_sop_uid: str, now: _dt.datetime,
+    derivation: str | None = None, resampled: bool = False,
 ) -> pydicom.Dataset:
     ds = copy.deepcopy(ref)
     ds.remove_private_tags()
@@ -112,9 +146,9 @@ def _derived_dataset(
     ds.SOPInstanceUID = sop_uid
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
-    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.ImageType = _image_type(ref, resampled)
     ds.SeriesDescription = description[:64]
-    ds.DerivationDescription = description[:1024]
+    ds.DerivationDescription = (derivation or description)[:1024]
     ds.SeriesNumber = int(series_number)
     ds.InstanceNumber = int(instance_number)
     ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = date
@@ -149,6 +183,16 @@ def _derived_dataset(
     ds.file_meta = meta
     ds.preamble = b"\x00" * 128
     return ds
+
+
+def _image_type(ref: pydicom.Dataset, resampled: bool) -> list[str]:
+    """``DERIVED\\SECONDARY\\<value 3>`` -- value 3 (required by the CT Image IOD) is the
+    source's (``AXIAL``, ``LOCALIZER``), ``AXIAL`` when it has none; ``RESAMPLED`` is
+    added as value 4 when the image was reconstructed on another grid and re-sampled."""
+    values = list(ref.get("ImageType", None) or [])
+    third = str(values[2]).strip().upper() if len(values) > 2 and str(values[2]).strip() \
+        else "AXIAL"
+    return ["DERIVED", "SECONDARY", third] + (["RESAMPLED"] if resampled else [])
 
 
 def _ds_str(v: float) -> str:
@@ -202,25 +246,29 @@ def default_series_number(reference: Volume) -> int:
 
 
 def derived_slice(hu2d, reference, k, *, slope, intercept, series_uid, study_uid, description,
-                  series_number, now, instance_number=None) -> pydicom.Dataset:
+                  series_number, now, instance_number=None, derivation=None,
+                  resampled=False) -> pydicom.Dataset:
     """The derived dataset of HU slice ``hu2d`` made from ``reference`` slice ``k`` (geometry
-    resampled to the slice's shape; SOPInstanceUID a function of the series and the source)."""
+    resampled to the slice's shape; SOPInstanceUID :func:`derived_sop_uid`; InstanceNumber
+    :func:`derived_instance_number` unless given; DerivationDescription ``derivation`` or
+    ``description``; ``resampled`` adds ``RESAMPLED`` to ImageType)."""
     m = reference.slices[k]
     position, spacing = _geometry(reference, k, hu2d.shape[0], hu2d.shape[1])
-    sop_uid = generate_uid(entropy_srcs=["ctflow-derived-sop", series_uid,
-                                         m.sop_instance_uid or m.path])
     return _derived_dataset(
-        reference.datasets[k], hu2d, slope=slope, intercept=intercept, sop_uid=sop_uid,
+        reference.datasets[k], hu2d, slope=slope, intercept=intercept,
+        sop_uid=derived_sop_uid(series_uid, reference, k),
         series_uid=series_uid, study_uid=study_uid, description=description,
         series_number=series_number,
-        instance_number=instance_number if instance_number is not None else k + 1,
+        instance_number=instance_number if instance_number is not None
+        else derived_instance_number(reference, k),
         position=position, orientation=reference.orientation, pixel_spacing=spacing,
-        source_sop_uid=m.sop_instance_uid, now=now)
+        source_sop_uid=m.sop_instance_uid, now=now, derivation=derivation,
+        resampled=resampled)
 
 
-def output_file_name(reference: Volume, k: int) -> str:
-    """:func:`derived_file_name` of ``reference`` slice ``k``; :class:`DicomError` without a UID."""
-    m = reference.slices[k]
-    if m.sop_instance_uid:
-        return derived_file_name(m.sop_instance_uid)
-    raise DicomError(f"{m.path}: source slice has no SOPInstanceUID; cannot name its output")
+def derived_output_name(reference: Volume, k: int, series_uid: str) -> str:
+    """The file name of the derived slice of ``reference`` slice ``k`` in the derived series
+    ``series_uid``: :func:`derived_file_name` of its :func:`derived_sop_uid` and
+    :func:`derived_instance_number`."""
+    return derived_file_name(derived_sop_uid(series_uid, reference, k),
+                             derived_instance_number(reference, k))

@@ -18,7 +18,7 @@ from pydicom.pixels import apply_rescale
 
 from ctflow.data.volume import SliceMeta
 
-__all__ = ["DicomError", "NON_DICOM_SUFFIXES", "list_dicom_files", "read_dataset", "check_image",
+__all__ = ["DicomError", "NON_DICOM_SUFFIXES", "MAX_MATRIX", "list_dicom_files", "read_dataset", "check_image",
            "decode_hu", "float_tuple", "slice_meta", "header_copy"]
 
 #: In a folder, files with these suffixes (and hidden files and ``DICOMDIR``) are skipped;
@@ -28,6 +28,10 @@ NON_DICOM_SUFFIXES = frozenset({
     ".yaml", ".yml", ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".nii", ".gz",
     ".npz", ".npy", ".h5", ".hdf5", ".zip", ".tar", ".py", ".ini", ".cfg", ".safetensors",
 })
+
+#: The largest Rows or Columns accepted (a corrupt header claiming more is refused before
+#: any pixel is decoded).
+MAX_MATRIX = 16384
 
 # SOP class of a DICOMDIR (media storage directory): holds no image.
 _MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -148,6 +152,21 @@ def check_image(ds: pydicom.Dataset, path: Path, allow_non_ct: bool) -> None:
     for key in ("Rows", "Columns", "BitsAllocated"):
         if key not in ds:
             raise DicomError(f"{path}: missing {key}, cannot decode the pixel data")
+    rows, cols = int(ds.Rows or 0), int(ds.Columns or 0)
+    if not (1 <= rows <= MAX_MATRIX and 1 <= cols <= MAX_MATRIX):
+        raise DicomError(f"{path}: Rows x Columns = {rows} x {cols} is outside 1..{MAX_MATRIX}; "
+                         "refusing to decode (corrupt header?)")
+    bits = int(ds.BitsAllocated or 0)
+    if bits not in (1, 8, 16, 32, 64):
+        raise DicomError(f"{path}: BitsAllocated is {bits}; expected 8, 16 or 32")
+    tsyntax = ds.file_meta.get("TransferSyntaxUID", None) if hasattr(ds, "file_meta") else None
+    if tsyntax is None or not getattr(tsyntax, "is_compressed", False):
+        need = (rows * cols * bits + 7) // 8
+        have = len(ds.PixelData or b"")
+        if have < need:
+            raise DicomError(f"{path}: PixelData holds {have} bytes but Rows x Columns = "
+                             f"{rows} x {cols} at {bits} bits needs {need}; the file is "
+                             "truncated or its header is wrong")
 
 
 def _decoder_hint(tsyntax: str) -> str:
@@ -202,6 +221,15 @@ def float_tuple(value, n: int, path: Path, key: str) -> tuple[float, ...]:
     return out
 
 
+def _spacing(value, path: Path) -> tuple[float, ...]:
+    """PixelSpacing as two finite, positive floats (mm); :class:`DicomError` otherwise."""
+    out = float_tuple(value, 2, path, "PixelSpacing")
+    if not all(np.isfinite(v) and v > 0 for v in out):
+        raise DicomError(f"{path}: PixelSpacing {list(out)} must be two positive finite "
+                         "numbers (mm)")
+    return out
+
+
 def _sop_uid(ds: pydicom.Dataset) -> str:
     """SOPInstanceUID, falling back to the file meta's MediaStorageSOPInstanceUID if blank."""
     uid = str(ds.get("SOPInstanceUID", "") or "")
@@ -230,7 +258,7 @@ def slice_meta(ds: pydicom.Dataset, path: Path) -> SliceMeta:
         modality=str(ds.get("Modality", "") or ""),
         rows=int(ds.get("Rows", 0) or 0),
         columns=int(ds.get("Columns", 0) or 0),
-        pixel_spacing=float_tuple(ps, 2, path, "PixelSpacing") if ps else None,
+        pixel_spacing=_spacing(ps, path) if ps else None,
         slice_thickness=float(thick) if thick not in (None, "") else None,
         series_description=str(ds.get("SeriesDescription", "") or ""),
         transfer_syntax=str(tsyntax),

@@ -1,15 +1,19 @@
 """Writing reconstructions as a derived DICOM series (never touching the input).
 
 * :func:`write_dicom_series` — a whole ``(Z, Y, X)`` HU volume, one file per slice.
-* :func:`write_dicom_slice` — one slice (for slice-by-slice writers that resume: the file name
-  is a function of the source slice's SOPInstanceUID, see :func:`derived_file_name`, and the
-  series UID can be made stable across runs with :func:`derived_series_uid`).
+* :func:`write_dicom_slice` — one slice (for slice-by-slice writers that resume: the
+  SOPInstanceUID and the file name are functions of the derived series UID and the source
+  slice, see :func:`~ctflow.data.dicom_derive.derived_sop_uid` and :func:`derived_file_name`;
+  pass the same ``series_uid`` to every call of one series).
 
 The output is a *derived* series of the reference study: same StudyInstanceUID and
-FrameOfReferenceUID, a new SeriesInstanceUID and new SOPInstanceUIDs, ImageType
-``DERIVED\\SECONDARY``, SeriesDescription naming the method and settings (the full text also
-goes into DerivationDescription), a SourceImageSequence pointing at each source slice, and the
-reference geometry. Private tags of the reference are dropped (they describe the original
+FrameOfReferenceUID, a new SeriesInstanceUID (random unless given) and new SOPInstanceUIDs,
+a SeriesNumber that differs between derived series (:func:`derived_series_number`),
+InstanceNumber of the source slice, ImageType ``DERIVED\\SECONDARY\\<source value 3, e.g.
+AXIAL>`` (plus ``RESAMPLED`` on request), SeriesDescription naming the method and settings
+(the full text, or ``derivation``, goes into DerivationDescription), a SourceImageSequence
+pointing at each source slice, and the reference geometry. File names are
+``<InstanceNumber>-<derived SOPInstanceUID>.dcm`` (never the source's UID). Private tags of the reference are dropped (they describe the original
 acquisition and pixel data, not the derived image). Files are uncompressed Explicit VR Little
 Endian, signed 16-bit.
 
@@ -37,9 +41,9 @@ import torch
 from pydicom.uid import generate_uid
 
 from ctflow.data.atomic import atomic_write_bytes
-from ctflow.data.dicom_derive import (choose_rescale, default_series_number, derived_file_name,
+from ctflow.data.dicom_derive import (choose_rescale, derived_file_name, derived_series_number,
                                       derived_series_uid, derived_slice, encode_dataset,
-                                      output_file_name, study_uid_of)
+                                      derived_output_name, study_uid_of)
 from ctflow.data.dicom_file import DicomError
 from ctflow.data.volume import Volume
 
@@ -48,6 +52,8 @@ __all__ = [
     "write_dicom_slice",
     "derived_series_uid",
     "derived_file_name",
+    "derived_series_number",
+    "derived_output_name",
     "choose_rescale",
 ]
 
@@ -148,13 +154,14 @@ def write_dicom_series(
     out_dir : output folder (created if missing); must not be, or be inside, an input folder.
     description : SeriesDescription (first 64 characters) and DerivationDescription; name the
         method and its settings, e.g. ``"ctflow msflow 60 views sigma=0.01 seed=0"``.
-    series_number : SeriesNumber of the derived series (default: reference's + 1000).
+    series_number : SeriesNumber of the derived series (default:
+        :func:`derived_series_number` of the series UID).
     series_uid : SeriesInstanceUID (default: a new random UID; pass
         :func:`derived_series_uid` for a UID that is stable across runs).
     clip : optional ``(lo, hi)`` to clip HU before storing.
 
     Returns the written paths in slice order; file names come from
-    :func:`derived_file_name` of each source SOPInstanceUID.
+    :func:`~ctflow.data.dicom_derive.derived_output_name` (instance number and derived UID).
     """
     reference = _check_reference(reference)
     vol = _as_numpy(volume_hu, "volume_hu")
@@ -168,14 +175,15 @@ def write_dicom_series(
     if clip is not None:
         vol = np.clip(vol, clip[0], clip[1])
     out = _check_out_dir(out_dir, reference)
-    names = [output_file_name(reference, k) for k in range(len(reference))]
+    series_uid = series_uid or generate_uid()
+    names = [derived_output_name(reference, k, series_uid) for k in range(len(reference))]
     targets = [out / n for n in names]
     _check_targets(targets)
 
     slope, intercept = choose_rescale(float(vol.min()), float(vol.max()))
-    series_uid = series_uid or generate_uid()
     study_uid = study_uid_of(reference)
-    number = default_series_number(reference) if series_number is None else int(series_number)
+    number = derived_series_number(reference, series_uid) if series_number is None \
+        else int(series_number)
     now = _dt.datetime.now()
     blobs = []
     for k in range(len(reference)):
@@ -196,16 +204,22 @@ def write_dicom_slice(
     series_uid: str | None = None,
     series_number: int | None = None,
     clip: tuple[float, float] | None = None,
+    derivation: str | None = None,
+    resampled: bool = False,
 ) -> Path:
     """Write one derived slice ``hu`` (``(Y, X)`` HU) made from ``reference`` slice ``index``.
 
-    The file is ``out_dir / derived_file_name(source SOPInstanceUID)``, so a resumed run can
-    tell which source slices are done. ``series_uid`` defaults to
-    ``derived_series_uid(reference, description, series_number)`` (stable across runs);
-    InstanceNumber is ``index + 1``; the SOPInstanceUID is a deterministic function of the
-    series UID and the source SOPInstanceUID. The rescale is chosen per slice
-    (:func:`choose_rescale`). Same checks as :func:`write_dicom_series`; an existing file
-    raises ``FileExistsError``.
+    The file is ``out_dir / derived_output_name(reference, index, series_uid)`` (the instance
+    number and the derived SOPInstanceUID, a deterministic function of the series UID and the
+    source slice), so a resumed run that reuses the series UID can tell which source slices
+    are done. ``series_uid`` defaults to ``derived_series_uid(reference, description,
+    series_number)`` (stable across runs; pass a UID of your own, e.g. ``generate_uid()``
+    once per series, for a new series); SeriesNumber defaults to
+    :func:`derived_series_number`; InstanceNumber is the source slice's. ``derivation``
+    replaces ``description`` in DerivationDescription; ``resampled=True`` adds
+    ``RESAMPLED`` to ImageType (the image was reconstructed on another grid). The rescale is
+    chosen per slice (:func:`choose_rescale`). Same checks as :func:`write_dicom_series`;
+    an existing file raises ``FileExistsError``.
     """
     reference = _check_reference(reference)
     if not 0 <= int(index) < len(reference):
@@ -219,12 +233,14 @@ def write_dicom_slice(
     if clip is not None:
         arr = np.clip(arr, clip[0], clip[1])
     out = _check_out_dir(out_dir, reference)
-    target = out / output_file_name(reference, index)
-    _check_targets([target])
-    number = default_series_number(reference) if series_number is None else int(series_number)
     series_uid = series_uid or derived_series_uid(reference, description, series_number)
+    target = out / derived_output_name(reference, index, series_uid)
+    _check_targets([target])
+    number = derived_series_number(reference, series_uid) if series_number is None \
+        else int(series_number)
     slope, intercept = choose_rescale(float(arr.min()), float(arr.max()))
     ds = derived_slice(arr, reference, index, slope=slope, intercept=intercept,
                        series_uid=series_uid, study_uid=study_uid_of(reference),
-                       description=description, series_number=number, now=_dt.datetime.now())
+                       description=description, series_number=number, now=_dt.datetime.now(),
+                       derivation=derivation, resampled=resampled)
     return _write_all(out, [(target, encode_dataset(ds))])[0]

@@ -25,10 +25,33 @@ from torch.utils.data import Dataset
 
 from ctflow.data.atomic import atomic_save
 
-__all__ = ["LoDoPaB", "LODOPAB_PARTS", "ResultStore"]
+__all__ = ["LoDoPaB", "LODOPAB_PARTS", "ResultStore", "read_limit_bytes", "check_read_size"]
 
 LODOPAB_PARTS = ("train", "validation", "test")
 _SLICES_PER_FILE = 128
+
+
+def read_limit_bytes() -> int:
+    """The most bytes one array read from a file may take: half the machine's memory
+    (16 GiB where it cannot be found out)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 2
+    except (AttributeError, ValueError, OSError):   # pragma: no cover - not POSIX
+        return 16 << 30
+
+
+def check_read_size(shape, itemsize: int, where: Any) -> None:
+    """``ValueError`` naming ``where`` if an array of ``shape`` and ``itemsize`` bytes per
+    value would take more than :func:`read_limit_bytes` -- checked before reading, so a small
+    file that claims a huge dataset is refused instead of exhausting memory."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    nbytes, limit = n * int(itemsize), read_limit_bytes()
+    if nbytes > limit:
+        raise ValueError(f"{where}: claims an array of shape {tuple(int(d) for d in shape)} "
+                         f"({nbytes / 2**30:.1f} GiB), more than the {limit / 2**30:.1f} GiB "
+                         "that may be read (half this machine's memory); refused")
 
 
 def _scan(root: Path, kind: str, part: str) -> dict[int, Path]:
@@ -320,6 +343,7 @@ class ResultStore:
         with self._open() as f:
             if name not in f or not isinstance(f[name], h5py.Dataset):
                 raise KeyError(f"{self.path}: no array {name!r}; stored: {self._names(f)}")
+            check_read_size(f[name].shape, f[name].dtype.itemsize, f"{self.path}:{name}")
             return f[name][()]
 
     def attrs(self, name: str = "/") -> dict[str, Any]:

@@ -112,17 +112,20 @@ def save_prior(prior_or_model, path_stem: PathLike, *, model_config: Optional[di
     return write_checkpoint(tensors, meta, path_stem)
 
 
-def load_prior_file(path: PathLike, *, device=None, verify: bool = True):
+def load_prior_file(path: PathLike, *, device=None, verify: bool = True,
+                    allow_unverified: bool = False):
     """Load a prior from a checkpoint path (stem, ``.json`` or ``.safetensors``).
 
     Returns a :class:`~ctflow.priors.base.FlowPrior` in eval mode (float32 weights; the EMA
     weights of a training checkpoint) with ``image_size``, ``channels``, ``scale``, ``shift``,
     ``hu_window`` and ``config`` (the JSON description) set. Raises ``FileNotFoundError`` for
     missing files and :class:`CheckpointError` (a ``ValueError``) for corrupt, truncated or
-    mismatched ones, naming the file.
+    mismatched ones, naming the file. The description is checked before anything is built
+    (:mod:`ctflow.priors.checkpoint_checks`); one without a ``sha256`` of its weights is
+    refused unless ``allow_unverified=True``.
     """
     json_path, _ = resolve_checkpoint(path)
-    tensors, meta = read_checkpoint(path, verify=verify)
+    tensors, meta = read_checkpoint(path, verify=verify, allow_unverified=allow_unverified)
     if meta.get("kind") in ("latent", "latent-codec"):   # latent priors: ctflow.priors.latent
         latent = latent_prior_from_checkpoint(tensors, meta, json_path)
         if device is not None:

@@ -10,7 +10,6 @@ without importing each other both ways.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import struct
 from pathlib import Path
@@ -21,9 +20,12 @@ import torch
 from ctflow._version import __version__
 from ctflow.data.atomic import atomic_write_bytes, atomic_write_json
 from ctflow.flow.unet import UNet
+from ctflow.priors.checkpoint_checks import (CheckpointError, check_description, parse_json,
+                                             read_json_file)
 
 __all__ = ["PRIOR_FORMAT", "TRAIN_FORMAT", "FORMAT_VERSION", "CheckpointError", "write_checkpoint",
            "read_checkpoint", "resolve_checkpoint", "sha256_file", "check_safetensors_file",
+           "weights_numel",
            "build_velocity", "check_state", "ctflow_version"]
 
 PRIOR_FORMAT = "ctflow-prior"
@@ -31,10 +33,6 @@ TRAIN_FORMAT = "ctflow-train-checkpoint"
 FORMAT_VERSION = 1
 
 PathLike = Union[str, os.PathLike]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is corrupt, truncated or does not match its description."""
 
 
 def ctflow_version() -> str:
@@ -85,9 +83,12 @@ def check_safetensors_file(path: PathLike) -> Dict[str, dict]:
         if n > size - 8:
             raise CheckpointError(f"{path}: truncated safetensors file: header declares "
                                   f"{n} header bytes but the file has {size} bytes")
+        if n > (100 << 20):
+            raise CheckpointError(f"{path}: safetensors header of {n} bytes is implausibly "
+                                  "large; refused")
         try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            header = parse_json(f.read(n).decode("utf-8"), path)
+        except UnicodeDecodeError as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
@@ -128,21 +129,33 @@ def write_checkpoint(tensors: Dict[str, torch.Tensor], meta: dict, stem: PathLik
     return json_path
 
 
-def read_checkpoint(path: PathLike, *, verify: bool = True) -> Tuple[Dict[str, torch.Tensor], dict]:
+def weights_numel(tensors: Dict[str, dict]) -> int:
+    """The number of values the safetensors header entries ``tensors`` declare."""
+    total = 0
+    for v in tensors.values():
+        n = 1
+        for d in v.get("shape", []) if isinstance(v, dict) else []:
+            n *= int(d)
+        total += n
+    return total
+
+
+def read_checkpoint(path: PathLike, *, verify: bool = True, allow_unverified: bool = False
+                    ) -> Tuple[Dict[str, torch.Tensor], dict]:
     """Read a checkpoint (stem, ``.json`` or ``.safetensors`` path) → ``(tensors, meta)``.
 
-    Checks existence, the JSON, the safetensors header and size, and (``verify=True``) the
-    SHA-256 recorded in the JSON. Errors name the file.
+    Checks existence, the JSON (bounded size and nesting, and the values that size or scale a
+    prior: :func:`~ctflow.priors.checkpoint_checks.check_description`, before anything is
+    built), the safetensors header and size, and (``verify=True``) the SHA-256 recorded in the
+    JSON. A description without ``sha256`` is refused unless ``allow_unverified=True`` (the
+    caller accepts weights nobody can check). Errors name the file.
     """
     from safetensors.torch import load_file
 
     json_path, w_path = resolve_checkpoint(path)
     if not json_path.is_file():
         raise FileNotFoundError(f"checkpoint description not found: {json_path}")
-    try:
-        meta = json.loads(json_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{json_path}: not valid JSON ({e})") from None
+    meta = read_json_file(json_path)
     if not isinstance(meta, dict) or meta.get("format") not in (PRIOR_FORMAT, TRAIN_FORMAT):
         raise CheckpointError(f"{json_path}: not a ctflow checkpoint description (format "
                               f"{meta.get('format') if isinstance(meta, dict) else None!r})")
@@ -152,12 +165,23 @@ def read_checkpoint(path: PathLike, *, verify: bool = True) -> Tuple[Dict[str, t
             raise CheckpointError(f"{json_path}: 'weights' must be a file name beside the "
                                   f"description, got {name!r}")
         w_path = json_path.with_name(name)
-    check_safetensors_file(w_path)
-    if verify and meta.get("sha256"):
+    header = check_safetensors_file(w_path)
+    numel = weights_numel(header)
+    if meta.get("format") == TRAIN_FORMAT:     # model., ema., optim., rng. tensors
+        numel = weights_numel({k: v for k, v in header.items() if k.startswith("ema.")})
+    check_description(meta, json_path, weights_numel=numel)
+    recorded = meta.get("sha256")
+    if not recorded and not allow_unverified:
+        raise CheckpointError(f"{json_path}: records no sha256 of its weights, so they cannot "
+                              "be verified; refused (pass allow_unverified=True to load it "
+                              "anyway, or re-save it with save_prior)")
+    if recorded is not None and (not isinstance(recorded, str) or len(recorded) != 64):
+        raise CheckpointError(f"{json_path}: sha256 must be 64 hex digits, got {recorded!r}")
+    if verify and recorded:
         digest = sha256_file(w_path)
-        if digest != meta["sha256"]:
+        if digest != recorded:
             raise CheckpointError(f"{w_path}: SHA-256 mismatch: the file has {digest}, "
-                                  f"{json_path.name} records {meta['sha256']}")
+                                  f"{json_path.name} records {recorded}")
     try:
         tensors = load_file(str(w_path))
     except Exception as e:  # safetensors raises its own error types

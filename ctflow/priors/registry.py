@@ -65,7 +65,8 @@ def _is_diffusers_folder(s: str) -> bool:
     return p.is_dir() and (p / "transformer").is_dir() and (p / "vae").is_dir()
 
 
-def load_prior(name_or_path: Union[str, os.PathLike], *, device=None, verify: bool = True):
+def load_prior(name_or_path: Union[str, os.PathLike], *, device=None, verify: bool = True,
+               allow_unverified: bool = False):
     """Load a prior: a bundled name (see :func:`list_priors`) or a checkpoint path (stem,
     ``.json`` or ``.safetensors``; a training checkpoint gives its EMA weights), or a local
     diffusers Stable Diffusion 3 folder (``transformer/`` and ``vae/``), loaded as a latent
@@ -76,7 +77,10 @@ def load_prior(name_or_path: Union[str, os.PathLike], *, device=None, verify: bo
     ``channels``, ``scale``/``shift`` and ``hu_window`` set. Never unpickles. Raises
     ``ValueError`` for an unknown name, ``FileNotFoundError`` for a missing file and
     :class:`~ctflow.priors.checkpoint.CheckpointError` (a ``ValueError``) for a corrupt,
-    truncated or mismatched one; messages name the file.
+    truncated or mismatched one; messages name the file. Every value of the description that
+    sizes or scales the prior is checked before the network is built; the weights' SHA-256
+    recorded in the description is verified (``verify=False`` skips the hashing), and a
+    checkpoint that records none is refused unless ``allow_unverified=True``.
     """
     s = os.fspath(name_or_path)
     if _is_diffusers_folder(s):    # a local diffusers SD3 folder: ctflow.priors.from_diffusers
@@ -85,9 +89,11 @@ def load_prior(name_or_path: Union[str, os.PathLike], *, device=None, verify: bo
     if not isinstance(name_or_path, os.PathLike) and _is_plain_name(s):
         # a plain name: a bundled prior first, else a checkpoint stem in the working folder
         if s in list_priors() or not Path(s + ".json").is_file():
-            return load_prior_file(bundled_path(s), device=device, verify=verify)
+            return load_prior_file(bundled_path(s), device=device, verify=verify,
+                                   allow_unverified=allow_unverified)
     json_path, _ = resolve_checkpoint(s)
     if not json_path.is_file():
         raise FileNotFoundError(f"prior not found: {json_path} (bundled priors: "
                                 f"{list_priors()})")
-    return load_prior_file(json_path, device=device, verify=verify)
+    return load_prior_file(json_path, device=device, verify=verify,
+                           allow_unverified=allow_unverified)

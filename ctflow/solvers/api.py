@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from ctflow.priors.recommended import choose_options
 from ctflow.solvers import registry
 from ctflow.solvers.inputs import check_prior, check_sigma, check_weights, prepare_measurement
 from ctflow.solvers.registry import METHODS
@@ -89,6 +90,7 @@ def _load_prior(name: str):
 
 def reconstruct(y: torch.Tensor, operator, prior=None, method: str = "msflow", *,
                 sigma: float | None = None, weights: Any = None,
+                preset: str | None = None,
                 **options: Any) -> Reconstruction:
     r"""Reconstruct an image from the measurement ``y = A x + noise`` with ``method``.
 
@@ -109,10 +111,15 @@ def reconstruct(y: torch.Tensor, operator, prior=None, method: str = "msflow", *
             broadcastable to ``y``'s batched shape ``(B, C, *range_shape)``), or ``None``
             for all ones. For post-log transmission (Poisson) data pass the counts and
             ``sigma=1.0``. FBP does not use weights (it warns).
+        preset: ``None`` (default) or ``"recommended"``: without solver options, the
+            prior's recommended settings for ``method`` (its JSON ``"recommended"``, see
+            :mod:`ctflow.priors.recommended`); ``"paper"``: the solver's defaults (the
+            paper's layout). The result's ``options["preset"]`` says which were used.
         **options: keyword options of the solver class (the fields of its ``Options``
             dataclass, ``registry.method(method).options_type``); unknown names, bad values
             and options without effect raise ``ValueError``; ``seed`` (default 0) and
-            ``progress``.
+            ``progress``. Any of them (but ``seed``/``progress``) replaces the prior's
+            recommendation.
 
     Returns:
         a :class:`~ctflow.solvers.result.Reconstruction` (image in ``[0, 1]`` in the layout
@@ -141,6 +148,7 @@ def reconstruct(y: torch.Tensor, operator, prior=None, method: str = "msflow", *
     channels = getattr(prior, "channels", None) if prior is not None else None
     meas = prepare_measurement(operator, y, owner=own, channels=channels)
     weights = check_weights(weights, meas.y, owner=own)
+    options, preset_note = choose_options(prior, method, options, preset=preset)
     solver = spec.solver_class()(**options)      # the Options dataclass checks every option
     seed = solver.options.seed
     devices = [meas.y.device] if meas.y.device.type == "cuda" else []
@@ -148,6 +156,8 @@ def reconstruct(y: torch.Tensor, operator, prior=None, method: str = "msflow", *
         torch.manual_seed(seed)
         result = solver.solve(operator, meas.y, prior, sigma, weights=weights)
     result.image = meas.restore(result.image)
+    if preset_note is not None:
+        result.options = {**dict(result.options or {}), "preset": preset_note}
     if not result.method:
         result.method = method
     return result

@@ -6,8 +6,10 @@
 * :func:`read_previous` -- the ``summary.json`` of an earlier run, refused without ``resume``
   or with other settings;
 * :func:`check_no_clash`, :func:`locked_out_dir`, :func:`valid_output`, :func:`set_aside` --
-  existing outputs are never overwritten, one writer per folder, a damaged or foreign leftover
-  is renamed aside (never deleted);
+  existing outputs are never overwritten, one writer per folder (the lock file is removed
+  afterwards), a damaged or foreign leftover is renamed aside (never deleted);
+* :func:`choose_series_uid`, :func:`grid_note` -- the derived series' UID (new per run,
+  stable on request, reused on resume) and what the written grid says about the working one;
 * :func:`record_from_file`, :func:`fill_summary` -- per-slice records and their means.
 """
 from __future__ import annotations
@@ -26,8 +28,11 @@ from ctflow.metrics import psnr, ssim
 from ctflow.tasks.problem import to_working_size
 
 __all__ = ["check_folders", "series_description", "settings_key", "read_previous",
-           "check_no_clash", "locked_out_dir", "valid_output", "set_aside", "read_output_hu",
-           "record_from_file", "fill_summary", "finite_or_none", "LOCK_NAME"]
+           "check_no_clash", "locked_out_dir", "choose_series_uid", "grid_note", "discard_empty_run",
+           "remove_stale_temps",
+           "valid_output",
+           "set_aside", "read_output_hu", "record_from_file", "fill_summary", "finite_or_none",
+           "LOCK_NAME"]
 
 #: The lock file held by a run in its output folder.
 LOCK_NAME = ".ctflow-reconstruct-dicom.lock"
@@ -56,7 +61,7 @@ def check_folders(in_dir: Path, out_dir: Path) -> None:
 def settings_key(settings: Dict[str, Any]) -> Dict[str, Any]:
     """The settings that must agree between a run and the run it resumes."""
     keys = ("method", "prior", "views", "geometry", "noise", "size", "seed", "backend",
-            "sinogram", "options", "hu_window", "source_series_uid")
+            "sinogram", "options", "preset", "hu_window", "source_series_uid")
     return {k: settings.get(k) for k in keys}
 
 
@@ -78,6 +83,8 @@ def series_description(settings: Dict[str, Any], *, with_prior: bool) -> str:
         meas = f"{settings['views']} views {level}"
     text = (f"ctflow {settings['method']}{prior} {settings['geometry']} {meas} "
             f"{settings['size']}px seed {settings['seed']}")
+    if settings.get("preset"):
+        text += f" preset {settings['preset']}"
     if settings.get("options"):
         text += " " + " ".join(f"{k}={json.dumps(v)}" for k, v in
                                sorted(settings["options"].items()))
@@ -118,10 +125,12 @@ def check_no_clash(paths: Sequence[Path]) -> None:
 
 @contextlib.contextmanager
 def locked_out_dir(out_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``OUT_DIR/`` :data:`LOCK_NAME` (one writer per folder), then
-    remove temporary files an interrupted run of ours left behind (hidden
-    ``.<name>.<random>.tmp`` files of the atomic writes; never a finished output)."""
-    f = open(out_dir / LOCK_NAME, "a+")
+    """Hold an exclusive lock on ``OUT_DIR/`` :data:`LOCK_NAME` (one writer per folder) and
+    remove the lock file again when done (success or failure). Nothing else in the folder is
+    touched: a hidden temporary file of an atomic write is removed by that write itself when
+    it fails, and files of others (a user's ``.notes.tmp``, say) are never deleted."""
+    path = out_dir / LOCK_NAME
+    f = open(path, "a+")
     try:
         import fcntl
 
@@ -133,12 +142,86 @@ def locked_out_dir(out_dir: Path) -> Iterator[None]:
         raise FileExistsError(f"another reconstruct-dicom run is writing {out_dir}; wait for "
                               "it to finish or choose another OUT_DIR") from None
     try:
-        for tmp in out_dir.glob(".*.tmp"):
-            if tmp.is_file():
-                tmp.unlink()
         yield
     finally:
+        try:    # remove the lock file only if it is still the one this run locked
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                path.unlink()
+        except OSError:
+            pass
         f.close()
+
+
+def choose_series_uid(previous: Dict[str, Any], stable_uid: str, *, stable: bool) -> str:
+    """The derived SeriesInstanceUID of a run: the one an earlier run recorded in its
+    ``summary.json`` (``previous``; ``resume`` adds to the same series), else ``stable_uid``
+    (a function of the source series and the settings) when ``stable``, else a new random
+    UID. With ``stable`` an earlier run of another series is refused (``ValueError``)."""
+    from pydicom.uid import generate_uid
+
+    recorded = previous.get("derived_series_uid")
+    if stable and recorded not in (None, stable_uid):
+        raise ValueError(f"--resume --stable-uids: the earlier run in this OUT_DIR wrote the "
+                         f"derived series {recorded}, not {stable_uid}; choose another OUT_DIR")
+    if recorded:
+        return str(recorded)
+    return stable_uid if stable else generate_uid()
+
+
+def grid_note(n: int, hu_shape: Sequence[int], spacing: Sequence[float]) -> Dict[str, Any]:
+    """How the written slices relate to the grid they were reconstructed on: the derived
+    series keeps the source's grid (Rows, Columns, PixelSpacing, positions); when the working
+    size ``n`` differs from the padded square side, the reconstruction was up- (or down-)
+    sampled to it. ``resampled`` and ``text`` go into ImageType (``RESAMPLED``) and
+    DerivationDescription; the whole dict into ``summary.json``."""
+    rows, cols = int(hu_shape[0]), int(hu_shape[1])
+    side = max(rows, cols)
+    pixel = float(side * max(float(spacing[0]), float(spacing[1])) / n)
+    resampled = n != side
+    text = (f"reconstructed on a {n}x{n} grid of {pixel:.4g} mm pixels, "
+            + (f"re-sampled (bicubic) to the source's {rows}x{cols} grid" if resampled
+               else f"at the source's {rows}x{cols} grid"))
+    return {"working_size": int(n), "working_pixel_mm": pixel, "written_shape": [rows, cols],
+            "written_pixel_mm": [float(spacing[0]), float(spacing[1])],
+            "resampled": bool(resampled), "text": text}
+
+
+def remove_stale_temps(out_dir: Path, names: Sequence[str]) -> List[Path]:
+    """On ``--resume``: remove the temporary files a killed run of this series left behind --
+    only names of the exact form our atomic writer gives the temporary of one of ``names``
+    (this series' outputs, its ``summary.json``, ``montage.png``): ``.<name>.<8
+    characters>.tmp``. Any other file (a user's ``.notes.tmp``) is never touched."""
+    import re
+
+    removed = []
+    for name in names:
+        pattern = re.compile(r"^\." + re.escape(name) + r"\.[A-Za-z0-9_]{8}\.tmp$")
+        for tmp in out_dir.glob(f".{_glob_escape(name)}.*.tmp"):
+            if pattern.match(tmp.name) and tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def _glob_escape(name: str) -> str:
+    """``name`` with the glob metacharacters escaped."""
+    import glob
+
+    return glob.escape(name)
+
+
+def discard_empty_run(out_dir: Path, summary_path: Path, *, own_summary: bool,
+                      remove_dir: bool) -> None:
+    """After a run that failed before writing its first slice: remove the ``summary.json`` it
+    wrote (``own_summary``: there was none before) and, ``remove_dir``, the folder it created
+    if nothing else is in it. Files of others are never touched."""
+    if own_summary:
+        summary_path.unlink(missing_ok=True)
+    if remove_dir:
+        try:
+            out_dir.rmdir()     # only succeeds when empty
+        except OSError:
+            pass
 
 
 def valid_output(path: Path, series_uid: Optional[str]) -> bool:

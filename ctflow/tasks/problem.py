@@ -57,6 +57,10 @@ FAN_DISTANCES = {"source_origin": 4.0, "origin_detector": 2.0}
 _GEOMETRIES = {"parallel": ct.ParallelBeam2D, "fan": ct.FanBeam2D}
 
 
+#: The largest working size (pixels per side) of :func:`make_ct_operator`.
+MAX_SIZE = 4096
+
+
 def geometry_names() -> Tuple[str, ...]:
     """Every ``geometry=`` name: ``parallel``, ``fan`` and the presets in mm
     (:func:`ctflow.operators.ct.preset_names`)."""
@@ -104,8 +108,8 @@ def make_ct_operator(size: int, views: Optional[int], *, geometry: str = "parall
     it (tensors passed to it decide the device for the torch backend).
     """
     size = int(size)
-    if size < 8:
-        raise ValueError(f"working size must be >= 8 pixels, got {size}")
+    if not 8 <= size <= MAX_SIZE:
+        raise ValueError(f"working size must be 8 to {MAX_SIZE} pixels, got {size}")
     if views is not None and int(views) < 1:
         raise ValueError(f"views must be >= 1, got {views}")
     op = ct.RayTransform(_geometry(geometry, size, None if views is None else int(views),

@@ -23,11 +23,16 @@ Per slice :math:`k` (HU image :math:`h_k` of the original matrix size):
 5. reconstruct :math:`\hat x_k` = ``ctflow.reconstruct(y, A, prior, method, sigma=sigma)``
    (the solver seeded by the same per-slice seed);
 6. PSNR/SSIM of :math:`\hat x_k` against :math:`x_k` (data range 1);
-7. map back: bicubic upsampling to the padded square, crop, clip to :math:`[0, 1]`,
-   :math:`h = l + \hat x (u - l)` HU, and write one derived DICOM slice (the reference header is
-   the input slice, file name keyed by its SOPInstanceUID; the derived SeriesInstanceUID is a
-   stable function of the input series and the settings, so a resumed run adds to the same
-   series).
+7. map back: bicubic re-sampling to the padded square, crop, clip to :math:`[0, 1]`,
+   :math:`h = l + \hat x (u - l)` HU, and write one derived DICOM slice on the **source's
+   grid** (Rows, Columns, PixelSpacing and positions of the input slice; when the working
+   size differs from the source's side, ImageType gets ``RESAMPLED`` as value 4 and
+   DerivationDescription and ``summary.json`` (``"grid"``) state the working grid and its
+   pixel size). The derived SeriesInstanceUID is new on every run (``stable_uids=True``: a
+   function of the input series and the settings); the SOPInstanceUIDs and file names
+   (``<InstanceNumber>-<SOPInstanceUID>.dcm``) are functions of it and of the source slice;
+   InstanceNumber is the source slice's; ``summary.json`` records the UID (written before
+   the first slice), so a resumed run adds to the same series.
 
 Outputs in ``out_dir``: the derived slices, ``summary.json`` (settings, per-slice metrics of
 every slice in the folder -- slices of earlier runs outside this run's range are kept --, their
@@ -44,6 +49,10 @@ in-process) and return its result; this process writes each slice as it arrives,
 outputs, the summary and ``resume`` are the same as in-process.
 :func:`ctflow.distributed.ray_slice_mapper` builds one on Ray (``ctflow reconstruct-dicom
 --ray``).
+
+The module is longer than 400 lines because :func:`reconstruct_dicom` is one pipeline (checks,
+resume, solve, write, clean-up) whose steps share the run's state; its folder, UID and summary
+helpers live in :mod:`ctflow.tasks.outputs`.
 """
 from __future__ import annotations
 
@@ -57,11 +66,12 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from ctflow.data import (clip_hu, derived_file_name, derived_series_uid, read_dicom_series,
-                         write_dicom_slice)
+from ctflow.data import (clip_hu, derived_output_name, derived_series_number,
+                         derived_series_uid, read_dicom_series, write_dicom_slice)
 from ctflow.data.atomic import atomic_write_json
 from ctflow.metrics import psnr, ssim
 from ctflow.operators.noise import GaussianNoise
+from ctflow.priors.recommended import choose_options
 from ctflow.solvers import registry
 import ctflow.tasks.outputs as outputs
 from ctflow.tasks.info import resolve_device, versions
@@ -147,7 +157,8 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
                       resume: bool = False, seed: int = 0, progress: bool = True,
                       sinogram: Optional[PathLike] = None, backend: str = "torch",
                       hu_window: Optional[Tuple[float, float]] = None, verbose: bool = False,
-                      map_slices: Optional[SliceMapper] = None, **options) -> Dict[str, Any]:
+                      map_slices: Optional[SliceMapper] = None, stable_uids: bool = False,
+                      preset: Optional[str] = None, **options) -> Dict[str, Any]:
     """Reconstruct the CT series in ``in_dir`` slice by slice into a derived series in
     ``out_dir`` (see the module docstring for the exact steps and the outputs).
 
@@ -189,6 +200,13 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
             :func:`solve_slice`'s; this process writes it (atomically, keyed by the
             SOPInstanceUID), so ``resume`` works the same. A ``describe()`` method of
             ``map_slices``, if any, is recorded as the summary's ``executor``.
+        stable_uids: derive the SeriesInstanceUID (and so the SOPInstanceUIDs) from the input
+            series and the settings, the same in every run; by default each run writes a new
+            series. ``resume`` always reuses the UID recorded in ``summary.json``.
+        preset: ``None``/``"recommended"`` (without ``options``: the prior's recommended
+            settings for the method) or ``"paper"`` (the solver's defaults); see
+            :mod:`ctflow.priors.recommended`. The summary's ``settings.solver_options``
+            records the options used.
         **options: solver options passed to ``ctflow.reconstruct``.
 
     Returns:
@@ -256,137 +274,165 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
         "backend": backend, "device": str(dev),
         "sinogram": str(Path(sinogram).resolve()) if sinogram is not None else None,
         "options": dict(options), "hu_window": list(window), "hu_clip": list(HU_CLIP),
-        "source_series_uid": vol.series_uid,
+        "source_series_uid": vol.series_uid, "stable_uids": bool(stable_uids),
+        "preset": preset,
     }
+    run_options, note = choose_options(solve_prior, method, options, preset=preset)
+    settings["solver_options"] = {"options": run_options, "from": note}
+    if preset is not None:
+        options = dict(options, preset=preset)
     settings["series_description"] = description = outputs.series_description(
         settings, with_prior=spec_m.needs_prior)
 
     # Output folder, earlier runs and resume.
     summary_path = out_dir / "summary.json"
     previous = outputs.read_previous(summary_path, settings, resume=resume)
-    derived_uid = derived_series_uid(vol, description)
-    if previous.get("derived_series_uid") not in (None, derived_uid):
-        raise ValueError(f"--resume: {summary_path} belongs to the derived series "
-                         f"{previous['derived_series_uid']}, not {derived_uid}; choose another "
-                         "OUT_DIR")
-    targets = {k: out_dir / derived_file_name(vol.slices[k].sop_instance_uid) for k in indices}
+    derived_uid = outputs.choose_series_uid(previous, derived_series_uid(vol, description),
+                                            stable=stable_uids)
+    series_number = int(previous.get("derived_series_number")
+                        or derived_series_number(vol, derived_uid))
+    grid = outputs.grid_note(n, vol.shape[1:], vol.spacing[1:])
+    derivation = f"{description}; {grid['text']}"
+    targets = {k: out_dir / derived_output_name(vol, k, derived_uid) for k in indices}
     if not resume and out_dir.is_dir():
         outputs.check_no_clash(list(targets.values()))
+    created_dir = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    with outputs.locked_out_dir(out_dir):
-        prev_records = {r["sop_instance_uid"]: r for r in previous.get("slices", [])
-                        if "sop_instance_uid" in r and not r.get("metrics_from")}
-        # Records of an earlier run outside this run's slice range stay in the summary.
-        current = {vol.slices[k].sop_instance_uid for k in indices}
-        others = [r for r in previous.get("slices", []) if r.get("sop_instance_uid") not in current
-                  and (out_dir / str(r.get("output_file", ""))).is_file()]
-        records: List[Dict[str, Any]] = []
-        shown: List[Dict[str, Any]] = []
-        done = skipped = 0
-        summary: Dict[str, Any] = {
-            "status": "running", "settings": settings, "versions": versions(),
-            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "derived_series_uid": derived_uid, "slices": [], "executor": _executor(map_slices),
-        }
+    done = skipped = 0
+    try:
+        with outputs.locked_out_dir(out_dir):
+            if resume:      # temporaries of this series' outputs left by a killed run
+                outputs.remove_stale_temps(out_dir, [t.name for t in targets.values()]
+                                           + ["summary.json", "montage.png"])
+            prev_records = {r["sop_instance_uid"]: r for r in previous.get("slices", [])
+                            if "sop_instance_uid" in r and not r.get("metrics_from")}
+            # Records of an earlier run outside this run's slice range stay in the summary.
+            current = {vol.slices[k].sop_instance_uid for k in indices}
+            others = [r for r in previous.get("slices", [])
+                      if r.get("sop_instance_uid") not in current
+                      and (out_dir / str(r.get("output_file", ""))).is_file()]
+            records: List[Dict[str, Any]] = []
+            shown: List[Dict[str, Any]] = []
+            summary: Dict[str, Any] = {
+                "status": "running", "settings": settings, "versions": versions(),
+                "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "derived_series_uid": derived_uid, "derived_series_number": series_number,
+                "stable_uids": bool(settings.get("stable_uids")), "grid": grid, "slices": [],
+                "executor": _executor(map_slices),
+            }
 
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(indices), desc=f"reconstruct-dicom ({method})", unit="slice")
-        try:
-            # 1) Outputs of earlier runs (resume): keep the valid ones, set invalid ones aside.
-            pending: List[Dict[str, Any]] = []
-            for pos, k in enumerate(indices):
-                sop = vol.slices[k].sop_instance_uid
-                hu = np.asarray(clip_hu(vol.hu[k], *HU_CLIP), dtype=np.float32)
-                x = to_working_size(hu, n, hu_window=window)
-                target = targets[k]
-                if target.exists() or target.is_symlink():
-                    if not resume:
-                        raise FileExistsError(f"output file exists: {target}; pass --resume to "
-                                              "keep it and continue, or choose another OUT_DIR")
-                    if outputs.valid_output(target, derived_uid):
-                        rec = dict(prev_records.get(sop) or outputs.record_from_file(
-                            target, x, k, sop, window, n), resumed=True)
-                        records.append(rec)
-                        small = to_working_size(outputs.read_output_hu(target), n,
-                                                hu_window=window)
-                        shown.append({"index": k, "input": x.numpy(), "recon": small.numpy(),
-                                      "psnr": rec.get("psnr"), "ssim": rec.get("ssim")})
-                        skipped += 1
-                        if bar is not None:
-                            bar.update(1)
-                        continue
-                    outputs.set_aside(target)   # not ours, or damaged: never deleted
-                y_meas = None
-                if measured is not None:
-                    y_meas = measured[k if measured.shape[0] == nz else pos]
-                pending.append({"index": k, "key": sop or f"slice-{k}", "x": x,
-                                "hu_shape": tuple(int(v) for v in hu.shape),
-                                "measured": y_meas})
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=len(indices), desc=f"reconstruct-dicom ({method})", unit="slice")
+            try:
+                # 1) Outputs of earlier runs (resume): keep the valid ones, set invalid ones aside.
+                pending: List[Dict[str, Any]] = []
+                for pos, k in enumerate(indices):
+                    sop = vol.slices[k].sop_instance_uid
+                    hu = np.asarray(clip_hu(vol.hu[k], *HU_CLIP), dtype=np.float32)
+                    x = to_working_size(hu, n, hu_window=window)
+                    target = targets[k]
+                    if target.exists() or target.is_symlink():
+                        if not resume:
+                            raise FileExistsError(f"output file exists: {target}; pass --resume to "
+                                                  "keep it and continue, or choose another OUT_DIR")
+                        if outputs.valid_output(target, derived_uid):
+                            rec = dict(prev_records.get(sop) or outputs.record_from_file(
+                                target, x, k, sop, window, n), resumed=True)
+                            records.append(rec)
+                            small = to_working_size(outputs.read_output_hu(target), n,
+                                                    hu_window=window)
+                            shown.append({"index": k, "input": x.numpy(), "recon": small.numpy(),
+                                          "psnr": rec.get("psnr"), "ssim": rec.get("ssim")})
+                            skipped += 1
+                            if bar is not None:
+                                bar.update(1)
+                            continue
+                        outputs.set_aside(target)   # not ours, or damaged: never deleted
+                    y_meas = None
+                    if measured is not None:
+                        y_meas = measured[k if measured.shape[0] == nz else pos]
+                    pending.append({"index": k, "key": sop or f"slice-{k}", "x": x,
+                                    "hu_shape": tuple(int(v) for v in hu.shape),
+                                    "measured": y_meas})
 
-            # 2) Solve the pending slices (here or through map_slices); write each as it comes.
-            def finish(job: Dict[str, Any], out: Dict[str, Any]) -> None:
-                nonlocal done
-                k = job["index"]
-                meta = vol.slices[k]
-                if targets[k].exists():     # a slice is written once, whatever happened upstream
-                    raise FileExistsError(f"output file appeared during the run: {targets[k]}")
-                written = Path(write_dicom_slice(out["hu"], vol, k, out_dir,
-                                                 description=description,
-                                                 series_uid=derived_uid))
-                rec = {"index": k, "sop_instance_uid": meta.sop_instance_uid,
-                       "source_file": meta.path, "output_file": written.name,
-                       "psnr": outputs.finite_or_none(out["psnr"]), "ssim": float(out["ssim"]),
-                       "seconds": out["seconds"], "nfe": dict(out["nfe"]),
-                       "peak_memory_bytes": out["peak_memory_bytes"],
-                       "noise_sigma": out["noise_sigma"], "noise_seed": out["noise_seed"],
-                       "resumed": False}
-                records.append(rec)
-                shown.append({"index": k, "input": job["x"].numpy(),
-                              "recon": np.asarray(out["recon"]),
-                              "psnr": rec["psnr"], "ssim": rec["ssim"]})
-                done += 1
+                # 2) Solve the pending slices (here or through map_slices); write each as it comes.
+                def finish(job: Dict[str, Any], out: Dict[str, Any]) -> None:
+                    nonlocal done
+                    k = job["index"]
+                    meta = vol.slices[k]
+                    if not np.all(np.isfinite(out["hu"])):     # before anything is written
+                        raise ValueError(f"{meta.path}: the {method} reconstruction of slice {k} "
+                                         "holds NaN or infinite values; nothing was written for "
+                                         "it (check the prior and the options)")
+                    if targets[k].exists():     # a slice is written once, whatever happened upstream
+                        raise FileExistsError(f"output file appeared during the run: {targets[k]}")
+                    if not summary_path.exists():   # the UIDs are on record before any slice
+                        atomic_write_json(summary_path, summary)
+                    written = Path(write_dicom_slice(out["hu"], vol, k, out_dir,
+                                                     description=description,
+                                                     series_uid=derived_uid,
+                                                     series_number=series_number,
+                                                     derivation=derivation,
+                                                     resampled=grid["resampled"]))
+                    rec = {"index": k, "sop_instance_uid": meta.sop_instance_uid,
+                           "source_file": meta.path, "output_file": written.name,
+                           "psnr": outputs.finite_or_none(out["psnr"]), "ssim": float(out["ssim"]),
+                           "seconds": out["seconds"], "nfe": dict(out["nfe"]),
+                           "peak_memory_bytes": out["peak_memory_bytes"],
+                           "noise_sigma": out["noise_sigma"], "noise_seed": out["noise_seed"],
+                           "resumed": False}
+                    records.append(rec)
+                    shown.append({"index": k, "input": job["x"].numpy(),
+                                  "recon": np.asarray(out["recon"]),
+                                  "psnr": rec["psnr"], "ssim": rec["ssim"]})
+                    done += 1
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(psnr=f"{out['psnr']:.2f}", ssim=f"{out['ssim']:.3f}")
+                    outputs.fill_summary(summary, others, records, done, skipped, t_start)
+                    atomic_write_json(summary_path, summary)
+
+                if map_slices is None:
+                    for job in pending:
+                        finish(job, solve_slice(job["x"], operator=A, prior=solve_prior,
+                                                method=method, noise=noise, seed=seed,
+                                                key=job["key"], hu_shape=job["hu_shape"],
+                                                window=window, device=dev,
+                                                measured=job["measured"], **options))
+                elif pending:
+                    spec = {"method": method, "noise": noise, "seed": int(seed), "size": n,
+                            "views": int(views), "geometry": geometry, "backend": backend,
+                            "device": "auto" if device is None else str(device),
+                            "window": list(window), "options": dict(options)}
+                    if not spec_m.needs_prior:
+                        prior_spec = None
+                    elif isinstance(prior, (str, os.PathLike)):
+                        prior_spec = prior
+                    else:
+                        prior_spec = prior_obj
+                    by_key = {job["key"]: job for job in pending}
+                    for key, out in map_slices(pending, spec, prior_spec):
+                        finish(by_key[key], out)
+            finally:
                 if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(psnr=f"{out['psnr']:.2f}", ssim=f"{out['ssim']:.3f}")
-                outputs.fill_summary(summary, others, records, done, skipped, t_start)
-                atomic_write_json(summary_path, summary)
+                    bar.close()
 
-            if map_slices is None:
-                for job in pending:
-                    finish(job, solve_slice(job["x"], operator=A, prior=solve_prior,
-                                            method=method, noise=noise, seed=seed,
-                                            key=job["key"], hu_shape=job["hu_shape"],
-                                            window=window, device=dev,
-                                            measured=job["measured"], **options))
-            elif pending:
-                spec = {"method": method, "noise": noise, "seed": int(seed), "size": n,
-                        "views": int(views), "geometry": geometry, "backend": backend,
-                        "device": "auto" if device is None else str(device),
-                        "window": list(window), "options": dict(options)}
-                if not spec_m.needs_prior:
-                    prior_spec = None
-                elif isinstance(prior, (str, os.PathLike)):
-                    prior_spec = prior
-                else:
-                    prior_spec = prior_obj
-                by_key = {job["key"]: job for job in pending}
-                for key, out in map_slices(pending, spec, prior_spec):
-                    finish(by_key[key], out)
-        finally:
-            if bar is not None:
-                bar.close()
-
-        summary["status"] = "complete"
-        outputs.fill_summary(summary, others, records, done, skipped, t_start)
-        summary["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        summary["montage"] = "montage.png"
-        picked, note = montage_items(shown)
-        write_montage(out_dir / "montage.png", picked,
-                      title=f"{description}  (input | reconstruction){note}")
-        atomic_write_json(summary_path, summary)
-        if verbose:
-            print(f"wrote {done} slice(s) to {out_dir} (summary.json, montage.png)",
-                  file=sys.stderr)
-        return summary
+            summary["status"] = "complete"
+            outputs.fill_summary(summary, others, records, done, skipped, t_start)
+            summary["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            summary["montage"] = "montage.png"
+            picked, note = montage_items(shown)
+            write_montage(out_dir / "montage.png", picked,
+                          title=f"{description}  (input | reconstruction){note}")
+            atomic_write_json(summary_path, summary)
+            if verbose:
+                print(f"wrote {done} slice(s) to {out_dir} (summary.json, montage.png)",
+                      file=sys.stderr)
+            return summary
+    except BaseException:
+        if done == 0:   # a run that wrote no slice leaves nothing behind (no folder it made)
+            outputs.discard_empty_run(out_dir, summary_path, own_summary=not previous,
+                                      remove_dir=created_dir)
+        raise

@@ -11,6 +11,8 @@ from typing import Any, List, Optional, Sequence, Union
 
 import numpy as np
 
+from ctflow.data.hdf5 import check_read_size
+
 __all__ = ["load_sinograms", "read_h5_array", "slice_stack"]
 
 PathLike = Union[str, os.PathLike]
@@ -27,8 +29,15 @@ def load_sinograms(path: PathLike) -> np.ndarray:
         raise FileNotFoundError(f"sinogram file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        try:
+        try:    # the header first (memory-mapped): a file claiming a huge array is refused
+            head = np.load(path, allow_pickle=False, mmap_mode="r")
+            check_read_size(head.shape, head.dtype.itemsize, path)
+            del head
             arr = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            if "refused" in str(exc):
+                raise
+            raise ValueError(f"{path}: not a readable .npy array ({exc})") from None
         except Exception as exc:
             raise ValueError(f"{path}: not a readable .npy array ({exc})") from None
     elif suffix in (".h5", ".hdf5"):
@@ -69,16 +78,24 @@ def read_h5_array(path: PathLike, dataset: Optional[str],
         f = h5py.File(path, "r")
     except OSError as exc:
         raise ValueError(f"{path}: not a readable HDF5 file ({exc})") from None
+    def read(name: str) -> np.ndarray:
+        d = f[name]
+        check_read_size(d.shape or (), d.dtype.itemsize, f"{path}: dataset {name!r}")
+        try:
+            return np.asarray(d[()])
+        except (OSError, MemoryError) as exc:
+            raise ValueError(f"{path}: cannot read dataset {name!r} ({exc})") from None
+
     with f:
         names: List[str] = []
         f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
         if dataset is not None:
             if dataset not in f or not isinstance(f[dataset], h5py.Dataset):
                 raise ValueError(f"{path}: no dataset {dataset!r}; datasets: {names}")
-            return np.asarray(f[dataset][()])
+            return read(dataset)
         for name in preferred:
             if name in f and isinstance(f[name], h5py.Dataset):
-                return np.asarray(f[name][()])
+                return read(name)
         if len(names) == 1:
-            return np.asarray(f[names[0]][()])
+            return read(names[0])
         raise ValueError(f"{path}: {len(names)} datasets {names}; choose one with --dataset")
