@@ -144,7 +144,7 @@ def test_dicom_file_appearing_while_writing_is_kept(tmp_path, monkeypatch):
     vol = read_dicom_series(src)
     out = tmp_path / "out"
     out.mkdir()
-    second = out / cd.derived_file_name(vol.slices[1].sop_instance_uid)
+    second = out / cd.derived_output_name(vol, 1, "1.2.3.4")
     import ctflow.data.atomic as atomic
     real_mode = atomic._file_mode
 
@@ -155,5 +155,5 @@ def test_dicom_file_appearing_while_writing_is_kept(tmp_path, monkeypatch):
 
     monkeypatch.setattr(atomic, "_file_mode", racing_mode)
     with pytest.raises(FileExistsError, match=second.name):
-        cd.write_dicom_series(vol.hu, vol, out, description="race")
+        cd.write_dicom_series(vol.hu, vol, out, description="race", series_uid="1.2.3.4")
     assert names(out) == [second.name] and second.read_bytes() == b"someone else's"

@@ -17,8 +17,8 @@ from ctflow.operators.noise import PoissonNoise
 from ctflow.operators.units import WindowMap
 from ctflow.solvers.registry import method
 from ctflow.tasks import (DEFAULT_HU_WINDOW, infer_size, make_ct_operator, read_h5_array,
-                          resolve_prior, run_solver, simulate_measurement, slice_seed,
-                          simulate_lowdose, slice_stack, to_working_size, working_size)
+                          resolve_prior, run_solver, slice_seed,
+                          measure, slice_stack, to_working_size, working_size)
 
 __all__ = ["register", "cmd_reconstruct", "OUTPUT_SUFFIXES"]
 
@@ -259,12 +259,7 @@ def cmd_reconstruct(args) -> int:
             # HU images: prepared exactly as the prior's training data (window, pad, resize).
             x = to_working_size(arr[z], n, hu_window=window).to(device).reshape(1, 1, n, n)
             gen = torch.Generator().manual_seed(slice_seed(args.seed, f"{path.name}:{z}"))
-            if lowdose:
-                scan = simulate_lowdose(A, x, noise, window=units, generator=gen)
-                y, weights, sigma = scan.y, scan.weights, torch.ones(1, dtype=torch.float64)
-            else:
-                y, sigma = simulate_measurement(A, x, noise, generator=gen)
-                weights = None
+            y, sigma, weights = measure(A, x, noise, window=units, generator=gen)
             truths.append(x.reshape(n, n).cpu().numpy())
         else:
             y = torch.from_numpy(arr[z]).to(device).reshape(1, 1, *arr.shape[-2:])
@@ -273,7 +268,8 @@ def cmd_reconstruct(args) -> int:
         opts = dict(options)
         solve_seed = int(opts.pop("seed", slice_seed(args.seed, f"solve:{z}") % 2**31))
         show = bool(opts.pop("progress", not args.quiet))
-        res = run_solver(y, A, prior, method=name, sigma=float(sigma[0]), weights=weights,
+        res = run_solver(y, A, prior, method=name, sigma=float(sigma[0]),
+                         weights=None if name == "fbp" else weights,
                          seed=solve_seed, progress=show, **opts)
         img = res.image.detach().to("cpu", torch.float32).reshape(n, n).clamp(0, 1)
         if not torch.isfinite(img).all():   # checked before anything is written

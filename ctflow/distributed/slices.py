@@ -71,10 +71,10 @@ def slice_task(job: Dict[str, Any], spec: Dict[str, Any], prior_box: List[Any],
 
     prior = _cached(("prior", token, str(dev)), load_prior)
     op = _cached(("op", spec["size"], spec["views"], spec["geometry"], spec["backend"],
-                  str(dev)),
+                  spec.get("pixel_mm"), str(dev)),
                  lambda: make_ct_operator(spec["size"], spec["views"],
                                           geometry=spec["geometry"], backend=spec["backend"],
-                                          device=dev))
+                                          pixel_mm=spec.get("pixel_mm"), device=dev))
     x = torch.as_tensor(job["x"])
     return solve_slice(x, operator=op, prior=prior, method=spec["method"],
                        noise=spec["noise"], seed=spec["seed"], key=job["key"],

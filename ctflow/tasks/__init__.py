@@ -18,16 +18,18 @@ from ctflow.tasks.demo import DEMO_METHODS, DEMO_SETTINGS, run_demo
 from ctflow.tasks.info import DeviceError, format_info, info, resolve_device, versions
 from ctflow.tasks.montage import write_montage
 from ctflow.tasks.problem import (DEFAULT_HU_WINDOW, DEFAULT_SIZE, FAN_DISTANCES, check_noise,
-                                  from_working_size, infer_size, make_ct_operator,
-                                  geometry_names, resolve_prior, run_solver, simulate_lowdose,
-                                  simulate_measurement, slice_seed, to_working_size,
-                                  working_size)
-from ctflow.tasks.series import SliceMapper, reconstruct_dicom, solve_slice
+                                  from_working_size, geometry_names, infer_size,
+                                  make_ct_operator, measure, resolve_prior, run_solver,
+                                  simulate_lowdose, simulate_measurement, slice_seed,
+                                  to_working_size, working_size)
+from ctflow.tasks.series import SliceMapper, reconstruct_dicom
+from ctflow.tasks.slices import solve_slice
 from ctflow.tasks.sinograms import load_sinograms, read_h5_array, slice_stack
 
 __all__ = ["DEFAULT_HU_WINDOW", "DEFAULT_SIZE", "FAN_DISTANCES", "check_noise",
            "from_working_size", "infer_size", "make_ct_operator", "resolve_prior",
-           "run_solver", "simulate_measurement", "slice_seed", "to_working_size", "working_size", "simulate_lowdose", "geometry_names",
+           "run_solver", "simulate_measurement", "slice_seed", "to_working_size", "working_size",
+           "simulate_lowdose", "geometry_names", "measure",
            "load_sinograms", "read_h5_array", "slice_stack", "reconstruct_dicom", "solve_slice",
            "SliceMapper", "write_montage", "versions", "DeviceError", "format_info", "info",
            "resolve_device", "DEMO_METHODS", "DEMO_SETTINGS", "run_demo"]

@@ -75,8 +75,11 @@ def series_description(settings: Dict[str, Any], *, with_prior: bool) -> str:
         p = str(settings["prior"])
         prior = " " + (Path(p).stem if ("/" in p or os.sep in p) else p)
     noise = settings["noise"]
-    level = (f"noise {100 * noise['relative']:g}%" if "relative" in noise
-             else f"sigma {noise['sigma']:g}")
+    if noise.get("model") == "poisson":
+        level = f"dose I0 {noise['I0']:g}"
+    else:
+        level = (f"noise {100 * noise['relative']:g}%" if "relative" in noise
+                 else f"sigma {noise['sigma']:g}")
     if settings.get("sinogram"):
         meas = f"measured {Path(settings['sinogram']).name}"
     else:

@@ -37,7 +37,7 @@ from ctflow.solvers import registry
 from ctflow.solvers.api import reconstruct
 
 __all__ = ["DEFAULT_HU_WINDOW", "DEFAULT_SIZE", "FAN_DISTANCES", "HU_CLIP", "make_ct_operator",
-           "infer_size", "simulate_measurement", "simulate_lowdose", "geometry_names",
+           "infer_size", "simulate_measurement", "simulate_lowdose", "measure", "geometry_names",
            "check_noise", "resolve_prior", "run_solver", "slice_seed", "to_working_size",
            "from_working_size", "working_size"]
 
@@ -179,6 +179,21 @@ def simulate_lowdose(operator, x: torch.Tensor, noise: PoissonNoise, *,
         y_x, w_x = window.data_for_window(data.y.to(x.dtype), operator,
                                           data.weights.to(x.dtype))
     return LowDoseData(y=y_x, weights=w_x, counts=data.counts, sigma=1.0)
+
+
+def measure(operator, x: torch.Tensor, noise, *, window: Optional[WindowMap] = None,
+            generator: Optional[torch.Generator] = None):
+    """A simulated measurement of the window image ``x`` for either noise model:
+    ``(y, sigma, weights)`` with ``sigma`` per item ``(B,)`` and ``weights`` ``None`` for a
+    :class:`~ctflow.operators.noise.GaussianNoise` (:func:`simulate_measurement`), the
+    statistical weights and ``sigma = 1`` for a
+    :class:`~ctflow.operators.noise.PoissonNoise` scan (:func:`simulate_lowdose`; the
+    operator must be in mm)."""
+    if isinstance(noise, PoissonNoise):
+        scan = simulate_lowdose(operator, x, noise, window=window, generator=generator)
+        return scan.y, torch.ones(x.shape[0], dtype=torch.float64), scan.weights
+    y, sigma = simulate_measurement(operator, x, noise, generator=generator)
+    return y, sigma, None
 
 
 def check_noise(method: str, noise):

@@ -64,22 +64,20 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
-import torch
 
 from ctflow.data import (clip_hu, derived_output_name, derived_series_number,
                          derived_series_uid, read_dicom_series, write_dicom_slice)
 from ctflow.data.atomic import atomic_write_json
-from ctflow.metrics import psnr, ssim
-from ctflow.operators.noise import GaussianNoise
+from ctflow.operators.noise import GaussianNoise, PoissonNoise
 from ctflow.priors.recommended import choose_options
 from ctflow.solvers import registry
 import ctflow.tasks.outputs as outputs
 from ctflow.tasks.info import resolve_device, versions
 from ctflow.tasks.montage import montage_items, write_montage
-from ctflow.tasks.problem import (DEFAULT_HU_WINDOW, DEFAULT_SIZE, HU_CLIP, check_noise,
-                                  from_working_size, make_ct_operator, resolve_prior,
-                                  run_solver, simulate_measurement, slice_seed, to_working_size,
-                                  working_size)
+from ctflow.operators.ct import preset_names
+from ctflow.tasks.problem import (DEFAULT_HU_WINDOW, HU_CLIP, check_noise, make_ct_operator,
+                                  resolve_prior, to_working_size, working_size)
+from ctflow.tasks.slices import noise_model, solve_slice
 from ctflow.tasks.sinograms import load_sinograms
 
 __all__ = ["reconstruct_dicom", "solve_slice", "SliceMapper"]
@@ -88,56 +86,6 @@ PathLike = Union[str, os.PathLike]
 #: ``map_slices(jobs, spec, prior)``: solve the jobs elsewhere, yield ``(key, result)``.
 SliceMapper = Callable[[List[Dict[str, Any]], Dict[str, Any], Any],
                        Iterable[Tuple[str, Dict[str, Any]]]]
-
-
-def solve_slice(x: torch.Tensor, *, operator, prior, method: str, noise: GaussianNoise,
-                seed: int, key: str, hu_shape: Tuple[int, int],
-                window: Tuple[float, float], device: Any = None,
-                measured: Optional[np.ndarray] = None, **options) -> Dict[str, Any]:
-    r"""Steps 4-7 of the module docstring for one prepared slice; no file is touched.
-
-    ``x`` is the ``(n, n)`` working-size image in [0, 1]; ``key`` (the SOPInstanceUID) seeds
-    the noise draw and the solver with :func:`~ctflow.tasks.problem.slice_seed` ``(seed,
-    key)``; ``measured`` (a ``(views, detectors)`` sinogram) replaces the simulation (a
-    relative ``noise`` then refers to its RMS). The same call runs in this process and in a
-    worker of ``map_slices``, so both give the same reconstruction.
-
-    Returns ``recon`` (``(n, n)`` float32 array in [0, 1]), ``hu`` (float32 HU at
-    ``hu_shape``: :math:`l + \mathrm{up}(\hat x)(u - l)`), ``psnr``, ``ssim`` (against ``x``),
-    ``seconds`` (the solve), ``nfe``, ``peak_memory_bytes``, ``noise_sigma`` and
-    ``noise_seed`` (``None`` for a measured sinogram).
-    """
-    n = int(x.shape[-1])
-    s_seed = slice_seed(seed, key)
-    dev = torch.device(device) if device is not None else x.device
-    xb = x.to(dev).reshape(1, 1, n, n)
-    if measured is None:
-        gen = torch.Generator().manual_seed(s_seed)
-        y, sigma = simulate_measurement(operator, xb, noise, generator=gen)
-    else:
-        meas = np.asarray(measured, dtype=np.float32)
-        y = torch.from_numpy(meas).to(dev).reshape(1, 1, *meas.shape[-2:])
-        sigma = noise.std(y)
-    torch.manual_seed(s_seed)
-    t0 = time.perf_counter()
-    res = run_solver(y, operator, prior, method=method, sigma=float(sigma[0]), seed=s_seed,
-                     **options)
-    seconds = time.perf_counter() - t0
-    rec_img = res.image.detach().to("cpu", torch.float32).reshape(n, n).clamp(0, 1)
-    ref = x.detach().to("cpu", torch.float32).reshape(n, n)
-    up = from_working_size(rec_img, hu_shape)
-    hu_out = (window[0] + up * (window[1] - window[0])).numpy().astype(np.float32)
-    return {"recon": rec_img.numpy(), "hu": hu_out, "psnr": float(psnr(rec_img, ref)),
-            "ssim": float(ssim(rec_img, ref)), "seconds": seconds, "nfe": dict(res.nfe),
-            "peak_memory_bytes": res.peak_memory_bytes, "noise_sigma": float(sigma[0]),
-            "noise_seed": s_seed if measured is None else None}
-
-
-def _noise_model(noise: GaussianNoise, measured: bool) -> str:
-    ref = "y" if measured else "Ax"
-    if noise.sigma is not None:
-        return f"y = Ax + sigma*N(0,1), sigma = {noise.sigma:g}"
-    return f"y = Ax + sigma*N(0,1), sigma = {noise.relative:g}*rms({ref})"
 
 
 def _executor(map_slices: Optional[SliceMapper]) -> Any:
@@ -166,10 +114,14 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
         in_dir: a folder holding one CT series (read with ``ctflow.data.read_dicom_series``).
         out_dir: the output folder (created); must not be ``in_dir`` or inside it.
         views: projection angles of the simulated measurement.
-        geometry: ``"parallel"`` or ``"fan"``.
-        noise: the noise model (:class:`~ctflow.operators.noise.GaussianNoise`): an absolute
-            ``sigma`` or a ``relative`` level (default 1 % of the RMS of the clean data, or of
-            the measured sinogram). Zero is accepted for the methods that do not need
+        geometry: ``"parallel"``, ``"fan"`` or a preset in mm (``"clinical-fan"``,
+            ``"lodopab-parallel"``; :func:`ctflow.tasks.geometry_names`), with the working
+            grid's physical pixel size from the series' PixelSpacing.
+        noise: the noise model: :class:`~ctflow.operators.noise.GaussianNoise` (an absolute
+            ``sigma`` or a ``relative`` level; default 1 % of the RMS of the clean data, or of
+            the measured sinogram), or :class:`~ctflow.operators.noise.PoissonNoise` (a
+            low-dose scan with ``I0`` photons per detector bin, physical units and the
+            statistical weights; docs/lowdose.md). Zero is accepted for the methods that do not need
             :math:`\\sigma` (registry ``needs_sigma``); the others refuse it before any work.
         method: a method of :mod:`ctflow.solvers.registry` (``"msflow"``, ``"fbp"``, ...).
         prior: a bundled prior name, a checkpoint path, a prior object, or ``None`` (only for
@@ -260,7 +212,16 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
             raise ValueError(f"{sinogram}: holds {measured.shape[0]} sinograms, expected one "
                              f"per slice of the series ({nz}) or of the range ({len(indices)})")
         views = int(measured.shape[1])
-    A = make_ct_operator(n, views, geometry=geometry, backend=backend, device=dev)
+    lowdose = isinstance(noise, PoissonNoise)
+    if lowdose and measured is not None:
+        raise ValueError("a measured sinogram carries its own noise: noise=PoissonNoise(...) "
+                         "(--dose) simulates a scan and cannot be combined with sinogram=")
+    # a low-dose scan or a preset geometry needs the physical pixel size of the working grid
+    pixel_mm = None
+    if lowdose or geometry in preset_names():
+        pixel_mm = float(max(vol.shape[1:]) * vol.spacing[2] / n)
+    A = make_ct_operator(n, views, geometry=geometry, pixel_mm=pixel_mm, backend=backend,
+                         device=dev)
     if measured is not None and tuple(measured.shape[1:]) != tuple(A.range_shape[-2:]):
         raise ValueError(f"{sinogram}: sinograms of shape {tuple(measured.shape[1:])} do not "
                          f"match the {geometry} geometry at size {n} with {views} views, "
@@ -269,7 +230,8 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
     settings = {
         "in_dir": str(in_dir.resolve()), "out_dir": str(out_dir.resolve()),
         "method": method, "prior": prior_label, "views": int(views), "geometry": geometry,
-        "noise": noise.describe(), "noise_model": _noise_model(noise, measured is not None),
+        "noise": noise.describe(), "noise_model": noise_model(noise, measured is not None),
+        "dose_I0": noise.I0 if lowdose else None, "pixel_mm": pixel_mm,
         "size": n, "slices": [indices[0], indices[-1] + 1], "seed": int(seed),
         "backend": backend, "device": str(dev),
         "sinogram": str(Path(sinogram).resolve()) if sinogram is not None else None,
@@ -404,6 +366,7 @@ def reconstruct_dicom(in_dir: PathLike, out_dir: PathLike, *, views: int = 60,
                 elif pending:
                     spec = {"method": method, "noise": noise, "seed": int(seed), "size": n,
                             "views": int(views), "geometry": geometry, "backend": backend,
+                            "pixel_mm": pixel_mm,
                             "device": "auto" if device is None else str(device),
                             "window": list(window), "options": dict(options)}
                     if not spec_m.needs_prior:

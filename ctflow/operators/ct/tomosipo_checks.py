@@ -125,7 +125,7 @@ def _numpy_problem(ts) -> Optional[str]:
         return (f"backend='tomosipo': tomosipo {ts.__version__} does not work with NumPy "
                 f"{_numpy_version()} (it needs NumPy < 2; tomosipo >= 0.7 from "
                 f"https://github.com/cicwi/tomosipo supports NumPy 2). Note that ODL >= 1.0 "
-                f"needs NumPy >= 2, so the odl and tomosipo extras are alternatives; "
+                f"needs NumPy >= 2, so the odl and astra extras are alternatives; "
                 f"{ALTERNATIVES}")
     try:
         ts.volume(shape=(1, 2, 2), size=(1.0, 2.0, 2.0), pos=(0.0, 0.0, 0.0))
