@@ -147,8 +147,8 @@ def test_validation_happens_before_any_work():
 
 
 def test_method_table_and_classical_dispatch():
-    assert set(METHODS) == {"msflow", "dflow", "pnpflow", "otode", "fbp", "tv", "cgls",
-                            "landweber"}
+    assert set(METHODS) == {"msflow", "dflow", "pnpflow", "otode", "flowdp", "fbp", "tv",
+                            "cgls", "landweber"}
     pytest.importorskip("ctflow.solvers.cgls")
     A, y, x = ct_problem()
     res = reconstruct(y, A, None, method="cgls", sigma=0.01)
