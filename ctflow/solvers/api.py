@@ -17,6 +17,7 @@ entries of the one registry, :data:`ctflow.solvers.registry.METHODS`:
 ``"dflow"``    :class:`ctflow.solvers.dflow.DFlow`             yes
 ``"pnpflow"``  :class:`ctflow.solvers.pnpflow.PnPFlow`         yes
 ``"otode"``    :class:`ctflow.solvers.otode.OTODE`             yes
+``"flowdp"``   :class:`ctflow.solvers.denoise_project.FlowDP`  yes
 ``"fbp"``      :class:`ctflow.solvers.fbp.FBPSolver`           no
 ``"tv"``       :class:`ctflow.solvers.tv.TV`                   no
 ``"cgls"``     :class:`ctflow.solvers.cgls.CGLS`               no
