@@ -101,7 +101,7 @@ def test_reconstruct_dicom_on_ray_equals_in_process(local_ray, series, tmp_path)
     from ctflow.tasks import reconstruct_dicom
 
     kw = dict(views=12, method="msflow", prior=tiny_prior(), size=N, seed=3, progress=False,
-              **MSFLOW)
+              stable_uids=True, **MSFLOW)         # the same derived UIDs (and file names)
     a = reconstruct_dicom(series, tmp_path / "here", **kw)
     b = reconstruct_dicom(series, tmp_path / "ray", map_slices=ray_slice_mapper(True), **kw)
     assert a["executor"] == "in-process" and b["executor"]["ray"] == "local"
@@ -118,7 +118,7 @@ def test_reconstruct_dicom_on_ray_equals_in_process(local_ray, series, tmp_path)
 
 
 def test_killed_worker_is_retried_and_every_slice_written_once(local_ray, series, tmp_path):
-    from ctflow.data import read_dicom_series
+    from ctflow.data import derived_output_name, read_dicom_series
     from ctflow.tasks import reconstruct_dicom
 
     vol = read_dicom_series(series)
@@ -146,7 +146,9 @@ def test_killed_worker_is_retried_and_every_slice_written_once(local_ray, series
     assert attempts[victim] == 2                     # killed once, then retried
     assert all(attempts[sl.sop_instance_uid] >= 1 for sl in vol.slices)
     sops = sorted(sl.sop_instance_uid for sl in vol.slices)
-    assert sorted(p.name for p in out.glob("*.dcm")) == [f"{u}.dcm" for u in sops]
+    uid = s["derived_series_uid"]
+    assert sorted(p.name for p in out.glob("*.dcm")) == sorted(
+        derived_output_name(vol, k, uid) for k in range(len(vol.slices)))
     assert sorted(r["sop_instance_uid"] for r in s["slices"]) == sops     # each exactly once
     assert s["slices_reconstructed"] == 3 and not list(out.glob(".*.tmp"))
     # the retried slice equals an in-process reconstruction of it
