@@ -74,6 +74,10 @@ def export_state(run_dir, stem, *, checkpoint: Optional[str] = None) -> Path:
             if k.startswith(("model.", "ema.", "rng."))}
     out = {k: v for k, v in meta.items()
            if k not in ("format", "weights", "sha256", "ctflow_version", "optimizer")}
+    # no machine-specific path goes into the repository: the run folder becomes runs/<name>
+    here = str(run_dir.resolve())
+    out["commands"] = [str(c).replace(here, f"runs/{run_dir.name}")
+                       for c in out.get("commands", [])]
     out.update(format=TRAIN_FORMAT, compact_state=STATE_FORMAT, source_checkpoint=src.name,
                optimizer_param_groups=meta["optimizer"]["param_groups"],
                dropped=["AdamW moments (rebuilt after resume)"])
