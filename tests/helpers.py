@@ -88,3 +88,16 @@ def cli(capsys):
         out, err = capsys.readouterr()
         return Result(rc, out, err)
     return run
+
+
+def chest_copy(tmp_path: Path, n: int) -> Path:
+    """The first ``n`` slices of the bundled chest sample copied into ``tmp_path / "in"``."""
+    import shutil
+
+    from ctflow.data import sample_path
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for f in sorted(sample_path("chest-subset").glob("*.dcm"))[:n]:
+        shutil.copy2(f, src / f.name)
+    return src

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import stat
 import subprocess
@@ -20,10 +19,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from ctflow.data import sample_path
 from ctflow.tasks import reconstruct_dicom
 
-from helpers import cli  # noqa: F401 - fixture
+from helpers import chest_copy, cli  # noqa: F401 - fixture
 
 FBP = dict(method="fbp", prior=None, views=20, progress=False)
 
@@ -40,11 +38,7 @@ def _tool(name: str) -> str:
 @pytest.fixture()
 def series(tmp_path):
     """Two consecutive chest slices (512 x 512) copied from the bundled sample."""
-    src = tmp_path / "in"
-    src.mkdir()
-    for f in sorted(sample_path("chest-subset").glob("*.dcm"))[:2]:
-        shutil.copy2(f, src / f.name)
-    return src
+    return chest_copy(tmp_path, 2)
 
 
 def dcm(folder: Path):

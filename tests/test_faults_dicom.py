@@ -14,7 +14,7 @@ from ctflow.data import DicomError, ResultStore, read_dicom_series, sample_path
 from ctflow.operators.noise import GaussianNoise
 from ctflow.tasks import reconstruct_dicom
 
-from helpers import cli  # noqa: F401 - fixture
+from helpers import chest_copy, cli  # noqa: F401 - fixture
 
 FAST = ["--method", "fbp", "--prior", "none", "--size", "32", "--views", "20"]
 
@@ -27,11 +27,7 @@ def tree(folder: Path) -> dict:
 
 @pytest.fixture()
 def series(tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    for f in sorted(sample_path("chest-subset").glob("*.dcm"))[:3]:
-        shutil.copy2(f, src / f.name)
-    return src
+    return chest_copy(tmp_path, 3)
 
 
 def _edit(path: Path, **values) -> None:
