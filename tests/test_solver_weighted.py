@@ -206,7 +206,7 @@ def test_msflow_weighted_data_step_solves_its_normal_equations(fan, prior, data)
     x, y, sigma, w = data
     problem = make_problem(fan, y, prior, sigma, check_weights(w, y, owner="t"))
     p, rho = 0.5 * x, 50.0
-    s, how = data_step(problem, p, rho, torch.zeros_like(x), iterations=200, tol=1e-12)
+    s, how = data_step(problem, p, rho, torch.zeros_like(x), iterations=400, tol=1e-12)
     assert how == "cg"
     lhs = fan.adjoint(w * fan.forward(s)) + rho * sigma ** 2 * s
     rhs = fan.adjoint(w * y) + rho * sigma ** 2 * p

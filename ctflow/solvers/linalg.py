@@ -37,8 +37,9 @@ def broadcast_items(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor,
                        x0: Optional[torch.Tensor] = None, *, iterations: int = 10,
-                       tol: float = 0.0, stop: str = "item",
-                       count: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, int]]:
+                       tol: float = 0.0, stop: str = "item", count: bool = False,
+                       preconditioner: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                       ) -> Union[torch.Tensor, Tuple[torch.Tensor, int]]:
     r"""Solve :math:`H x = b` for a symmetric positive (semi)definite ``apply`` by CG.
 
     One independent CG per batch item (per-item step sizes), so items never mix. Warm start
@@ -49,13 +50,21 @@ def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.T
     * ``stop="item"``: a converged item stops moving (its step is zero), the others go on;
     * ``stop="batch"``: every item keeps iterating until all have converged.
 
+    ``preconditioner``: :math:`M^{-1}` of a symmetric positive definite :math:`M` (for
+    example a positive diagonal): preconditioned CG, :math:`z = M^{-1}r`, steps
+    :math:`\alpha = r^Tz/p^THp`, :math:`\beta = r_+^Tz_+/r^Tz` (same solution, fewer steps
+    when :math:`M \approx H`; the energy still decreases monotonically).
+
     Returns ``x``, or ``(x, iterations run)`` with ``count``.
     """
     if stop not in ("item", "batch"):
         raise ValueError(f"conjugate_gradient: stop must be 'item' or 'batch', got {stop!r}")
+    precond = preconditioner if preconditioner is not None else (lambda v: v)
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b - apply(x) if x0 is not None else b.clone()
-    p = r.clone()
+    z = precond(r)
+    p = z.clone()
+    rz = per_item_dot(r, z)
     rr = per_item_sq(r)
     threshold = per_item_norm(b) * tol
     done = 0
@@ -68,15 +77,17 @@ def conjugate_gradient(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.T
         hp = apply(p)
         php = per_item_dot(p, hp)
         ok = active & (php > 0)
-        alpha = torch.where(ok, rr / torch.where(ok, php, torch.ones_like(php)),
-                            torch.zeros_like(rr))
+        alpha = torch.where(ok, rz / torch.where(ok, php, torch.ones_like(php)),
+                            torch.zeros_like(rz))
         x = x + broadcast_items(alpha, x) * p
         r = r - broadcast_items(alpha, r) * hp
-        rr_new = per_item_sq(r)
-        beta = torch.where(ok, rr_new / torch.where(rr > 0, rr, torch.ones_like(rr)),
-                           torch.zeros_like(rr))
-        p = r + broadcast_items(beta, p) * p
-        rr = torch.where(ok, rr_new, rr)
+        z = precond(r)
+        rz_new = per_item_dot(r, z)
+        beta = torch.where(ok, rz_new / torch.where(rz > 0, rz, torch.ones_like(rz)),
+                           torch.zeros_like(rz))
+        p = z + broadcast_items(beta, p) * p
+        rz = torch.where(ok, rz_new, rz)
+        rr = torch.where(ok, per_item_sq(r), rr)
         done += 1
     return (x, done) if count else x
 

@@ -18,7 +18,8 @@ Statistical weights :math:`w` (:mod:`ctflow.solvers.weights`) enter by whitening
 :func:`make_problem` builds either problem on :math:`W^{1/2}A` and :math:`W^{1/2}y`, so the
 data term is :math:`\tfrac1{2\sigma^2}\sum_i w_i(Ax - y)_i^2` and the data step solves
 :math:`(A_m^TWA_m + \rho\sigma^2 I)s = A_m^TWy_m + \rho\sigma^2 p` -- in closed form only
-for :math:`W = cI`, else by the same warm-started CG.
+for :math:`W = cI`, else by the same warm-started CG, preconditioned by the diagonal
+:math:`A_m^TWA_m\mathbf 1 + \rho\sigma^2` (:func:`data_step`).
 """
 from __future__ import annotations
 
@@ -82,7 +83,10 @@ def make_problem(operator, y: torch.Tensor, prior, sigma: float, weights=None):
     operator, y = whiten(operator, y, weights)
     if getattr(prior, "is_latent", False):
         return LatentDataProblem(operator, y, prior, sigma)
-    return ModelSpaceProblem(operator, y, prior.scale, prior.shift, sigma)
+    problem = ModelSpaceProblem(operator, y, prior.scale, prior.shift, sigma)
+    # non-uniform weights only: with W = cI the data step is the unweighted one, solved alike
+    problem.weighted = weights is not None and bool((weights != weights.flatten()[0]).any())
+    return problem
 
 
 def data_step(problem, p: torch.Tensor, rho: float, x0: torch.Tensor, *,
@@ -112,4 +116,25 @@ def data_step(problem, p: torch.Tensor, rho: float, x0: torch.Tensor, *,
     def apply(v):
         return problem.A.adjoint(problem.A.forward(v)) + shift * v
 
-    return conjugate_gradient(apply, b, x0, iterations=iterations, tol=tol), "cg"
+    return conjugate_gradient(apply, b, x0, iterations=iterations, tol=tol,
+                              preconditioner=_preconditioner(problem, x0, shift)), "cg"
+
+
+def _preconditioner(problem, like: torch.Tensor, shift: float):
+    r"""With non-uniform statistical weights: :math:`M^{-1}` of the diagonal (separable-quadratic-surrogate)
+    preconditioner :math:`M = \operatorname{diag}(A_m^TWA_m\mathbf 1) + \rho\sigma^2 I`
+    (cached on the problem; ``None`` without weights, or where the diagonal is not positive,
+    i.e. an operator with negative entries). Weights spanning orders of magnitude (low-dose
+    data) make plain CG crawl on the rays through the body; the diagonal rescales them."""
+    if not getattr(problem, "weighted", False):
+        return None
+    cache = getattr(problem, "_sqs_diagonal", None)
+    if cache is None or cache.shape != like.shape:
+        with torch.no_grad():
+            cache = problem.A.adjoint(problem.A.forward(torch.ones_like(like)))
+        problem._sqs_diagonal = cache
+    diag = cache + shift
+    if not bool((diag > 0).all()):
+        return None
+    inv = 1.0 / diag
+    return lambda v: v * inv
