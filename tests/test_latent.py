@@ -1,7 +1,7 @@
 """Latent flow priors: the prior type, its files, the data step through a decoder, MS-Flow and
 D-Flow through ``ctflow.reconstruct``, and the autoencoder training/bundling path.
 
-Small models only (built here, random or trained for a few steps); nothing reads /work/shared.
+Small models only (built here, random or trained for a few steps); nothing reads the shared data folder.
 """
 import json
 

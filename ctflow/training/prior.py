@@ -48,6 +48,7 @@ import torch
 from ctflow.flow.unet import UNet
 from ctflow.priors.base import FlowPrior
 from ctflow.priors.checkpoint import TRAIN_FORMAT, CheckpointError, read_checkpoint, save_prior
+from ctflow.training.portable import portable
 from ctflow.training.loop import (EMA, checkpoint_saver, latest_checkpoint, loss_curve, lr_at,
                                   read_log, start_or_resume, training_loop)
 
@@ -275,6 +276,8 @@ def bundle_checkpoint(run_dir, dest_stem, *, name: Optional[str] = None,
     data = dict(meta.get("data", {}))
     if extra:
         data.update(extra)
+    run = Path(ckpt).parent
+    data, training = portable(data, run), portable(training, run)   # no machine paths
     # patch-trained runs (also those from before the flag was recorded) are size-agnostic
     agnostic = bool(pm.get("size_agnostic")) or data.get("type") == "PatchDataset"
     return save_prior(model, dest_stem, image_size=pm["image_size"], channels=pm["channels"],

@@ -26,6 +26,7 @@ import torch
 
 from ctflow.data.atomic import atomic_write_bytes
 from ctflow.priors.checkpoint import TRAIN_FORMAT, CheckpointError, read_checkpoint, write_checkpoint
+from ctflow.training.portable import portable
 
 __all__ = ["STATE_FORMAT", "export_state", "import_state"]
 
@@ -75,9 +76,7 @@ def export_state(run_dir, stem, *, checkpoint: Optional[str] = None) -> Path:
     out = {k: v for k, v in meta.items()
            if k not in ("format", "weights", "sha256", "ctflow_version", "optimizer")}
     # no machine-specific path goes into the repository: the run folder becomes runs/<name>
-    here = str(run_dir.resolve())
-    out["commands"] = [str(c).replace(here, f"runs/{run_dir.name}")
-                       for c in out.get("commands", [])]
+    out["commands"] = portable([str(c) for c in out.get("commands", [])], run_dir)
     out.update(format=TRAIN_FORMAT, compact_state=STATE_FORMAT, source_checkpoint=src.name,
                optimizer_param_groups=meta["optimizer"]["param_groups"],
                dropped=["AdamW moments (rebuilt after resume)"])
